@@ -1,0 +1,1 @@
+"""The acquisition daemon: runs useq plans, assembles and writes stacks, streams them."""

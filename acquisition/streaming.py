@@ -1,0 +1,122 @@
+"""The daemon's sockets: stacks out to workers, predictions back, everything to viewers.
+
+Acquisition must never wait for a peer. Sends are non-blocking with small high-water
+marks; a stack that cannot be handed to a worker right now waits in a short
+newest-first backlog (its pixels are on disk already) and the oldest are dropped,
+counted, when that backlog overflows. The display socket is PUB: viewers that are
+absent or slow simply miss messages.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from livestain import wire
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamCounts:
+    """What happened to every stack offered to the workers."""
+
+    sent: int = 0
+    dropped: int = 0
+    malformed_results: int = 0
+
+
+class DaemonSockets:
+    """Binds the four daemon sockets of `livestain.wire` and moves messages on them.
+
+    All methods must be called from one thread (ZeroMQ sockets are not thread-safe):
+    the daemon's main loop.
+    """
+
+    def __init__(self, eps: dict[str, str], backlog: int = 32, ctx: zmq.Context | None = None) -> None:
+        self.ctx = ctx or zmq.Context.instance()
+        self.endpoints = eps
+        self.stacks = self._bind(zmq.PUSH, eps["stacks"], sndhwm=2)
+        self.results = self._bind(zmq.PULL, eps["results"], rcvhwm=16)
+        self.display = self._bind(zmq.PUB, eps["display"], sndhwm=4)
+        self.control = self._bind(zmq.REP, eps["control"])
+        self.backlog: deque[tuple[wire.StackHeader, np.ndarray]] = deque()
+        self.backlog_limit = backlog
+        self.counts = StreamCounts()
+        self.poller = zmq.Poller()
+        self.poller.register(self.results, zmq.POLLIN)
+        self.poller.register(self.control, zmq.POLLIN)
+
+    def _bind(self, kind: int, endpoint: str, sndhwm: int = 0, rcvhwm: int = 0) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if sndhwm:
+            sock.setsockopt(zmq.SNDHWM, sndhwm)
+        if rcvhwm:
+            sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as e:
+            sock.close()
+            self.close()
+            raise OSError(
+                f"Cannot listen on {endpoint}: {e.strerror}. Another livestain daemon may be "
+                f"running there: stop it (`livestain stop`) or choose another --port."
+            ) from None
+        return sock
+
+    # -- to workers -------------------------------------------------------------------
+    def offer(self, header: wire.StackHeader, array: np.ndarray) -> None:
+        """Queue a stack for the workers and publish it to viewers; never blocks."""
+        self.publish(header, array)
+        self.backlog.append((header, array))
+        while len(self.backlog) > self.backlog_limit:
+            old, _ = self.backlog.popleft()
+            self.counts.dropped += 1
+            log.warning("workers behind: stack seq %d (t=%d) not predicted live", old.seq, old.t)
+        self.pump()
+
+    def pump(self) -> None:
+        """Hand backlogged stacks to workers, newest first, until they push back."""
+        while self.backlog:
+            header, array = self.backlog[-1]
+            try:
+                self.stacks.send_multipart(wire.encode(header, array), copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.backlog.pop()
+            self.counts.sent += 1
+
+    # -- to viewers -------------------------------------------------------------------
+    def publish(self, header: wire.StackHeader, array: np.ndarray) -> None:
+        try:
+            self.display.send_multipart(wire.encode(header, array), copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # a slow viewer misses a frame; the run does not wait for it
+
+    # -- from workers -----------------------------------------------------------------
+    def receive_result(self) -> tuple[wire.StackHeader, np.ndarray] | None:
+        """One prediction if a valid one is waiting; malformed ones are logged and dropped."""
+        try:
+            frames = self.results.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        try:
+            header, array = wire.decode(frames)
+            if header.kind != "prediction":
+                raise wire.WireError(f"expected a prediction on the results socket, got {header.kind}")
+        except wire.WireError as e:
+            self.counts.malformed_results += 1
+            log.warning("dropped malformed message on results socket: %s", e)
+            return None
+        return header, array
+
+    def close(self) -> None:
+        for name in ("stacks", "results", "display", "control"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close(linger=0)

@@ -1,0 +1,152 @@
+"""The inference worker: stacks in, predictions out, on its own process (or host).
+
+``livestain worker`` connects to a daemon's ``stacks`` socket (PULL) and ``results``
+socket (PUSH); it binds nothing, so any number of workers can share one daemon. Each
+stack is decoded without copying (a read-only view on the ZeroMQ frame), predicted by
+`Predictor`, and sent back with a header that names the source stack. Malformed
+messages are logged, counted and dropped; the worker never dies of bad input.
+
+This module must not import pymmcore: a worker may run on a GPU host with no
+microscope software.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from livestain import wire
+
+from .predict import Predictor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerCounts:
+    predicted: int = 0
+    malformed: int = 0
+
+
+class Worker:
+    """Pulls stacks from a daemon and pushes predictions back.
+
+    Parameters
+    ----------
+    stacks_endpoint, results_endpoint : str
+        The daemon's ``stacks`` and ``results`` endpoints.
+    predictor : Predictor
+        The loaded model on its device.
+    """
+
+    def __init__(
+        self,
+        stacks_endpoint: str,
+        results_endpoint: str,
+        predictor: Predictor,
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        self.predictor = predictor
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.ctx = ctx or zmq.Context.instance()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.RCVHWM, 2)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.connect(stacks_endpoint)
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.SNDHWM, 8)
+        self.push.setsockopt(zmq.LINGER, 2000)
+        self.push.setsockopt(zmq.SNDTIMEO, 10_000)
+        self.push.connect(results_endpoint)
+        self.counts = WorkerCounts()
+        self._running = True
+
+    def stop(self) -> None:
+        self._running = False
+
+    def serve(self, max_stacks: int | None = None) -> WorkerCounts:
+        """Predict until `stop()` (or SIGTERM/SIGINT via `run_worker`)."""
+        while self._running and (max_stacks is None or self.counts.predicted < max_stacks):
+            if not self.pull.poll(200):
+                continue
+            frames = self.pull.recv_multipart(copy=False)
+            try:
+                header, stack = wire.decode(frames)
+                if header.kind != "stack":
+                    raise wire.WireError(f"expected a stack, got a {header.kind}")
+            except wire.WireError as e:
+                self.counts.malformed += 1
+                log.warning("dropped malformed message #%d: %s", self.counts.malformed, e)
+                continue
+            self.handle(header, stack)
+        return self.counts
+
+    def handle(self, header: wire.StackHeader, stack) -> None:  # noqa: ANN001
+        t0 = time.perf_counter()
+        try:
+            pred = self.predictor.predict(stack, header.voxel_size_um)
+        except (ValueError, RuntimeError) as e:
+            log.error("could not predict stack seq %d (t=%d p=%d): %s", header.seq, header.t, header.p, e)
+            return
+        out = wire.StackHeader(
+            kind="prediction",
+            run_id=header.run_id,
+            seq=header.seq,
+            t=header.t,
+            p=header.p,
+            channel="prediction",
+            shape=list(pred.shape),
+            dtype="float32",
+            voxel_size_um=header.voxel_size_um,
+            position_um=header.position_um,
+            acquired_start=header.acquired_start,
+            acquired_end=header.acquired_end,
+            structures=list(self.predictor.structures),
+            source_seq=header.seq,
+            model=self.predictor.model.name,
+            worker=self.name,
+            inference_s=time.perf_counter() - t0,
+        )
+        try:
+            self.push.send_multipart(wire.encode(out, pred), copy=False)
+        except zmq.Again:
+            log.error("daemon not taking results; prediction of seq %d dropped", header.seq)
+            return
+        self.counts.predicted += 1
+
+    def close(self) -> None:
+        self.pull.close(linger=0)
+        self.push.close()
+
+
+def run_worker(
+    stacks_endpoint: str,
+    results_endpoint: str,
+    model: str | None = None,
+    device: str | None = None,
+    max_stacks: int | None = None,
+) -> int:
+    """Entry point of ``livestain worker``; returns the process exit code."""
+    predictor = Predictor(model, device)
+    worker = Worker(stacks_endpoint, results_endpoint, predictor)
+
+    def _stop(signum: int, _frame: object) -> None:
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    log.info(
+        "worker %s ready: model %s on %s, pulling from %s",
+        worker.name, predictor.model.name, predictor.device, stacks_endpoint,
+    )
+    try:
+        worker.serve(max_stacks)
+    finally:
+        worker.close()
+    return 0

@@ -1,0 +1,182 @@
+"""``livestain``: one command in front of the daemon, the worker and the viewer.
+
+Errors a user can fix (a busy port, an existing dataset, a bad model file, no daemon
+running) are printed as one line saying what to do, not as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from livestain import __version__, wire
+
+USER_ERRORS = (OSError, FileExistsError, TimeoutError, ValueError)
+
+
+def _connect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--connect", default=wire.DEFAULT_HOST, metavar="HOST",
+                   help="host of the daemon (default: %(default)s)")
+    p.add_argument("--port", type=int, default=wire.DEFAULT_BASE_PORT,
+                   help="daemon base port; it uses this and the next three (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="livestain",
+        description="Live virtual staining: predict fluorescent structures from brightfield "
+        "z-stacks as they are acquired.",
+    )
+    parser.add_argument("--version", action="version", version=f"livestain {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the whole loop on the simulated microscope with the bundled model")
+    p.add_argument("--headless", action="store_true", help="no window: one status line per stack")
+    p.add_argument("--timepoints", type=int, default=5, help="time points to acquire (default: %(default)s)")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between time points (default: %(default)s)")
+    p.add_argument("--positions", type=int, default=1, help="stage positions (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None, help="dataset folder (default: ./livestain-demo/<time>)")
+    p.add_argument("--model", default=None, help="model .safetensors (default: the bundled model)")
+    p.add_argument("--device", default=None, help="torch device for the worker (default: cuda if present, else cpu)")
+    p.add_argument("--seed", type=int, default=0, help="sample seed of the simulated scope")
+    _connect_args(p)
+
+    p = sub.add_parser("run", help="run a plan from a YAML run configuration")
+    p.add_argument("config", type=Path)
+    p.add_argument("--headless", action="store_true")
+
+    p = sub.add_parser("worker", help="start an inference worker that connects to a daemon")
+    _connect_args(p)
+    p.add_argument("--model", default=None, help="model .safetensors (default: the bundled model)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+
+    p = sub.add_parser("view", help="open the live window on a running daemon")
+    _connect_args(p)
+    p.add_argument("--screenshot", type=Path, default=None,
+                   help="save the window to this PNG once a prediction is shown, then exit")
+
+    for name, text in (("status", "show a running daemon's status"), ("pause", "pause acquisition"),
+                       ("resume", "resume acquisition"), ("stop", "stop acquisition cleanly")):
+        p = sub.add_parser(name, help=text)
+        _connect_args(p)
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="print the raw JSON status")
+
+    p = sub.add_parser("train-bundled", help="reproduce the bundled demo model from the simulator")
+    p.add_argument("--out", type=Path, default=Path("inference/models/bundled.safetensors"))
+    p.add_argument("--steps", type=int, default=600)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # pymmcore-plus logs every MDA event at INFO: thousands of lines an hour
+    logging.getLogger("pymmcore-plus").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as e:
+        print(f"livestain {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from livestain.devices.simulated import SimulatedScope, build_simulated_core
+    from livestain.launch import SessionOptions, demo_sequence, has_display, run_session
+
+    if args.timepoints < 1:
+        raise ValueError("--timepoints must be at least 1")
+    show = not args.headless and has_display()
+    if not args.headless and not show:
+        print("no display found: running headless (status lines below)")
+    out = args.out or Path("livestain-demo") / time.strftime("%Y%m%d-%H%M%S")
+    core = build_simulated_core(SimulatedScope(seed=args.seed))
+    seq = demo_sequence(args.timepoints, args.interval, args.positions)
+    opts = SessionOptions(out_dir=out, host=args.connect, base_port=args.port, model=args.model,
+                          device=args.device, show_window=show)
+    print(f"livestain demo: simulated microscope, {args.timepoints} time points x {args.positions} "
+          f"position(s) x 16 planes, daemon on {args.connect}:{args.port}")
+    summary = run_session(core, seq, opts)
+    for line in summary.lines():
+        print(line)
+    return 0 if summary.predicted == summary.acquired else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from livestain.launch import has_display, run_session
+    from livestain.runconfig import load_run_config
+
+    cfg = load_run_config(args.config)
+    core = cfg.build_core()
+    opts = cfg.session_options(show_window=not args.headless and has_display())
+    summary = run_session(core, cfg.sequence(), opts)
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from livestain.inference.worker import run_worker
+
+    eps = wire.endpoints(args.connect, args.port)
+    return run_worker(eps["stacks"], eps["results"], args.model, args.device)
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from livestain.ui.app import run_viewer
+
+    eps = wire.endpoints(args.connect, args.port)
+    return run_viewer(eps["display"], screenshot=args.screenshot, screenshot_after_s=30.0)
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from livestain.acquisition.daemon import send_command
+
+    reply = send_command(wire.endpoints(args.connect, args.port)["control"], args.command)
+    if getattr(args, "json", False):
+        print(json.dumps(reply, indent=2))
+    elif not reply.get("ok"):
+        print(f"daemon refused: {reply.get('error')}", file=sys.stderr)
+        return 1
+    else:
+        print(
+            f"run {reply['run_id']} {reply['state']}: {reply['stacks_acquired']} acquired, "
+            f"{reply['stacks_predicted']} predicted, {reply['stacks_dropped']} dropped, "
+            f"backlog {reply['backlog']}, up {reply['uptime_s']:.0f} s; data in {reply['out_dir']}"
+        )
+    return 0
+
+
+def cmd_train_bundled(args: argparse.Namespace) -> int:
+    from livestain.bundled import train_bundled
+
+    train_bundled(args.out, steps=args.steps)
+    return 0
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "run": cmd_run,
+    "worker": cmd_worker,
+    "view": cmd_view,
+    "status": cmd_control,
+    "pause": cmd_control,
+    "resume": cmd_control,
+    "stop": cmd_control,
+    "train-bundled": cmd_train_bundled,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The run configuration of ``livestain run CONFIG.yaml``, validated with pydantic.
+
+Example (``examples/simulated.yaml``)::
+
+    microscope: simulated          # or the path of a Micro-Manager .cfg
+    out: runs/overnight            # dataset folder, must not already hold a run
+    plan:                          # a useq-schema MDASequence, inline or a file path
+      time_plan: {interval: 60, loops: 4320}
+      channels: [{config: Brightfield, exposure: 10}]
+      stage_positions: [{x: 0, y: 0, z: 4}]
+      z_plan: {range: 15, step: 1}
+    model: null                    # null: the bundled model
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import useq
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from livestain import wire
+from livestain.launch import SessionOptions
+
+
+class RunConfig(BaseModel):
+    """One acquisition run.
+
+    Attributes
+    ----------
+    microscope : str
+        ``simulated`` or the path of a Micro-Manager ``.cfg`` file.
+    out : Path
+        Dataset folder.
+    plan : dict | str
+        A useq-schema MDASequence as a mapping, or the path of a file useq can read.
+    model : str | None
+        Model checkpoint for the worker; None uses the bundled model.
+    host, port : str, int
+        Where the daemon listens; 127.0.0.1 keeps it private to this computer.
+    spawn_worker : bool
+        Start a local worker (false when workers run on another host).
+    seed : int
+        Sample seed of the simulated microscope.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    microscope: str = "simulated"
+    out: Path
+    plan: dict[str, Any] | str
+    model: str | None = None
+    host: str = wire.DEFAULT_HOST
+    port: int = Field(wire.DEFAULT_BASE_PORT, ge=1024, le=65532)
+    spawn_worker: bool = True
+    seed: int = 0
+    base_dir: Path = Field(Path("."), exclude=True)
+
+    def sequence(self) -> useq.MDASequence:
+        if isinstance(self.plan, str):
+            path = (self.base_dir / self.plan).resolve()
+            if not path.is_file():
+                raise ValueError(f"plan file {path} does not exist; fix `plan:` in the run config")
+            return useq.MDASequence.from_file(path)
+        return useq.MDASequence.model_validate(self.plan)
+
+    def build_core(self):  # noqa: ANN201
+        if self.microscope == "simulated":
+            from livestain.devices.simulated import SimulatedScope, build_simulated_core
+
+            return build_simulated_core(SimulatedScope(seed=self.seed))
+        from livestain.devices.hardware import load_hardware_core
+
+        return load_hardware_core((self.base_dir / self.microscope).resolve())
+
+    def session_options(self, show_window: bool) -> SessionOptions:
+        return SessionOptions(
+            out_dir=(self.base_dir / self.out),
+            host=self.host,
+            base_port=self.port,
+            model=self.model,
+            spawn_worker=self.spawn_worker,
+            show_window=show_window,
+        )
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read and validate a run config; errors name the field, the value and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"run config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"run config {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"run config {path} must be a mapping of settings (microscope:, out:, plan:)")
+    try:
+        cfg = RunConfig.model_validate(data | {"base_dir": path.parent})
+        cfg.sequence()
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise ValueError(
+            f"run config {path}: `{where}` = {err.get('input')!r}: {err['msg']}"
+        ) from None
+    return cfg

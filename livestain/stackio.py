@@ -1,0 +1,102 @@
+"""Reading and writing livestain stacks as OME-TIFF, the files users open in Fiji/napari.
+
+One stack per file: raw brightfield as ``ZYX`` uint16, predictions as ``CZYX`` float32
+with one named channel per structure. Physical voxel sizes and per-plane stage
+positions are in the OME-XML, so Fiji and napari show micrometres; livestain's own
+header (run, sequence number, t/p indices, provenance) is stored as JSON in the image
+``Description``, so a file describes itself without any database.
+
+Files are written to ``NAME.partial`` and renamed into place after an ``fsync``: a crash
+or full disk mid-write never leaves a truncated file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+
+def write_stack(
+    path: str | Path,
+    array: np.ndarray,
+    *,
+    voxel_size_um: Sequence[float],
+    info: dict[str, Any],
+    channel_names: Sequence[str] | None = None,
+    plane_positions_um: Sequence[Sequence[float]] | None = None,
+) -> Path:
+    """Atomically write a ZYX or CZYX stack with OME metadata and ``info`` as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    axes = {3: "ZYX", 4: "CZYX"}.get(array.ndim)
+    if axes is None:
+        raise ValueError(f"expected a ZYX or CZYX stack, got shape {array.shape}")
+    z_um, y_um, x_um = (float(v) for v in voxel_size_um)
+    metadata: dict[str, Any] = {
+        "axes": axes,
+        "PhysicalSizeX": x_um,
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": y_um,
+        "PhysicalSizeYUnit": "µm",
+        "PhysicalSizeZ": z_um,
+        "PhysicalSizeZUnit": "µm",
+        "Description": json.dumps(info, default=str),
+    }
+    if channel_names is not None:
+        metadata["Channel"] = {"Name": list(channel_names)}
+    if plane_positions_um is not None:
+        pos = np.asarray(plane_positions_um, float)
+        n_c = array.shape[0] if array.ndim == 4 else 1
+        metadata["Plane"] = {
+            "PositionX": list(np.tile(pos[:, 0], n_c)),
+            "PositionY": list(np.tile(pos[:, 1], n_c)),
+            "PositionZ": list(np.tile(pos[:, 2], n_c)),
+        }
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as fh:
+        tifffile.imwrite(fh, array, ome=True, photometric="minisblack", metadata=metadata)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(partial, path)
+    return path
+
+
+def read_stack(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """The pixel array and livestain ``info`` of a stack written by `write_stack`."""
+    with tifffile.TiffFile(path) as tif:
+        array = tif.asarray()
+        info = read_info(tif)
+    return array, info
+
+
+def read_info(tif: tifffile.TiffFile) -> dict[str, Any]:
+    """livestain's JSON header from an open OME-TIFF (empty if it has none)."""
+    xml = tif.ome_metadata
+    if not xml:
+        return {}
+    meta = tifffile.xml2dict(xml)
+    image = meta.get("OME", {}).get("Image", {})
+    if isinstance(image, list):
+        image = image[0]
+    desc = image.get("Description", "")
+    try:
+        return json.loads(desc) if desc else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def voxel_size_of(path: str | Path) -> tuple[float, float, float]:
+    """(z, y, x) physical voxel size (um) from a stack's OME-XML."""
+    with tifffile.TiffFile(path) as tif:
+        pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]
+    return (
+        float(pixels.get("PhysicalSizeZ", 1.0)),
+        float(pixels["PhysicalSizeY"]),
+        float(pixels["PhysicalSizeX"]),
+    )

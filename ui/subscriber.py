@@ -1,0 +1,77 @@
+"""Non-blocking subscriber to the daemon's ``display`` PUB socket.
+
+The viewer redraws at a few Hz while the daemon may publish faster, so each poll
+drains everything queued and keeps only the newest stack and newest prediction. A
+small receive high-water mark lets ZeroMQ drop old frames instead of queueing them,
+so a slow viewer never holds memory or lags behind the microscope.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import numpy as np
+import zmq
+
+from livestain.wire import StackHeader, WireError, decode
+
+log = logging.getLogger(__name__)
+
+#: Messages queued per subscriber before ZeroMQ drops new ones (the publisher never blocks).
+RCVHWM = 4
+
+
+class Message(NamedTuple):
+    """One decoded display message, its array copied out of the ZeroMQ frame."""
+
+    header: StackHeader
+    array: np.ndarray
+
+
+class DisplaySubscriber:
+    """SUB socket connected to a daemon's ``display`` endpoint (subscribed to everything)."""
+
+    def __init__(self, endpoint: str, ctx: zmq.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self._ctx = ctx or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.RCVHWM, RCVHWM)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sock.connect(endpoint)
+        #: Malformed messages dropped since the subscriber was created.
+        self.n_malformed = 0
+        #: Valid messages received per kind, including those superseded within a poll.
+        self.received: dict[str, int] = {"stack": 0, "prediction": 0}
+
+    def poll_latest(self) -> tuple[Message | None, Message | None, int]:
+        """Drain the queue without blocking.
+
+        Returns the newest stack, the newest prediction (either None if none arrived
+        since the last poll) and how many malformed messages this poll dropped.
+        """
+        latest: dict[str, tuple[StackHeader, np.ndarray]] = {}
+        dropped = 0
+        while True:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                header, view = decode(frames)
+            except WireError as e:
+                dropped += 1
+                log.warning("dropped malformed display message from %s: %s", self.endpoint, e)
+                continue
+            # Only keep a view: copy just the newest of each kind, once, below.
+            latest[header.kind] = (header, view)
+            self.received[header.kind] += 1
+        self.n_malformed += dropped
+        # Copy out of the frames, which ZeroMQ may reuse once they are released.
+        out = {k: Message(h, np.array(a, copy=True)) for k, (h, a) in latest.items()}
+        return out.get("stack"), out.get("prediction"), dropped
+
+    def close(self) -> None:
+        """Close the socket (the shared context stays usable)."""
+        self._sock.close(linger=0)
