@@ -282,8 +282,10 @@ class Daemon:
 
     def _drain_predictions(self) -> None:
         """After the plan: wait (bounded) for predictions of every stack sent."""
-        deadline = time.monotonic() + self.drain_timeout_s
-        while time.monotonic() < deadline and not self._stop_requested:
+        # a user's stop still collects predictions already under way, but briefly
+        timeout = min(self.drain_timeout_s, 15.0) if self._stop_requested else self.drain_timeout_s
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             waiting = self.sockets.counts.sent + len(self.sockets.backlog) - self.summary.predicted
             if waiting <= 0:
                 return

@@ -140,7 +140,7 @@ def train(
         if val_pairs and (step % val_every == 0 or step == s.steps):
             r = evaluate(net, val_pairs, norm)
             result.history.append(
-                {"step": step, "loss": float(loss), "val_pearson": dict(zip(config.structures, r))}
+                {"step": step, "loss": float(loss.detach()), "val_pearson": dict(zip(config.structures, map(float, r)))}
             )
     net.eval()
     result.seconds = time.perf_counter() - t0

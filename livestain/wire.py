@@ -199,6 +199,7 @@ def decode(frames: list[Any]) -> tuple[StackHeader, np.ndarray]:
         raise WireError(f"payload has {nbytes} bytes, header says {header.nbytes}")
     dtype = np.dtype(header.dtype).newbyteorder("<")
     array = np.frombuffer(buffer, dtype=dtype).reshape(header.shape)
+    array.setflags(write=False)  # a view on the frame: consumers must copy to modify
     return header, array
 
 
