@@ -77,7 +77,7 @@ class RunConfig(BaseModel):
 
     def session_options(self, show_window: bool) -> SessionOptions:
         return SessionOptions(
-            out_dir=(self.base_dir / self.out),
+            out_dir=(self.base_dir / self.out).resolve(),
             host=self.host,
             base_port=self.port,
             model=self.model,

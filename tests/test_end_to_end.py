@@ -83,6 +83,14 @@ def test_status_and_stop_over_the_control_socket(tmp_path, base_port) -> None:
             time.sleep(0.5)
         assert status is not None and status["stacks_predicted"] >= 1, status
         assert status["state"] == "acquiring" and status["out_dir"] == str(out)
+        # a viewer attaches, draws a prediction, saves it and closes: the run goes on
+        shot = tmp_path / "window.png"
+        view = _run(["view", "--port", str(base_port), "--screenshot", str(shot)], timeout=120)
+        assert view.returncode == 0, view.stderr[-2000:]
+        assert shot.stat().st_size > 10_000
+        after = json.loads(_run(["status", "--json", "--port", str(base_port)], timeout=30).stdout)
+        assert after["run_id"] == status["run_id"] and after["state"] == "acquiring"
+        assert after["stacks_acquired"] > status["stacks_acquired"]
         assert _run(["stop", "--port", str(base_port)], timeout=30).returncode == 0
         stdout, stderr = daemon.communicate(timeout=120)
     finally:
