@@ -1,0 +1,83 @@
+"""The inference worker over real sockets: predicts valid stacks, survives junk."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import zmq
+
+from livestain import wire
+from livestain.acquisition.streaming import DaemonSockets
+from livestain.inference.predict import Predictor
+from livestain.inference.worker import Worker
+
+
+def test_worker_predicts_stacks_and_drops_malformed_messages(base_port) -> None:
+    eps = wire.endpoints(base_port=base_port)
+    daemon = DaemonSockets(eps)
+    worker = Worker(eps["stacks"], eps["results"], Predictor(None, "cpu"))
+    thread = threading.Thread(target=worker.serve, kwargs={"max_stacks": 1}, daemon=True)
+    thread.start()
+    try:
+        junk = [[b"not json", b"x"], [b"{}", b""], [b"a", b"b", b"c"]]
+        for frames in junk:  # straight onto the stacks socket, as a broken peer would
+            daemon.stacks.send_multipart(frames)
+        stack = np.random.default_rng(0).integers(2900, 3300, (8, 32, 32)).astype(np.uint16)
+        header = wire.StackHeader(kind="stack", run_id="r", seq=7, t=3, p=1, shape=[8, 32, 32],
+                                  dtype="uint16", voxel_size_um=[1.0, 0.325, 0.325])
+        daemon.offer(header, stack)
+        result = None
+        for _ in range(300):
+            daemon.pump()
+            if daemon.results.poll(100):
+                result = daemon.receive_result()
+                break
+        thread.join(timeout=30)
+    finally:
+        worker.close()
+        daemon.close()
+    assert result is not None
+    out, pred = result
+    assert (out.kind, out.source_seq, out.t, out.p, out.run_id) == ("prediction", 7, 3, 1, "r")
+    assert pred.shape == (3, 8, 32, 32) and np.isfinite(pred).all()
+    assert out.structures == ["dna", "membrane", "mitochondria"]
+    assert worker.counts.malformed == 3 and worker.counts.predicted == 1
+
+
+def test_daemon_counts_and_drops_malformed_results(base_port) -> None:
+    eps = wire.endpoints(base_port=base_port)
+    daemon = DaemonSockets(eps)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(eps["results"])
+    try:
+        bad_kind = wire.StackHeader(kind="stack", run_id="r", seq=0, t=0, shape=[1, 2, 2],
+                                    dtype="uint8", voxel_size_um=[1, 1, 1])
+        push.send_multipart([b"garbage", b""])
+        push.send_multipart(wire.encode(bad_kind, np.zeros((1, 2, 2), np.uint8)))
+        got = []
+        for _ in range(100):
+            if daemon.results.poll(50):
+                got.append(daemon.receive_result())
+            if daemon.counts.malformed_results == 2:
+                break
+    finally:
+        push.close(0)
+        daemon.close()
+    assert got == [None, None]
+    assert daemon.counts.malformed_results == 2
+
+
+def test_a_second_daemon_on_the_same_ports_gets_a_clear_error(base_port) -> None:
+    eps = wire.endpoints(base_port=base_port)
+    first = DaemonSockets(eps)
+    try:
+        try:
+            DaemonSockets(eps)
+        except OSError as e:
+            message = str(e)
+        else:
+            message = ""
+    finally:
+        first.close()
+    assert "Another livestain daemon may be running" in message
