@@ -7,17 +7,24 @@ Threads and their jobs (the loop apart from the work):
   for disk, network or inference;
 * the daemon loop (the caller's thread) owns every socket and file: it assembles
   frames into stacks, writes each finished stack to disk *before* streaming it,
-  writes each prediction next to its raw stack, and answers control commands.
+  journals it, writes each prediction next to its raw stack, catches up on stacks the
+  workers could not take live, and answers control commands.
+
+A stack's life: ``queued`` (waiting for a worker) -> ``sent`` -> ``predicted``; or
+``queued`` -> ``late`` (left the live backlog, or its worker died) -> re-read from disk
+and queued again when the workers have nothing newer to do.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import secrets
+import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,53 +34,69 @@ import useq
 import zmq
 
 from livestain import __version__, wire
-from livestain.stackio import write_stack
+from livestain.stackio import read_stack, write_stack
 
+from .journal import Journal
 from .stacks import Stack, StackAssembler
 from .streaming import DaemonSockets
 
 log = logging.getLogger(__name__)
 
+#: Stop the run cleanly when less than this is free on the data disk (bytes).
+DEFAULT_MIN_FREE_BYTES = 1 << 30
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (disk full, write error); the message says why and what to do."""
+
 
 @dataclass
 class StackRecord:
-    """What the daemon remembers of each stack it acquired, until it is predicted."""
+    """What the daemon knows of each stack it acquired."""
 
     seq: int
     t: int
     p: int
     raw_path: Path
     completed_at: float
+    header: wire.StackHeader | None = None
+    state: str = "queued"  # queued | sent | late | predicted | not_streamed
+    sent_at: float = 0.0
     predicted_path: Path | None = None
     latency_s: float | None = None
 
 
 @dataclass
 class RunSummary:
-    """End-of-run figures, printed by ``livestain demo`` and returned to scripts."""
+    """End-of-run figures, printed by ``livestain demo``/``run`` and returned to scripts."""
 
     run_id: str
     out_dir: Path
     acquired: int = 0
     predicted: int = 0
-    dropped: int = 0
+    predicted_late: int = 0
     incomplete: int = 0
     latencies_s: list[float] = field(default_factory=list)
     stopped_early: bool = False
+    error: str | None = None
+    not_predicted: int = 0
 
     @property
     def mean_latency_s(self) -> float:
         return float(np.mean(self.latencies_s)) if self.latencies_s else float("nan")
 
     def lines(self) -> list[str]:
-        return [
-            f"run {self.run_id}: {self.acquired} stacks acquired, {self.predicted} predicted, "
-            f"{self.dropped} not predicted live"
+        lines = [
+            f"run {self.run_id}: {self.acquired} stacks acquired, {self.predicted} predicted "
+            f"({self.predicted_late} caught up from disk), {self.not_predicted} not predicted"
             + (f", {self.incomplete} incomplete" if self.incomplete else "")
             + (" (stopped early)" if self.stopped_early else ""),
             f"mean latency, stack complete -> prediction written: {self.mean_latency_s:.2f} s",
             f"data: {self.out_dir}",
         ]
+        if self.error:
+            lines.append(f"STOPPED: {self.error}")
+        return lines
 
 
 def stack_paths(out_dir: Path, t: int, p: int, channel: str) -> tuple[Path, Path]:
@@ -85,6 +108,10 @@ def stack_paths(out_dir: Path, t: int, p: int, channel: str) -> tuple[Path, Path
     )
 
 
+def disk_free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
 class Daemon:
     """Runs one useq plan on a core, streaming stacks to workers and viewers.
 
@@ -93,9 +120,11 @@ class Daemon:
     core : CMMCorePlus
         A configured core (simulated or real hardware).
     sequence : useq.MDASequence
-        The plan. Stacks are keyed by ``(t, p, channel)``; z makes up the stack.
+        The plan. Stacks are keyed by ``(t, p, channel)``; z makes up the stack, so z
+        must be an inner axis relative to t and p.
     out_dir : Path
-        Dataset folder; created, and refused if it already holds a run.
+        Dataset folder. A new run refuses a folder that holds one; ``resume=True``
+        continues it at the next incomplete time point.
     endpoints : dict[str, str]
         The four daemon endpoints of `livestain.wire`.
     stream_channels : tuple[str, ...]
@@ -104,6 +133,16 @@ class Daemon:
         Receives one human-readable line per stack event (headless console output).
     drain_timeout_s : float
         After the plan ends, how long to wait for outstanding predictions.
+    min_free_bytes : int
+        Stop cleanly when the data disk has less free space than this.
+    free_space : callable
+        Free-space probe (injectable for tests).
+    on_tick : callable
+        Called every turn of the loop (worker supervision).
+    resend_after_s : float
+        A stack sent this long ago without a prediction is presumed lost and re-sent.
+    extra_status : callable
+        More fields for the status reply (worker health).
     """
 
     def __init__(
@@ -115,49 +154,115 @@ class Daemon:
         stream_channels: tuple[str, ...] = ("Brightfield",),
         report: Callable[[str], None] = print,
         drain_timeout_s: float = 120.0,
+        resume: bool = False,
+        min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
+        free_space: Callable[[Path], int] = disk_free_bytes,
+        on_tick: Callable[[], None] = lambda: None,
+        resend_after_s: float = 300.0,
+        extra_status: Callable[[], dict[str, Any]] = dict,
     ) -> None:
+        _check_axis_order(sequence)
         self.core = core
         self.sequence = sequence
         self.out_dir = Path(out_dir)
         self.stream_channels = stream_channels
         self.report = report
         self.drain_timeout_s = drain_timeout_s
-        self.run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-        self._prepare_out_dir()
+        self.min_free_bytes = min_free_bytes
+        self.free_space = free_space
+        self.on_tick = on_tick
+        self.resend_after_s = resend_after_s
+        self.extra_status = extra_status
+        self.records: dict[int, StackRecord] = {}
+        self.run_id, self._first_t = self._open_dataset(resume)
+        self.journal = Journal(self.out_dir)
+        self._seq = self.journal.next_seq()
+        self.summary = RunSummary(self.run_id, self.out_dir)
+        self._load_previous_records()
+        self.journal.note("resume" if resume else "start")
         self.sockets = DaemonSockets(endpoints)
         self.assembler = StackAssembler.for_sequence(sequence)
         self.frames: queue.Queue[tuple[useq.MDAEvent, np.ndarray, float]] = queue.Queue()
-        self.records: dict[int, StackRecord] = {}
-        self.summary = RunSummary(self.run_id, self.out_dir)
         self._n_t = sequence.sizes.get("t", 1) or 1
         self._n_p = sequence.sizes.get("p", 1) or 1
-        self._seq = 0
         self._mda_done = threading.Event()
         self._stop_requested = False
         self._paused = False
+        self._malformed_commands = 0
         self.started_at = time.time()
 
-    def _prepare_out_dir(self) -> None:
+    # -- dataset ----------------------------------------------------------------------
+    def _open_dataset(self, resume: bool) -> tuple[str, int]:
+        """Create (or, resuming, reopen) the dataset; returns run id and first time point."""
         marker = self.out_dir / "run.json"
+        if resume:
+            if not marker.exists():
+                raise FileNotFoundError(
+                    f"Nothing to resume in {self.out_dir}: it holds no run.json. "
+                    f"Start a new run without --resume."
+                )
+            run = json.loads(marker.read_text())
+            for partial in self.out_dir.rglob("*.partial"):
+                partial.unlink()  # a write cut short by the crash; the stack is re-acquired
+            return run["run_id"], self._first_incomplete_t()
         if marker.exists():
             raise FileExistsError(
                 f"{self.out_dir} already holds a livestain run ({marker}); nothing was "
-                f"overwritten. Choose another --out folder."
+                f"overwritten. Choose another --out folder, or add --resume to continue it."
             )
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        import json
+        run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+        info = {
+            "run_id": run_id,
+            "livestain": __version__,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "sequence": self.sequence.model_dump(mode="json", exclude_unset=True),
+        }
+        marker.write_text(json.dumps(info, indent=2))
+        return run_id, 0
 
-        marker.write_text(
-            json.dumps(
-                {
-                    "run_id": self.run_id,
-                    "livestain": __version__,
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "sequence": self.sequence.model_dump(mode="json", exclude_unset=True),
-                },
-                indent=2,
-            )
-        )
+    def _first_incomplete_t(self) -> int:
+        """First time point not completely on disk for every position and channel."""
+        journal = Journal(self.out_dir)
+        try:
+            done: dict[int, set] = {}
+            for row in journal.rows():
+                if row.gaps == 0 and Path(row.raw_path).exists():
+                    done.setdefault(row.t, set()).add((row.p, row.channel))
+        finally:
+            journal.close()
+        n_per_t = len({(e.index.get("p", 0), e.channel.config if e.channel else "")
+                       for e in self.sequence.iter_events() if e.index.get("t", 0) == 0})
+        t = 0
+        while len(done.get(t, ())) >= n_per_t:
+            t += 1
+        return t
+
+    def _load_previous_records(self) -> None:
+        """Resuming: stacks acquired before the crash but never predicted are caught up."""
+        for row in self.journal.rows():
+            if row.t >= self._first_t:
+                continue  # that time point is acquired again
+            rec = StackRecord(row.seq, row.t, row.p, Path(row.raw_path), time.time())
+            if row.predicted_path and Path(row.predicted_path).exists():
+                rec.state, rec.predicted_path = "predicted", Path(row.predicted_path)
+            elif row.channel in self.stream_channels and rec.raw_path.exists():
+                rec.state = "late"
+            else:
+                rec.state = "not_streamed"
+            self.records[row.seq] = rec
+
+    def _events(self) -> Iterable[useq.MDAEvent]:
+        """The plan, from the first incomplete time point, with its clock shifted to now."""
+        if self._first_t == 0:
+            return self.sequence
+        events = [e for e in self.sequence.iter_events() if e.index.get("t", 0) >= self._first_t]
+        offset = min((e.min_start_time or 0.0) for e in events) if events else 0.0
+        return [
+            e.model_copy(update={"min_start_time": (e.min_start_time or 0.0) - offset})
+            if e.min_start_time is not None else e
+            for e in events
+        ]
 
     # -- MDA thread: enqueue only ---------------------------------------------------
     def _on_frame(self, image: np.ndarray, event: useq.MDAEvent, meta: dict) -> None:
@@ -168,26 +273,47 @@ class Daemon:
 
     # -- daemon loop --------------------------------------------------------------
     def run(self) -> RunSummary:
-        """Acquire the whole plan, then wait for outstanding predictions; returns figures."""
+        """Acquire the plan, then wait for outstanding predictions; returns figures."""
         mda = self.core.mda
         mda.events.frameReady.connect(self._on_frame)
         mda.events.sequenceFinished.connect(self._on_finished)
+        if self._first_t >= self._n_t:
+            self.report(f"run {self.run_id} already has all {self._n_t} time points; "
+                        f"only predictions still missing are made")
+        elif self._first_t:
+            self.report(f"resuming run {self.run_id} at time point {self._first_t + 1}/{self._n_t}")
         try:
-            self.core.run_mda(self.sequence)
+            events = self._events()
+            if isinstance(events, list) and not events:
+                self._mda_done.set()
+            else:
+                self.core.run_mda(events)
             while not (self._mda_done.is_set() and self.frames.empty()):
                 self._step(timeout_ms=20)
             for stack in self.assembler.flush():
-                self.summary.incomplete += 1
                 self._finish_stack(stack)
             self._drain_predictions()
+        except RunStopped as e:
+            self.summary.error = str(e)
+            self.journal.note(f"stopped: {e}")
+            self.report(f"STOPPED: {e}")
+            self._halt_acquisition()
         finally:
             mda.events.frameReady.disconnect(self._on_frame)
             mda.events.sequenceFinished.disconnect(self._on_finished)
-            if not self._mda_done.is_set():
-                mda.cancel()
+            self._halt_acquisition()
             self.sockets.close()
-        self.summary.dropped = self.summary.acquired - self.summary.predicted
+            self.journal.note("end")
+            self.journal.close()
+        self.summary.not_predicted = sum(
+            r.state in ("queued", "sent", "late") for r in self.records.values()
+        )
         return self.summary
+
+    def _halt_acquisition(self) -> None:
+        if not self._mda_done.is_set():
+            self.core.mda.cancel()
+            self._mda_done.wait(10)
 
     def _step(self, timeout_ms: int) -> None:
         """One turn of the loop: frames -> stacks, predictions in, control answered."""
@@ -197,10 +323,11 @@ class Daemon:
                 event, image, arrived = self.frames.get_nowait()
             except queue.Empty:
                 break
-            stack = self.assembler.add(event, image, arrived)
-            if stack is not None:
+            for stack in self.assembler.add(event, image, arrived):
                 self._finish_stack(stack)
-        self.sockets.pump()
+        self.on_tick()
+        self._catch_up()
+        self._mark_sent(self.sockets.pump())
         ready = dict(self.sockets.poller.poll(timeout_ms))
         if self.sockets.results in ready:
             while (result := self.sockets.receive_result()) is not None:
@@ -209,14 +336,44 @@ class Daemon:
             self._on_control()
 
     def _finish_stack(self, stack: Stack) -> None:
-        """Write a finished stack to disk, then stream it (raw data is safe first)."""
+        """Write a finished stack to disk and journal it, then stream it (raw data first)."""
         seq = self._seq
         self._seq += 1
         raw_path, _ = stack_paths(self.out_dir, stack.t, stack.p, stack.channel)
+        header = self._stack_header(seq, stack, raw_path)
+        info = header.model_dump(by_alias=True) | {"gaps": stack.gaps, "exposure_ms": stack.exposure_ms}
+        self._check_disk()
+        try:
+            write_stack(raw_path, stack.planes, voxel_size_um=header.voxel_size_um, info=info,
+                        channel_names=[stack.channel], plane_positions_um=np.nan_to_num(stack.positions_um))
+        except OSError as e:
+            raise RunStopped(
+                f"could not write {raw_path}: {e.strerror or e}. Earlier stacks are intact; "
+                f"fix the disk and continue with --resume."
+            ) from None
+        self.journal.stack_written(seq, stack.t, stack.p, stack.channel, raw_path, len(stack.gaps))
+        self.summary.acquired += 1
+        if stack.gaps:
+            self.summary.incomplete += 1
+        rec = StackRecord(seq, stack.t, stack.p, raw_path, time.time(), header)
+        self.records[seq] = rec
+        gaps = f", missing planes {stack.gaps}" if stack.gaps else ""
+        self.report(
+            f"[t {stack.t + 1}/{self._n_t} p {stack.p + 1}/{self._n_p}] acquired "
+            f"{stack.channel} {'x'.join(map(str, stack.planes.shape))}{gaps} -> "
+            f"{raw_path.relative_to(self.out_dir)}"
+        )
+        self.sockets.publish(header, stack.planes)
+        if stack.channel in self.stream_channels:
+            self._mark_late(self.sockets.offer(header, stack.planes))
+        else:
+            rec.state = "not_streamed"
+
+    def _stack_header(self, seq: int, stack: Stack, raw_path: Path) -> wire.StackHeader:
         px = float(self.core.getPixelSizeUm() or 1.0)
-        dz = float(np.nanmean(np.diff(stack.positions_um[:, 2]))) if stack.planes.shape[0] > 1 else 1.0
-        voxel = [abs(dz) if np.isfinite(dz) and dz else 1.0, px, px]
-        header = wire.StackHeader(
+        z = stack.positions_um[:, 2]
+        dz = float(np.nanmean(np.diff(z))) if len(z) > 1 and np.isfinite(z).sum() > 1 else 1.0
+        return wire.StackHeader(
             kind="stack",
             run_id=self.run_id,
             seq=seq,
@@ -225,31 +382,62 @@ class Daemon:
             channel=stack.channel,
             shape=list(stack.planes.shape),
             dtype=str(stack.planes.dtype),
-            voxel_size_um=voxel,
+            voxel_size_um=[abs(dz) if np.isfinite(dz) and dz else 1.0, px, px],
             position_um=[float(v) for v in np.nan_to_num(stack.positions_um[0])],
             acquired_start=float(np.nanmin(stack.times)),
             acquired_end=float(np.nanmax(stack.times)),
             path=str(raw_path),
         )
-        info = header.model_dump(by_alias=True) | {"gaps": stack.gaps, "exposure_ms": stack.exposure_ms}
-        write_stack(
-            raw_path,
-            stack.planes,
-            voxel_size_um=voxel,
-            info=info,
-            channel_names=[stack.channel],
-            plane_positions_um=np.nan_to_num(stack.positions_um),
-        )
-        self.summary.acquired += 1
-        self.records[seq] = StackRecord(seq, stack.t, stack.p, raw_path, time.time())
-        gaps = f", {len(stack.gaps)} missing planes" if stack.gaps else ""
-        self.report(
-            f"[t {stack.t + 1}/{self._n_t} p {stack.p + 1}/{self._n_p}] acquired "
-            f"{stack.channel} {'x'.join(map(str, stack.planes.shape))}{gaps} -> "
-            f"{raw_path.relative_to(self.out_dir)}"
-        )
-        if stack.channel in self.stream_channels:
-            self.sockets.offer(header, stack.planes)
+
+    def _check_disk(self) -> None:
+        free = self.free_space(self.out_dir)
+        if free < self.min_free_bytes:
+            raise RunStopped(
+                f"only {free / 1e6:.0f} MB free on the disk of {self.out_dir}, below the "
+                f"{self.min_free_bytes / 1e6:.0f} MB safety margin. Every stack so far is "
+                f"saved; free some space and continue with --resume."
+            )
+
+    # -- stack states -----------------------------------------------------------------
+    def _mark_sent(self, seqs: list[int]) -> None:
+        now = time.time()
+        for seq in seqs:
+            rec = self.records[seq]
+            rec.state, rec.sent_at = "sent", now
+
+    def _mark_late(self, seqs: list[int]) -> None:
+        for seq in seqs:
+            self.records[seq].state = "late"
+            log.info("workers behind: stack seq %d will be predicted from disk later", seq)
+
+    def requeue_in_flight(self) -> None:
+        """A worker died: whatever it held is lost in transit; predict it again from disk."""
+        self._mark_late([r.seq for r in self.records.values() if r.state == "sent"])
+
+    def _catch_up(self) -> None:
+        """When workers have nothing newer to do, feed them the oldest late stack from disk."""
+        now = time.time()
+        stale = [r.seq for r in self.records.values()
+                 if r.state == "sent" and now - r.sent_at > self.resend_after_s]
+        self._mark_late(stale)
+        if self.sockets.backlog or any(r.state == "sent" for r in self.records.values()):
+            return
+        late = [r for r in self.records.values() if r.state == "late"]
+        if not late:
+            return
+        rec = min(late, key=lambda r: r.seq)
+        try:
+            array, info = read_stack(rec.raw_path)
+            header = rec.header or wire.StackHeader.model_validate(
+                {k: v for k, v in info.items() if k not in ("gaps", "exposure_ms")}
+            )
+        except (OSError, ValueError) as e:
+            log.error("cannot re-read %s for a late prediction: %s", rec.raw_path, e)
+            rec.state = "not_streamed"
+            return
+        rec.state = "queued"
+        rec.header = header
+        self.sockets.offer(header, array)
 
     def _on_prediction(self, header: wire.StackHeader, array: np.ndarray) -> None:
         record = self.records.get(header.source_seq if header.source_seq is not None else -1)
@@ -257,66 +445,83 @@ class Daemon:
             self.sockets.counts.malformed_results += 1
             log.warning("dropped a prediction for an unknown stack (run %s seq %s)", header.run_id, header.source_seq)
             return
-        if record.predicted_path is not None:
-            return  # a duplicate from a second worker: the first one stands
+        if record.state == "predicted":
+            return  # a duplicate (a re-sent stack, or a second worker): the first stands
+        late = record.state == "late" or record.sent_at - record.completed_at > 1.0
         _, pred_path = stack_paths(self.out_dir, record.t, record.p, "")
         info = header.model_dump(by_alias=True) | {"source_path": str(record.raw_path)}
-        write_stack(
-            pred_path,
-            array,
-            voxel_size_um=header.voxel_size_um,
-            info=info,
-            channel_names=header.structures,
-        )
-        record.predicted_path = pred_path
+        try:
+            write_stack(pred_path, array, voxel_size_um=header.voxel_size_um, info=info,
+                        channel_names=header.structures)
+        except OSError as e:
+            raise RunStopped(f"could not write prediction {pred_path}: {e.strerror or e}") from None
+        record.state, record.predicted_path = "predicted", pred_path
         record.latency_s = time.time() - record.completed_at
+        self.journal.prediction_written(record.seq, pred_path, record.latency_s)
         self.summary.predicted += 1
-        self.summary.latencies_s.append(record.latency_s)
+        if late:
+            self.summary.predicted_late += 1
+        else:
+            self.summary.latencies_s.append(record.latency_s)
         header.path = str(pred_path)
         self.sockets.publish(header, array)
         self.report(
             f"[t {record.t + 1}/{self._n_t} p {record.p + 1}/{self._n_p}] predicted "
             f"{','.join(header.structures)} in {header.inference_s:.2f} s, "
-            f"latency {record.latency_s:.2f} s -> {pred_path.relative_to(self.out_dir)}"
+            f"latency {record.latency_s:.2f} s{' (caught up)' if late else ''} -> "
+            f"{pred_path.relative_to(self.out_dir)}"
         )
 
+    def _outstanding(self) -> int:
+        return sum(r.state in ("queued", "sent", "late") for r in self.records.values())
+
     def _drain_predictions(self) -> None:
-        """After the plan: wait (bounded) for predictions of every stack sent."""
+        """After the plan: wait (bounded) for predictions of every streamed stack."""
         # a user's stop still collects predictions already under way, but briefly
         timeout = min(self.drain_timeout_s, 15.0) if self._stop_requested else self.drain_timeout_s
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            waiting = self.sockets.counts.sent + len(self.sockets.backlog) - self.summary.predicted
-            if waiting <= 0:
-                return
+        while time.monotonic() < deadline and self._outstanding():
             self._step(timeout_ms=100)
-        outstanding = [r for r in self.records.values() if r.predicted_path is None]
-        if outstanding:
-            self.report(f"{len(outstanding)} stacks not predicted; their raw data is on disk")
+        if n := self._outstanding():
+            self.report(f"{n} stacks not predicted; their raw data is on disk")
 
     # -- control --------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         counts = self.sockets.counts
+        states = [r.state for r in self.records.values()]
+        if self.summary.error:
+            state = "stopped"
+        elif self._paused:
+            state = "paused"
+        else:
+            state = "finishing" if self._mda_done.is_set() else "acquiring"
         return {
             "run_id": self.run_id,
-            "state": "paused" if self._paused else ("finishing" if self._mda_done.is_set() else "acquiring"),
+            "state": state,
+            "error": self.summary.error,
             "out_dir": str(self.out_dir),
             "stacks_acquired": self.summary.acquired,
             "stacks_predicted": self.summary.predicted,
+            "stacks_predicted_late": self.summary.predicted_late,
+            "stacks_late": states.count("late"),
+            "stacks_in_flight": states.count("sent"),
             "stacks_sent": counts.sent,
             "stacks_dropped": counts.dropped,
             "backlog": len(self.sockets.backlog),
             "malformed_results": counts.malformed_results,
+            "malformed_commands": self._malformed_commands,
             "timepoints": self._n_t,
             "positions": self._n_p,
+            "disk_free_bytes": self.free_space(self.out_dir),
             "uptime_s": round(time.time() - self.started_at, 1),
-        }
+        } | self.extra_status()
 
     def _on_control(self) -> None:
         frames = self.sockets.control.recv_multipart()
         try:
             command, _ = wire.decode_command(frames)
         except wire.WireError as e:
+            self._malformed_commands += 1
             self.sockets.control.send_multipart(wire.encode_reply(False, error=str(e)))
             return
         if command == "pause":
@@ -326,16 +531,28 @@ class Daemon:
             self._paused = False
             self.core.mda.toggle_pause(False)
         elif command == "stop":
-            self._stop_requested = True
-            self.summary.stopped_early = True
-            self.core.mda.cancel()
+            self.request_stop()
         self.sockets.control.send_multipart(wire.encode_reply(True, **self.status()))
 
     def request_stop(self) -> None:
-        """Stop after the current frame (signal handlers call this)."""
+        """Stop after the current frame (control socket and signal handlers call this)."""
+        if not self._stop_requested:
+            self.journal.note("stop requested")
         self._stop_requested = True
         self.summary.stopped_early = True
         self.core.mda.cancel()
+
+
+def _check_axis_order(sequence: useq.MDASequence) -> None:
+    order = "".join(sequence.axis_order)
+    if "z" in order:
+        z = order.index("z")
+        outer = [a for a in "tp" if a in order and order.index(a) > z]
+        if outer:
+            raise ValueError(
+                f"axis_order {order!r} puts z outside {''.join(outer)}: livestain needs whole "
+                f"z-stacks, so z must come after t and p (e.g. 'tpcz' or 'tpzc')"
+            )
 
 
 def send_command(endpoint: str, command: str, timeout_s: float = 3.0) -> dict[str, Any]:

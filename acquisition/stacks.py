@@ -82,14 +82,21 @@ class StackAssembler:
     def for_sequence(cls, sequence: useq.MDASequence) -> StackAssembler:
         return cls(sequence.sizes.get("z", 1) or 1)
 
-    def add(self, event: useq.MDAEvent, image: np.ndarray, arrived: float | None = None) -> Stack | None:
-        """Place one frame; returns its stack when this frame completed it."""
+    def add(self, event: useq.MDAEvent, image: np.ndarray, arrived: float | None = None) -> list[Stack]:
+        """Place one frame; returns the stacks that are now finished.
+
+        That is the frame's own stack when it completed it, and any open stack of an
+        earlier (t, p): since z is an inner axis, no more frames can arrive for it, so a
+        frame that failed there is a recorded gap, and the stack is not held back.
+        """
         idx = event.index
         channel = event.channel.config if event.channel is not None else ""
-        key = (int(idx.get("t", 0)), int(idx.get("p", 0)), channel)
+        t, p = int(idx.get("t", 0)), int(idx.get("p", 0))
+        key = (t, p, channel)
         z = int(idx.get("z", 0))
         if not 0 <= z < self.n_z:
             raise IndexError(f"frame z index {z} outside a {self.n_z}-plane stack")
+        finished = [self._open.pop(k) for k in list(self._open) if k[:2] != (t, p)]
         stack = self._open.get(key)
         if stack is None:
             stack = Stack(
@@ -108,8 +115,8 @@ class StackAssembler:
         ]
         stack.times[z] = time.time() if arrived is None else arrived
         if stack.complete:
-            return self._open.pop(key)
-        return None
+            finished.append(self._open.pop(key))
+        return finished
 
     def flush(self) -> list[Stack]:
         """Hand out every unfinished stack (end of run), oldest first, gaps recorded."""

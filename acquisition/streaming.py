@@ -2,8 +2,8 @@
 
 Acquisition must never wait for a peer. Sends are non-blocking with small high-water
 marks; a stack that cannot be handed to a worker right now waits in a short
-newest-first backlog (its pixels are on disk already) and the oldest are dropped,
-counted, when that backlog overflows. The display socket is PUB: viewers that are
+newest-first backlog (its pixels are on disk already); when that backlog overflows the
+oldest leave it, counted, and the daemon predicts them later from disk. The display socket is PUB: viewers that are
 absent or slow simply miss messages.
 """
 
@@ -37,7 +37,7 @@ class DaemonSockets:
     the daemon's main loop.
     """
 
-    def __init__(self, eps: dict[str, str], backlog: int = 32, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, eps: dict[str, str], backlog: int = 8, ctx: zmq.Context | None = None) -> None:
         self.ctx = ctx or zmq.Context.instance()
         self.endpoints = eps
         self.stacks = self._bind(zmq.PUSH, eps["stacks"], sndhwm=2)
@@ -70,26 +70,32 @@ class DaemonSockets:
         return sock
 
     # -- to workers -------------------------------------------------------------------
-    def offer(self, header: wire.StackHeader, array: np.ndarray) -> None:
-        """Queue a stack for the workers and publish it to viewers; never blocks."""
-        self.publish(header, array)
+    def offer(self, header: wire.StackHeader, array: np.ndarray) -> list[int]:
+        """Queue a stack for the workers; never blocks. Returns seqs dropped from the backlog."""
         self.backlog.append((header, array))
+        dropped = []
         while len(self.backlog) > self.backlog_limit:
             old, _ = self.backlog.popleft()
             self.counts.dropped += 1
-            log.warning("workers behind: stack seq %d (t=%d) not predicted live", old.seq, old.t)
-        self.pump()
+            dropped.append(old.seq)
+        return dropped
 
-    def pump(self) -> None:
-        """Hand backlogged stacks to workers, newest first, until they push back."""
+    def pump(self) -> list[int]:
+        """Hand backlogged stacks to workers, newest first, until they push back.
+
+        Returns the seqs handed over.
+        """
+        sent = []
         while self.backlog:
             header, array = self.backlog[-1]
             try:
                 self.stacks.send_multipart(wire.encode(header, array), copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             self.backlog.pop()
             self.counts.sent += 1
+            sent.append(header.seq)
+        return sent
 
     # -- to viewers -------------------------------------------------------------------
     def publish(self, header: wire.StackHeader, array: np.ndarray) -> None:

@@ -70,9 +70,16 @@ class Worker:
     def stop(self) -> None:
         self._running = False
 
-    def serve(self, max_stacks: int | None = None) -> WorkerCounts:
-        """Predict until `stop()` (or SIGTERM/SIGINT via `run_worker`)."""
+    def serve(self, max_stacks: int | None = None, parent_pid: int | None = None) -> WorkerCounts:
+        """Predict until `stop()` (or SIGTERM/SIGINT via `run_worker`).
+
+        With ``parent_pid``, also stop when that process is gone: a worker the daemon
+        spawned must not outlive a daemon that was killed.
+        """
         while self._running and (max_stacks is None or self.counts.predicted < max_stacks):
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.warning("daemon (pid %d) is gone; worker exits", parent_pid)
+                break
             if not self.pull.poll(200):
                 continue
             frames = self.pull.recv_multipart(copy=False)
@@ -131,6 +138,7 @@ def run_worker(
     model: str | None = None,
     device: str | None = None,
     max_stacks: int | None = None,
+    parent_pid: int | None = None,
 ) -> int:
     """Entry point of ``livestain worker``; returns the process exit code."""
     predictor = Predictor(model, device)
@@ -146,7 +154,7 @@ def run_worker(
         worker.name, predictor.model.name, predictor.device, stacks_endpoint,
     )
     try:
-        worker.serve(max_stacks)
+        worker.serve(max_stacks, parent_pid)
     finally:
         worker.close()
     return 0

@@ -43,16 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model .safetensors (default: the bundled model)")
     p.add_argument("--device", default=None, help="torch device for the worker (default: cuda if present, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="sample seed of the simulated scope")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out after a crash")
     _connect_args(p)
 
     p = sub.add_parser("run", help="run a plan from a YAML run configuration")
     p.add_argument("config", type=Path)
     p.add_argument("--headless", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the run's dataset after a crash")
 
     p = sub.add_parser("worker", help="start an inference worker that connects to a daemon")
     _connect_args(p)
     p.add_argument("--model", default=None, help="model .safetensors (default: the bundled model)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("view", help="open the live window on a running daemon")
     _connect_args(p)
@@ -94,44 +97,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
     from livestain.devices.simulated import SimulatedScope, build_simulated_core
-    from livestain.launch import SessionOptions, demo_sequence, has_display, run_session
+    from livestain.launch import SessionOptions, demo_sequence, exit_code, has_display, run_session
 
     if args.timepoints < 1:
         raise ValueError("--timepoints must be at least 1")
     show = not args.headless and has_display()
     if not args.headless and not show:
         print("no display found: running headless (status lines below)")
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out DIR: the dataset folder of the run to continue")
     out = args.out or Path("livestain-demo") / time.strftime("%Y%m%d-%H%M%S")
     core = build_simulated_core(SimulatedScope(seed=args.seed))
     seq = demo_sequence(args.timepoints, args.interval, args.positions)
     opts = SessionOptions(out_dir=out, host=args.connect, base_port=args.port, model=args.model,
-                          device=args.device, show_window=show)
+                          device=args.device, show_window=show, resume=args.resume)
     print(f"livestain demo: simulated microscope, {args.timepoints} time points x {args.positions} "
           f"position(s) x 16 planes, daemon on {args.connect}:{args.port}")
     summary = run_session(core, seq, opts)
     for line in summary.lines():
         print(line)
-    return 0 if summary.predicted == summary.acquired else 1
+    return exit_code(summary)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from livestain.launch import has_display, run_session
+    from livestain.launch import exit_code, has_display, run_session
     from livestain.runconfig import load_run_config
 
     cfg = load_run_config(args.config)
     core = cfg.build_core()
     opts = cfg.session_options(show_window=not args.headless and has_display())
+    opts.resume = args.resume
     summary = run_session(core, cfg.sequence(), opts)
     for line in summary.lines():
         print(line)
-    return 0
+    return exit_code(summary)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from livestain.inference.worker import run_worker
 
     eps = wire.endpoints(args.connect, args.port)
-    return run_worker(eps["stacks"], eps["results"], args.model, args.device)
+    return run_worker(eps["stacks"], eps["results"], args.model, args.device,
+                      parent_pid=args.parent_pid)
 
 
 def cmd_view(args: argparse.Namespace) -> int:

@@ -8,11 +8,11 @@ acquisition down with it.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,10 @@ class SessionOptions:
         Start a viewer process (only when a display exists).
     device : str | None
         Torch device for the worker (None: CUDA if present, else CPU).
+    drain_timeout_s : float
+        After the plan, how long to wait for outstanding predictions.
+    resume : bool
+        Continue the run in ``out_dir`` at its first incomplete time point.
     """
 
     out_dir: Path
@@ -51,6 +55,7 @@ class SessionOptions:
     show_window: bool = False
     device: str | None = None
     drain_timeout_s: float = 120.0
+    resume: bool = False
 
 
 def has_display() -> bool:
@@ -79,28 +84,61 @@ def _spawn(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "livestain.cli", *args])
 
 
-def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=print):  # noqa: ANN001
-    """Run ``sequence`` on ``core`` with a worker (and viewer); returns the RunSummary."""
-    from livestain.acquisition.daemon import Daemon
+def _log_to_dataset(out_dir: Path) -> logging.Handler:
+    """A rotating log file in the dataset folder: 10 MB x 5, survives a days-long run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(
+        out_dir / "livestain.log", maxBytes=10_000_000, backupCount=5
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logging.getLogger().addHandler(handler)
+    return handler
 
-    eps = wire.endpoints(opts.host, opts.base_port)
-    daemon = Daemon(core, sequence, opts.out_dir, eps, report=report, drain_timeout_s=opts.drain_timeout_s)
-    children: list[subprocess.Popen] = []
+
+def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=print):  # noqa: ANN001
+    """Run ``sequence`` on ``core`` with a supervised worker (and a viewer); returns RunSummary."""
+    from livestain.acquisition.daemon import Daemon
+    from livestain.acquisition.supervisor import WorkerSupervisor
+
+    file_log = _log_to_dataset(opts.out_dir)
+    # per-stack lines go to the console through `report` and to the file through this
+    # logger, which does not propagate: the console shows each line once
+    run_log = logging.getLogger("livestain.run")
+    run_log.propagate = False
+    run_log.setLevel(logging.INFO)
+    run_log.addHandler(file_log)
+
+    def report_and_log(line: str) -> None:
+        report(line)
+        run_log.info(line)
+
     conn = ["--connect", opts.host, "--port", str(opts.base_port)]
+    worker_args = ["worker", *conn]
+    if opts.model:
+        worker_args += ["--model", str(opts.model)]
+    if opts.device:
+        worker_args += ["--device", opts.device]
+    supervisor = WorkerSupervisor(worker_args, report=report_and_log)
+    eps = wire.endpoints(opts.host, opts.base_port)
+    try:
+        daemon = Daemon(core, sequence, opts.out_dir, eps, report=report_and_log,
+                        drain_timeout_s=opts.drain_timeout_s, resume=opts.resume,
+                        on_tick=supervisor.check, extra_status=supervisor.status)
+    except BaseException:
+        logging.getLogger().removeHandler(file_log)
+        run_log.removeHandler(file_log)
+        raise
+    supervisor.on_restart = daemon.requeue_in_flight
     if opts.spawn_worker:
-        args = ["worker", *conn]
-        if opts.model:
-            args += ["--model", str(opts.model)]
-        if opts.device:
-            args += ["--device", opts.device]
-        children.append(_spawn(args))
+        supervisor.start()
     if opts.show_window:
-        children.append(_spawn(["view", *conn]))
+        _spawn(["view", *conn])  # independent: closing it never touches the run
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _stop(signum: int, _frame: object) -> None:
-        report(f"received {signal.Signals(signum).name}: stopping after the current frame")
+        report_and_log(f"received {signal.Signals(signum).name}: stopping after the current frame")
         daemon.request_stop()
 
     for s in previous:
@@ -110,19 +148,16 @@ def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=p
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        _stop_children(children[:1] if opts.spawn_worker else [])
+        supervisor.stop()
+        logging.getLogger().removeHandler(file_log)
+        run_log.removeHandler(file_log)
+        file_log.close()
     return summary
 
 
-def _stop_children(children: list[subprocess.Popen], timeout_s: float = 10.0) -> None:
-    """SIGTERM, then wait, then kill: a stuck worker never keeps the run from ending."""
-    for child in children:
-        if child.poll() is None:
-            child.terminate()
-    deadline = time.monotonic() + timeout_s
-    for child in children:
-        try:
-            child.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+def exit_code(summary) -> int:  # noqa: ANN001
+    """0: done (or stopped by the user) with every stack predicted; 1: some stacks not
+    predicted (raw data safe on disk); 3: the run was stopped by an error (disk, write)."""
+    if summary.error:
+        return 3
+    return 0 if summary.not_predicted == 0 else 1

@@ -11,31 +11,34 @@ from livestain.acquisition.stacks import StackAssembler
 from livestain.stackio import read_stack, voxel_size_of, write_stack
 
 
-def _event(t: int, z: int, p: int = 0) -> useq.MDAEvent:
-    return useq.MDAEvent(index={"t": t, "p": p, "c": 0, "z": z}, channel="Brightfield",
+def _event(t: int, z: int, p: int = 0, channel: str = "Brightfield") -> useq.MDAEvent:
+    return useq.MDAEvent(index={"t": t, "p": p, "c": 0, "z": z}, channel=channel,
                          z_pos=float(z), x_pos=1.0, y_pos=2.0)
 
 
 def test_frames_are_placed_by_index_not_arrival_order() -> None:
     asm = StackAssembler(n_z=3)
     planes = {z: np.full((2, 2), 10 * z + 1, np.uint16) for z in range(3)}
-    assert asm.add(_event(0, 2), planes[2]) is None
-    assert asm.add(_event(1, 0), planes[0]) is None  # a frame of the next stack between
-    assert asm.add(_event(0, 0), planes[0]) is None
-    done = asm.add(_event(0, 1), planes[1])
-    assert done is not None and done.key == (0, 0, "Brightfield")
+    assert asm.add(_event(0, 2), planes[2]) == []
+    assert asm.add(_event(0, 0, channel="Dna"), planes[0]) == []  # another channel between
+    assert asm.add(_event(0, 0), planes[0]) == []
+    (done,) = asm.add(_event(0, 1), planes[1])
+    assert done.key == (0, 0, "Brightfield")
     assert [int(done.planes[z, 0, 0]) for z in range(3)] == [1, 11, 21]
     assert done.positions_um[:, 2].tolist() == [0.0, 1.0, 2.0]
-    assert asm.n_open == 1
+    assert asm.n_open == 1  # the Dna stack waits for its planes
 
 
-def test_a_missing_frame_is_a_recorded_gap_and_shifts_nothing() -> None:
+def test_a_failed_frame_is_a_recorded_gap_and_shifts_nothing() -> None:
     asm = StackAssembler(n_z=4)
-    for z in (0, 1, 3):  # plane 2 never arrives
-        asm.add(_event(0, z), np.full((2, 2), z + 1, np.uint16))
-    (stack,) = asm.flush()
-    assert stack.gaps == [2]
+    for z in (0, 1, 3):  # plane 2 of t=0 never arrives (a failed snap)
+        assert asm.add(_event(0, z), np.full((2, 2), z + 1, np.uint16)) == []
+    # the first frame of the next time point closes t=0 with its gap recorded
+    (stack,) = asm.add(_event(1, 0), np.full((2, 2), 9, np.uint16))
+    assert stack.key[0] == 0 and stack.gaps == [2]
     assert [int(v) for v in stack.planes[:, 0, 0]] == [1, 2, 0, 4]
+    (rest,) = asm.flush()
+    assert rest.key[0] == 1 and rest.gaps == [1, 2, 3]
 
 
 def test_stack_file_round_trip_with_physical_sizes_and_header(tmp_path) -> None:

@@ -1,0 +1,90 @@
+"""The run journal: an SQLite record of every stack acquired, written and predicted.
+
+The journal is what makes a crash survivable. Each state change is committed as it
+happens (SQLite's WAL survives kill -9 and power loss), so after any crash
+``--resume`` knows exactly which time points are complete on disk, which stacks still
+need a prediction, and which sequence number comes next, without trusting the file
+system listing alone.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS stacks (
+    seq INTEGER PRIMARY KEY,
+    t INTEGER NOT NULL,
+    p INTEGER NOT NULL,
+    channel TEXT NOT NULL,
+    raw_path TEXT NOT NULL,
+    gaps INTEGER NOT NULL DEFAULT 0,
+    acquired_at REAL NOT NULL,
+    predicted_path TEXT,
+    predicted_at REAL,
+    latency_s REAL
+);
+CREATE TABLE IF NOT EXISTS events (
+    at REAL NOT NULL,
+    what TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class JournalRow:
+    """One stack as the journal knows it."""
+
+    seq: int
+    t: int
+    p: int
+    channel: str
+    raw_path: str
+    gaps: int
+    predicted_path: str | None
+
+
+class Journal:
+    """Append-mostly SQLite journal of one dataset folder (``journal.sqlite``)."""
+
+    FILENAME = "journal.sqlite"
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = Path(out_dir) / self.FILENAME
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def stack_written(self, seq: int, t: int, p: int, channel: str, raw_path: Path, gaps: int) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO stacks (seq, t, p, channel, raw_path, gaps, acquired_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (seq, t, p, channel, str(raw_path), gaps, time.time()),
+        )
+
+    def prediction_written(self, seq: int, path: Path, latency_s: float) -> None:
+        self.db.execute(
+            "UPDATE stacks SET predicted_path = ?, predicted_at = ?, latency_s = ? WHERE seq = ?",
+            (str(path), time.time(), latency_s, seq),
+        )
+
+    def note(self, what: str) -> None:
+        """A run event worth keeping (start, resume, stop reason)."""
+        self.db.execute("INSERT INTO events (at, what) VALUES (?, ?)", (time.time(), what))
+
+    def rows(self) -> list[JournalRow]:
+        cur = self.db.execute(
+            "SELECT seq, t, p, channel, raw_path, gaps, predicted_path FROM stacks ORDER BY seq"
+        )
+        return [JournalRow(*r) for r in cur.fetchall()]
+
+    def next_seq(self) -> int:
+        (n,) = self.db.execute("SELECT COALESCE(MAX(seq) + 1, 0) FROM stacks").fetchone()
+        return int(n)
+
+    def close(self) -> None:
+        self.db.close()

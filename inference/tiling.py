@@ -1,0 +1,272 @@
+"""Whole-volume prediction in overlapping tiles, blended so no seam shows.
+
+A 3D U-Net's activations grow with the volume: a large stack (say 64x2048x2048) does
+not fit in GPU (or even host) memory in one pass. Cutting it into tiles does, but each
+tile's border sees zero padding instead of its real neighbourhood, so naive tiling
+leaves visible seams. Here tiles overlap and each tile's prediction is weighted by a
+separable raised-cosine window that falls towards the sides it shares with another
+tile; the weighted predictions and the weights are accumulated and divided. Tile starts
+and sizes are multiples of ``2**depth`` so every tile sees the same stride-2 grid as a
+whole-volume pass would (the network is only shift-equivariant by those multiples),
+and the volume is first padded exactly as the network pads a whole volume.
+
+The default tile comes from a simple estimate of activation memory per voxel and the
+free memory of the device; an out-of-memory error halves the tile and starts again.
+Optional test-time augmentation averages the predictions of the y/x-flipped inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Bytes of activations per input voxel per channel-at-full-resolution: float32 (4) times
+#: the tensors alive at once (conv input and output, BatchNorm output, skip copy, concat).
+ACTIVATION_FACTOR = 4 * 8
+#: Share of the free memory a default tile may use (the rest: weights, workspace, others).
+MEMORY_FRACTION = 0.5
+#: Free memory assumed when the platform cannot tell (CPU without sysconf).
+FALLBACK_FREE_BYTES = 2 * 1024**3
+
+Tile = tuple[int, int, int]
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for CUDA/CPU allocation failures (torch raises several types for them)."""
+    oom_types = tuple(
+        t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t
+    )
+    if oom_types and isinstance(e, oom_types):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _config(net: nn.Module) -> tuple[int, int]:
+    """(depth, base_channels) of a `UNet3D`-like net (defaults for anything else)."""
+    cfg = getattr(net, "config", None)
+    return int(getattr(cfg, "depth", 2)), int(getattr(cfg, "base_channels", 8))
+
+
+def multiple_of(net: nn.Module) -> int:
+    """Spatial multiple the network down-samples by: tiles align to it."""
+    return int(getattr(net, "multiple", 2 ** _config(net)[0]))
+
+
+def bytes_per_voxel(net: nn.Module) -> float:
+    """Estimated activation bytes per input voxel: widths summed over levels.
+
+    Level ``i`` has ``base * 2**i`` channels on ``1 / 8**i`` of the voxels; encoder and
+    decoder both keep it, hence the sum over levels times a constant factor.
+    """
+    depth, base = _config(net)
+    channels = sum(base * 2**i / 8**i for i in range(depth + 1))
+    return channels * ACTIVATION_FACTOR
+
+
+def free_memory_bytes(device: str | torch.device) -> int:
+    """Free memory of ``device``: CUDA's own count, else the host's available pages."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(dev)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not on every platform (e.g. Windows, macOS)
+        return FALLBACK_FREE_BYTES
+
+
+def receptive_radius(net: nn.Module) -> int:
+    """Voxels of context a U-Net output voxel depends on, per side (an overestimate).
+
+    Per level ``i``: two 3-convs in the encoder and two in the decoder at scale ``2**i``
+    (1 voxel each at that scale) plus the stride-2 down-convolution; at the bottom two
+    3-convs at scale ``2**depth``. Used as the default overlap.
+    """
+    depth, _ = _config(net)
+    return sum(5 * 2**i for i in range(depth)) + 2 * 2**depth
+
+
+def default_tile(
+    net: nn.Module,
+    shape: Sequence[int],
+    device: str | torch.device = "cpu",
+    free_bytes: int | None = None,
+) -> Tile:
+    """Largest tile for ``shape`` (z, y, x) that the memory estimate allows.
+
+    Keeps the whole z range when it fits (stacks are thin, z is where context matters
+    most), then a square in y/x; every size is a multiple of the network's down-sampling
+    factor and no larger than the (padded) volume.
+    """
+    m = multiple_of(net)
+    free = free_memory_bytes(device) if free_bytes is None else free_bytes
+    budget = max(free * MEMORY_FRACTION / bytes_per_voxel(net), float(m**3))
+    padded = [_round_up(int(n), m) for n in shape]
+    z = min(padded[0], max(m, _round_down(int(budget / (4 * m * m)), m)))
+    side = max(m, _round_down(int(math.sqrt(budget / z)), m))
+    return (z, min(padded[1], side), min(padded[2], side))
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _round_down(n: int, m: int) -> int:
+    return max(m, n // m * m)
+
+
+def tile_starts(size: int, tile: int, overlap: int, multiple: int) -> list[int]:
+    """Start offsets along one axis: aligned to ``multiple``, the last one flush with the end."""
+    if tile >= size:
+        return [0]
+    step = max(multiple, _round_down(tile - overlap, multiple))
+    starts = list(range(0, size - tile, step))
+    starts.append(size - tile)
+    return starts
+
+
+def _window(length: int, ramp_lo: int, ramp_hi: int) -> torch.Tensor:
+    """1-D weight: raised-cosine ramps on the sides shared with a neighbour, 1 elsewhere.
+
+    Ramp values are ``sin^2(pi/2 * (i + 0.5) / ramp)``: never exactly 0, so a voxel is
+    never left without weight, but the tile's outermost (padding-affected) voxels count
+    for almost nothing next to the neighbour's interior.
+    """
+    w = torch.ones(length, dtype=torch.float32)
+    for ramp, flip in ((ramp_lo, False), (ramp_hi, True)):
+        if ramp > 0:
+            r = torch.sin(0.5 * math.pi * (torch.arange(ramp, dtype=torch.float32) + 0.5) / ramp) ** 2
+            if flip:
+                w[length - ramp :] = torch.minimum(w[length - ramp :], r.flip(0))
+            else:
+                w[:ramp] = torch.minimum(w[:ramp], r)
+    return w
+
+
+def _pad_like_net(x: torch.Tensor, m: int) -> torch.Tensor:
+    """Pad to a multiple of ``m`` exactly as `UNet3D.forward` pads a whole volume."""
+    size = x.shape[-3:]
+    pad = [(-s) % m for s in size]
+    if not any(pad):
+        return x
+    mode = "reflect" if all(p < s for p, s in zip(pad, size)) else "replicate"
+    return F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), mode=mode)
+
+
+def _forward(net: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Network output for one tile, averaged over the four y/x flips when ``tta``."""
+    if not tta:
+        return net(x)
+    out = None
+    for dims in ((), (-1,), (-2,), (-2, -1)):
+        xi = x.flip(dims) if dims else x
+        yi = net(xi)
+        yi = yi.flip(dims) if dims else yi
+        out = yi if out is None else out + yi
+    return out / 4.0
+
+
+def predict_tiled(
+    net: nn.Module,
+    x: torch.Tensor,
+    tile: Sequence[int],
+    overlap: Sequence[int] | int | None = None,
+    tta: bool = False,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Prediction of ``net`` for ``x`` (1, C, Z, Y, X) in blended tiles of ``tile`` (z, y, x).
+
+    Tiles run on ``device`` (default: ``x``'s); the blend is accumulated on the CPU so
+    the device only ever holds one tile. Returns (1, S, Z, Y, X) on ``x``'s device.
+    ``tile`` is rounded up to the network's multiple; ``overlap`` defaults to the
+    network's receptive radius, at most half a tile.
+    """
+    if x.ndim != 5 or x.shape[0] != 1:
+        raise ValueError(f"expected a (1, C, Z, Y, X) tensor, got shape {tuple(x.shape)}")
+    device = torch.device(device) if device is not None else x.device
+    m = multiple_of(net)
+    size = tuple(x.shape[-3:])
+    xp = _pad_like_net(x, m).cpu()
+    padded = tuple(xp.shape[-3:])
+    t = tuple(min(_round_up(max(1, int(v)), m), n) for v, n in zip(tile, padded))
+    if overlap is None:
+        overlap = receptive_radius(net)
+    ov = (overlap,) * 3 if isinstance(overlap, int) else tuple(int(o) for o in overlap)
+    ov = tuple(max(0, min(o, ti // 2)) for o, ti in zip(ov, t))
+    starts = [tile_starts(n, ti, o, m) for n, ti, o in zip(padded, t, ov)]
+    out: torch.Tensor | None = None
+    weight = torch.zeros(padded, dtype=torch.float32)
+    for z0 in starts[0]:
+        for y0 in starts[1]:
+            for x0 in starts[2]:
+                lo = (z0, y0, x0)
+                sl = tuple(slice(a, a + ti) for a, ti in zip(lo, t))
+                with torch.inference_mode():
+                    pred = _forward(net, xp[(..., *sl)].to(device), tta)[0].float().cpu()
+                if out is None:
+                    out = torch.zeros((pred.shape[0], *padded), dtype=torch.float32)
+                ws = [
+                    _window(ti, o if a > 0 else 0, o if a + ti < n else 0)
+                    for a, ti, o, n in zip(lo, t, ov, padded)
+                ]
+                w = ws[0][:, None, None] * ws[1][None, :, None] * ws[2][None, None, :]
+                out[(slice(None), *sl)] += pred * w
+                weight[sl] += w
+    assert out is not None
+    out /= weight
+    return out[None, :, : size[0], : size[1], : size[2]].to(x.device)
+
+
+def halve(tile: Sequence[int], multiple: int) -> Tile | None:
+    """Next smaller tile after an out-of-memory error, or None at the minimum.
+
+    Halves y and x first (where tiles are largest); z only once y/x are at the minimum.
+    """
+    z, y, x = (int(v) for v in tile)
+    floor = multiple
+    if max(y, x) > floor:
+        return (z, max(floor, _round_down(y // 2, multiple)), max(floor, _round_down(x // 2, multiple)))
+    if z > floor:
+        return (max(floor, _round_down(z // 2, multiple)), y, x)
+    return None
+
+
+def predict_volume(
+    net: nn.Module,
+    x: torch.Tensor,
+    tile: Sequence[int] | None = None,
+    overlap: Sequence[int] | int | None = None,
+    tta: bool = False,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Prediction for a whole (1, C, Z, Y, X) volume, tiled only when it must be.
+
+    Without ``tile`` the tile is `default_tile` for the device; a volume that fits in it
+    is predicted in one pass (bit-identical to ``net(x)``). Out of memory halves the
+    tile and starts again, down to the network's minimum, then re-raises.
+    """
+    device = torch.device(device) if device is not None else x.device
+    m = multiple_of(net)
+    size = tuple(x.shape[-3:])
+    current: Tile = tuple(int(v) for v in tile) if tile is not None else default_tile(net, size, device)  # type: ignore[assignment]
+    while True:
+        try:
+            if all(_round_up(n, m) <= t for n, t in zip(size, current)):
+                with torch.inference_mode():
+                    return _forward(net, x.to(device), tta).to(x.device)
+            return predict_tiled(net, x, current, overlap, tta, device)
+        except (RuntimeError, MemoryError) as e:
+            if not (isinstance(e, MemoryError) or is_out_of_memory(e)):
+                raise
+            smaller = halve(tuple(min(t, _round_up(n, m)) for t, n in zip(current, size)), m)
+            if smaller is None:
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            current = smaller
