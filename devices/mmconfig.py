@@ -23,9 +23,10 @@ The two file formats:
   ``FocusDirection`` lines).
 * ``legacy`` — the pre-2008 format (``# Unload all devices``, ``# Load devices``,
   ``# Equipment attributes``, ``# Group configurations``; ``Equipment`` and ``Config``
-  lines). Current MMCore (checked with pymmcore 12.5) refuses ``Equipment``, ``Config``
-  and ``ImageSynchro`` lines ("Wrong number of tokens for the current context"), so such
-  a file does not load until they are deleted; each is reported with its line number.
+  lines). Current MMCore (checked with pymmcore 12.5) refuses ``Equipment`` and
+  ``ImageSynchro`` lines ("Wrong number of tokens for the current context"), so such a
+  file does not load until they are deleted; each is reported with its line number.
+  ``Config`` (global configuration) lines still load but define nothing.
   (``ImageSynchro`` alone does not make a file legacy: the wizard wrote it until ~2012.)
 
 Device kinds are guessed without the adapters (an adapter would say what it is):
@@ -80,13 +81,14 @@ _FIELDS: dict[str, set[int]] = {
     "Parent": {3},
     "Delay": {3},
     "FocusDirection": {3},
+    "Config": {5},  # pre-2008 global configuration: accepted, but defines nothing now
 }
 #: Obsolete commands that current MMCore refuses ("Wrong number of tokens for the current
-#: context"; checked with pymmcore 12.5). ``Configuration`` lines are read like ``Config``.
+#: context"; checked with pymmcore 12.5). ``Configuration`` lines are read like ``Config``
+#: (MMCore skips them as unknown).
 _OBSOLETE = {
     "Equipment": "pre-2008 equipment attribute",
     "ImageSynchro": "image-synchronised device, an obsolete feature",
-    "Config": "pre-2008 global configuration",
 }
 KNOWN_COMMANDS = frozenset(_FIELDS) | frozenset(_OBSOLETE) | {"Configuration"}
 
@@ -421,28 +423,30 @@ def check_config(path: str | Path) -> ConfigReport:
             continue
         recognised += 1
 
-        if command in _OBSOLETE or command == "Configuration":
-            if command != "ImageSynchro":  # the 2008+ wizard still wrote ImageSynchro lines
+        if command in _OBSOLETE:
+            issues.add(
+                "problem",
+                f"{command!r} ({_OBSOLETE[command]}) is refused by current "
+                "Micro-Manager (MMCore: 'Wrong number of tokens'): delete it",
+                lineno,
+            )
+            if command == "Equipment":
                 legacy = True
-            if command in ("Config", "Configuration") and len(fields) == 5:
+            continue
+        if command == "Configuration" or (command == "Config" and len(fields) == 5):
+            legacy = True
+            if len(fields) == 5:
                 _, preset, dev, prop, value = fields
                 groups.setdefault(_GLOBAL_GROUP, {}).setdefault(preset, []).append(
                     (dev, prop, value)
                 )
-            if command == "Configuration":
-                issues.add(
-                    "note",
-                    "'Configuration' is not a Micro-Manager command (the pre-2008 global "
-                    "configuration command is 'Config'): Micro-Manager skips the line",
-                    lineno,
-                )
-            else:
-                issues.add(
-                    "problem",
-                    f"{command!r} ({_OBSOLETE[command]}) is refused by current "
-                    "Micro-Manager (MMCore: 'Wrong number of tokens'): delete it",
-                    lineno,
-                )
+            issues.add(
+                "note",
+                f"{command!r} (pre-2008 global configuration): current Micro-Manager "
+                + ("skips the line" if command == "Configuration" else "defines nothing from it")
+                + "; make it a ConfigGroup preset",
+                lineno,
+            )
             continue
 
         if len(fields) not in _FIELDS[command]:

@@ -61,6 +61,9 @@ class SimulatedScope:
     light_path: str = BRIGHTFIELD
     shutter_open: bool = False
     exposure_ms: float = 10.0
+    #: Fault injection: 0-based numbers of snaps that fail like a camera timeout.
+    failing_snaps: set[int] = field(default_factory=set)
+    snap_count: int = 0
     _renderers: OrderedDict[tuple[int, int], FieldRenderer] = field(
         default_factory=OrderedDict, repr=False
     )
@@ -100,6 +103,10 @@ class SimulatedScope:
 
     def snap_into(self, buffer: np.ndarray, rng: np.random.Generator) -> dict[str, object]:
         """Fill ``buffer`` with one noisy uint16 frame of the current state."""
+        n = self.snap_count
+        self.snap_count += 1
+        if n in self.failing_snaps:
+            raise TimeoutError(f"simulated camera timeout on snap #{n}")
         tile = self.tile_at(*self.xy_um)
         if self.shutter_open:
             photons = self.expected_plane(self.light_path, self.z_um, tile)

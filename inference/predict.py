@@ -4,7 +4,8 @@ The stack is normalised as in training, resampled from the microscope's voxel si
 the model's training voxel size when they differ (a model trained at 1 um z-steps sees
 0.5 um data as twice as thick otherwise), run through the network in one pass for all
 structures, and resampled back, so the prediction lines up voxel for voxel with the
-raw stack it came from.
+raw stack it came from. Stacks too large for the device's memory are predicted in
+blended tiles (`tiling`); small ones still go through the network in one pass.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import LoadedModel, load_checkpoint
+from .tiling import predict_volume
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -38,9 +40,20 @@ class Predictor:
         return self.model.meta.config.structures
 
     def predict(
-        self, stack: np.ndarray, voxel_size_um: Sequence[float] | None = None
+        self,
+        stack: np.ndarray,
+        voxel_size_um: Sequence[float] | None = None,
+        tile: Sequence[int] | None = None,
+        tta: bool = False,
+        overlap: Sequence[int] | int | None = None,
     ) -> np.ndarray:
-        """Prediction in z-score units, float32, shape ``(len(structures), *stack.shape)``."""
+        """Prediction in z-score units, float32, shape ``(len(structures), *stack.shape)``.
+
+        ``tile`` (z, y, x, in the model's voxels) forces tiled prediction with that tile
+        size; without it the stack is tiled only when it exceeds the tile the device's
+        free memory allows (`tiling.default_tile`). ``tta`` averages the predictions of
+        the four y/x flips (4x the time, slightly smoother).
+        """
         if stack.ndim != 3:
             raise ValueError(
                 f"expected a (z, y, x) brightfield stack, got shape {stack.shape}; "
@@ -53,7 +66,7 @@ class Predictor:
             if scale is not None:
                 size = [max(1, round(n * s)) for n, s in zip(stack.shape, scale)]
                 t = F.interpolate(t, size=size, mode="trilinear", align_corners=False)
-            y = self.model.net(t)
+            y = predict_volume(self.model.net, t, tile=tile, overlap=overlap, tta=tta, device=self.device)
             if scale is not None:
                 y = F.interpolate(y, size=list(stack.shape), mode="trilinear", align_corners=False)
         return y[0].float().cpu().numpy()

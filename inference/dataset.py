@@ -1,0 +1,217 @@
+"""Paired training data on disk: one folder per field, one OME-TIFF per channel.
+
+Layout (what ``write_pairs`` and a future ``livestain simulate`` write)::
+
+    DIR/field000/brightfield.ome.tif   ZYX, the unlabelled input (any dtype, usually uint16)
+    DIR/field000/dna.ome.tif           ZYX, one file per structure, the fluorescence truth
+    DIR/field000/membrane.ome.tif
+    DIR/field001/...
+
+One file per channel (rather than one CZYX file per field) lets a user add or drop a
+structure by copying files, and each file opens on its own in Fiji or napari with its
+physical voxel size. Loading checks what training would otherwise trip over much later
+and less clearly: an empty folder, a field missing a structure, a target whose shape
+differs from its brightfield stack.
+
+Imports nothing from ``livestain.devices``: pairs are duck-typed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from livestain.stackio import read_stack, voxel_size_of, write_stack
+
+BRIGHTFIELD = "brightfield"
+SUFFIX = ".ome.tif"
+FIELD_GLOB = "field*"
+
+
+class PairLike(Protocol):
+    """What `write_pairs` needs of a pair (`livestain.devices.pairs.Pair` is one)."""
+
+    brightfield: np.ndarray
+    targets: np.ndarray
+    structures: Sequence[str]
+    voxel_size_um: Sequence[float]
+
+
+@dataclass
+class Field:
+    """One field of view loaded for training or evaluation.
+
+    Attributes
+    ----------
+    name : str
+        Folder name (``field000``).
+    brightfield : np.ndarray
+        (z, y, x) input stack as stored.
+    targets : np.ndarray
+        (s, z, y, x) float32 truth, in the order of ``structures``.
+    structures : tuple[str, ...]
+        Names of the target channels.
+    voxel_size_um : tuple[float, float, float]
+        (z, y, x) from the brightfield file's OME metadata.
+    """
+
+    name: str
+    brightfield: np.ndarray
+    targets: np.ndarray
+    structures: tuple[str, ...]
+    voxel_size_um: tuple[float, float, float]
+
+    def as_pair(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(brightfield, targets)``, the form `inference.train.train` takes."""
+        return self.brightfield, self.targets
+
+
+LAYOUT_HINT = (
+    "expected DIR/field000/brightfield.ome.tif plus one DIR/field000/<structure>.ome.tif "
+    "per structure (ZYX each), as written by `livestain simulate` or "
+    "`livestain.inference.dataset.write_pairs`"
+)
+
+
+def write_pairs(pairs: Iterable[PairLike], out_dir: str | Path, start: int = 0) -> list[Path]:
+    """Write pairs as ``out_dir/fieldNNN/{brightfield,<structure>}.ome.tif``; returns the field folders.
+
+    ``start`` numbers the first field, so a dataset can be extended. Refuses to
+    overwrite an existing field folder (training data silently replaced is worse than
+    an error).
+    """
+    out = Path(out_dir)
+    written = []
+    for i, pair in enumerate(pairs, start=start):
+        field = out / f"field{i:03d}"
+        if field.exists():
+            raise FileExistsError(
+                f"{field} already exists; write to an empty folder or pass start= past the last field"
+            )
+        bf = np.asarray(pair.brightfield)
+        targets = np.asarray(pair.targets)
+        structures = tuple(pair.structures)
+        if bf.ndim != 3 or targets.shape != (len(structures), *bf.shape):
+            raise ValueError(
+                f"pair {i}: brightfield {bf.shape} and targets {targets.shape} do not match "
+                f"{len(structures)} structures {structures}; targets must be (s, z, y, x) "
+                "with the brightfield's (z, y, x)"
+            )
+        vox = tuple(float(v) for v in pair.voxel_size_um)
+        info: dict[str, Any] = {"kind": BRIGHTFIELD, "field": field.name, "structures": list(structures)}
+        tile = getattr(pair, "tile", None)
+        if tile is not None:
+            info["tile"] = list(tile)
+        write_stack(field / f"{BRIGHTFIELD}{SUFFIX}", bf, voxel_size_um=vox, info=info)
+        for name, target in zip(structures, targets):
+            write_stack(
+                field / f"{name}{SUFFIX}",
+                np.asarray(target, np.float32),
+                voxel_size_um=vox,
+                info={**info, "kind": "target", "structure": name},
+            )
+        written.append(field)
+    return written
+
+
+def field_dirs(data_dir: str | Path) -> list[Path]:
+    """Field folders of a dataset (those holding a brightfield stack), sorted by name."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise ValueError(f"dataset folder {root} does not exist or is not a folder; {LAYOUT_HINT}")
+    fields = sorted(d for d in root.glob(FIELD_GLOB) if (d / f"{BRIGHTFIELD}{SUFFIX}").is_file())
+    if not fields:
+        raise ValueError(f"dataset folder {root} holds no field with a {BRIGHTFIELD}{SUFFIX}; {LAYOUT_HINT}")
+    return fields
+
+
+def available_structures(field: Path) -> list[str]:
+    """Structure names with a stack in one field folder."""
+    return sorted(
+        p.name[: -len(SUFFIX)] for p in field.glob(f"*{SUFFIX}") if p.name != f"{BRIGHTFIELD}{SUFFIX}"
+    )
+
+
+def _read_zyx(path: Path) -> np.ndarray:
+    array, _ = read_stack(path)
+    array = np.asarray(array)
+    if array.ndim == 2:  # a single plane is a one-plane stack
+        array = array[None]
+    if array.ndim != 3:
+        raise ValueError(
+            f"{path} has shape {array.shape}; each file must be one ZYX stack "
+            "(split channels and time points into separate files)"
+        )
+    return array
+
+
+def load_fields(data_dir: str | Path, structures: Sequence[str] | None = None) -> list[Field]:
+    """All fields of a dataset with the requested structures (default: those every field has)."""
+    dirs = field_dirs(data_dir)
+    if structures is None:
+        common = set(available_structures(dirs[0]))
+        for d in dirs[1:]:
+            common &= set(available_structures(d))
+        if not common:
+            raise ValueError(f"no structure has a stack in every field of {data_dir}; {LAYOUT_HINT}")
+        structures = sorted(common)
+    structures = tuple(structures)
+    fields = []
+    for d in dirs:
+        missing = [s for s in structures if not (d / f"{s}{SUFFIX}").is_file()]
+        if missing:
+            have = available_structures(d)
+            raise ValueError(
+                f"field {d} has no stack for {', '.join(missing)} (it has: {', '.join(have) or 'none'}); "
+                f"add {d / (missing[0] + SUFFIX)} or leave {', '.join(missing)} out of --structures"
+            )
+        bf_path = d / f"{BRIGHTFIELD}{SUFFIX}"
+        bf = _read_zyx(bf_path)
+        targets = []
+        for s in structures:
+            path = d / f"{s}{SUFFIX}"
+            t = _read_zyx(path)
+            if t.shape != bf.shape:
+                raise ValueError(
+                    f"{path} has shape {t.shape} but {bf_path} has {bf.shape}; a target must be "
+                    "registered to its brightfield stack voxel for voxel (same z, y, x)"
+                )
+            targets.append(t.astype(np.float32, copy=False))
+        vox = read_voxel_size(bf_path)
+        fields.append(Field(d.name, bf, np.stack(targets), structures, vox))
+    return fields
+
+
+def read_voxel_size(path: str | Path) -> tuple[float, float, float]:
+    """(z, y, x) voxel size in um from a stack's OME-XML, or a ValueError saying how to add it.
+
+    Guessing a voxel size is worse than failing: the predictor resamples data to the
+    model's voxel size, so a wrong one silently rescales every later prediction.
+    """
+    try:
+        return voxel_size_of(path)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ValueError(
+            f"{path} has no OME metadata with a physical voxel size; save it as OME-TIFF with "
+            "PhysicalSizeZ/Y/X (e.g. Fiji: Image > Properties, then Bio-Formats export; or "
+            "livestain.stackio.write_stack)"
+        ) from None
+
+
+def fingerprint(data_dir: str | Path) -> str:
+    """sha256 over the dataset's relative file names and sizes: cheap, detects changes.
+
+    Stored in a model's metadata so one can tell which data a model was trained on
+    without hashing gigabytes of pixels.
+    """
+    root = Path(data_dir)
+    h = hashlib.sha256()
+    for d in field_dirs(root):
+        for p in sorted(d.glob(f"*{SUFFIX}")):
+            h.update(f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,221 @@
+"""Fault tests: what happens to the data when things go wrong during a long run.
+
+Each test asserts on the files on disk: nothing written may be lost, corrupt or
+misplaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from livestain import wire
+from livestain.acquisition.daemon import Daemon
+from livestain.devices.simulated import SimulatedScope, build_simulated_core
+from livestain.launch import demo_sequence
+from livestain.stackio import read_stack
+
+pytestmark = pytest.mark.slow
+
+CLI = [sys.executable, "-m", "livestain.cli"]
+
+
+def _status(port: int) -> dict | None:
+    proc = subprocess.run([*CLI, "status", "--json", "--port", str(port)],
+                          capture_output=True, text=True, timeout=30)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def _wait_for(port: int, predicate, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = _status(port)
+        if status is not None and predicate(status):
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"daemon never reached the expected state; last status {status}")
+
+
+def _assert_dataset_complete(out: Path, n_t: int) -> None:
+    """Every time point has a readable raw stack and a prediction, nothing half-written."""
+    assert not list(out.rglob("*.partial"))
+    for t in range(n_t):
+        raw, info = read_stack(out / "p000" / f"t{t:04d}_brightfield.ome.tif")
+        pred, pinfo = read_stack(out / "p000" / f"t{t:04d}_prediction.ome.tif")
+        assert raw.shape == (16, 256, 256) and info["t"] == t and info["gaps"] == []
+        assert pred.shape == (3, 16, 256, 256) and pinfo["t"] == t
+        assert pinfo["source_seq"] == info["seq"]
+
+
+def _demo(out: Path, port: int, n_t: int, interval: float, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*CLI, "demo", "--headless", "--timepoints", str(n_t), "--interval", str(interval),
+         "--out", str(out), "--port", str(port), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_kill_9_worker_mid_run_the_run_completes_and_everything_is_predicted(tmp_path, base_port) -> None:
+    out = tmp_path / "run"
+    demo = _demo(out, base_port, 6, 1.0)
+    try:
+        status = _wait_for(base_port, lambda s: s["stacks_predicted"] >= 1 and s.get("worker_alive"))
+        os.kill(status["worker_pid"], signal.SIGKILL)
+        later = _wait_for(base_port, lambda s: s["worker_restarts"] >= 1)
+        assert later["worker_pid"] != status["worker_pid"]
+        stdout, stderr = demo.communicate(timeout=240)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "exited with code -9; restarting" in stdout
+    assert "6 stacks acquired, 6 predicted" in stdout
+    _assert_dataset_complete(out, 6)
+
+
+def test_kill_9_daemon_then_resume_completes_the_same_dataset(tmp_path, base_port) -> None:
+    out = tmp_path / "run"
+    demo = _demo(out, base_port, 5, 1.0)
+    try:
+        first = _wait_for(base_port, lambda s: s["stacks_acquired"] >= 2)
+        demo.send_signal(signal.SIGKILL)
+        demo.wait(30)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    # the orphaned worker notices its daemon is gone and exits by itself
+    if first.get("worker_pid"):
+        for _ in range(100):
+            try:
+                os.kill(first["worker_pid"], 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(first["worker_pid"], signal.SIGKILL)
+            pytest.fail("worker outlived its killed daemon")
+    resumed = subprocess.run(
+        [*CLI, "demo", "--headless", "--timepoints", "5", "--interval", "1", "--out", str(out),
+         "--port", str(base_port), "--resume"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming run {first['run_id']}" in resumed.stdout
+    _assert_dataset_complete(out, 5)
+    run_ids = {read_stack(p)[1]["run_id"] for p in out.glob("p000/*.ome.tif")}
+    assert run_ids == {first["run_id"]}
+    seqs = [read_stack(p)[1]["seq"] for p in sorted(out.glob("p000/*_brightfield.ome.tif"))]
+    assert len(set(seqs)) == len(seqs)  # sequence numbers never reused across the crash
+
+
+def test_sigterm_stops_cleanly_with_every_file_complete(tmp_path, base_port) -> None:
+    out = tmp_path / "run"
+    demo = _demo(out, base_port, 200, 0.5)
+    try:
+        _wait_for(base_port, lambda s: s["stacks_predicted"] >= 2)
+        demo.send_signal(signal.SIGTERM)
+        stdout, stderr = demo.communicate(timeout=120)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode in (0, 1), stderr[-3000:]
+    assert "received SIGTERM" in stdout and "(stopped early)" in stdout
+    raws = sorted(out.glob("p000/*_brightfield.ome.tif"))
+    assert 2 <= len(raws) < 200
+    for path in raws:
+        arr, info = read_stack(path)
+        assert arr.shape[1:] == (256, 256)
+    assert not list(out.rglob("*.partial"))
+
+
+# -- in-process daemon tests (no worker needed) --------------------------------------
+
+
+def _daemon(tmp_path: Path, port: int, scope: SimulatedScope, n_t: int, **kw) -> Daemon:
+    core = build_simulated_core(scope)
+    return Daemon(core, demo_sequence(n_t, 0.0), tmp_path / "run", wire.endpoints(base_port=port),
+                  report=lambda line: None, drain_timeout_s=0.5, **kw)
+
+
+def test_disk_running_full_stops_the_run_cleanly_and_keeps_what_was_written(tmp_path, base_port) -> None:
+    calls = {"n": 0}
+
+    def free_space(_path: Path) -> int:
+        calls["n"] += 1
+        return 50 * 10**9 if calls["n"] <= 2 else 10 * 10**6  # 10 MB left from the 3rd stack
+
+    daemon = _daemon(tmp_path, base_port, SimulatedScope(), 6, free_space=free_space,
+                     min_free_bytes=10**9)
+    summary = daemon.run()
+    assert summary.error is not None and "10 MB free" in summary.error and "--resume" in summary.error
+    assert summary.acquired == 2
+    raws = sorted((tmp_path / "run" / "p000").glob("*_brightfield.ome.tif"))
+    assert [read_stack(p)[1]["t"] for p in raws] == [0, 1]
+    assert not list((tmp_path / "run").rglob("*.partial"))
+
+
+def test_a_failed_snap_is_a_gap_and_later_frames_stay_in_place(tmp_path, base_port) -> None:
+    scope = SimulatedScope(failing_snaps={5})  # plane 5 of the first stack times out
+    reference = SimulatedScope()
+    daemon = _daemon(tmp_path, base_port, scope, 2)
+    summary = daemon.run()
+    assert summary.acquired == 2 and summary.incomplete == 1
+    raw0, info0 = read_stack(tmp_path / "run" / "p000" / "t0000_brightfield.ome.tif")
+    raw1, info1 = read_stack(tmp_path / "run" / "p000" / "t0001_brightfield.ome.tif")
+    assert info0["gaps"] == [5] and info1["gaps"] == []
+    assert raw0[5].max() == 0  # the gap is empty, not filled with a neighbour
+    # every other plane is the image of its own focus position: compare with the
+    # noise-free expectation of the plane it claims to be
+    zs = 4.0 + (np.arange(16) - 7.5)
+    for z_index in (4, 6, 15):
+        expected = reference.expected_plane("Brightfield", zs[z_index], (0, 0))
+        assert np.corrcoef(raw0[z_index].ravel(), expected.ravel())[0, 1] > 0.6
+        wrong = reference.expected_plane("Brightfield", zs[z_index - 1], (0, 0))
+        assert np.corrcoef(raw0[z_index].ravel(), expected.ravel())[0, 1] > \
+            np.corrcoef(raw0[z_index].ravel(), wrong.ravel())[0, 1]
+
+
+def test_ten_thousand_malformed_messages_are_counted_and_survived(tmp_path, base_port) -> None:
+    daemon = _daemon(tmp_path, base_port, SimulatedScope(), 1000)
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    eps = wire.endpoints(base_port=base_port)
+    ctx = zmq.Context.instance()
+    push, req = ctx.socket(zmq.PUSH), ctx.socket(zmq.REQ)
+    push.connect(eps["results"])
+    req.connect(eps["control"])
+    req.setsockopt(zmq.RCVTIMEO, 10_000)
+    rng = np.random.default_rng(0)
+    try:
+        for i in range(10_000):
+            junk = rng.bytes(int(rng.integers(0, 64)))
+            push.send_multipart([junk] if i % 3 == 0 else [junk, b"x"])
+            req.send_multipart([junk, b""])
+            reply = wire.decode_reply(req.recv_multipart())
+            assert reply["ok"] is False and reply["error"]
+        req.send_multipart(wire.encode_command("status"))
+        deadline = time.monotonic() + 30
+        status = wire.decode_reply(req.recv_multipart())
+        while status["malformed_results"] < 10_000 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            req.send_multipart(wire.encode_command("status"))
+            status = wire.decode_reply(req.recv_multipart())
+        req.send_multipart(wire.encode_command("stop"))
+        req.recv_multipart()
+    finally:
+        push.close(0)
+        req.close(0)
+        thread.join(60)
+    assert status["malformed_results"] == 10_000
+    assert status["malformed_commands"] == 10_000
+    assert status["stacks_acquired"] >= 1 and not thread.is_alive()
