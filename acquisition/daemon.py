@@ -37,14 +37,11 @@ from livestain import __version__, wire
 from livestain.stackio import read_stack, write_stack
 
 from .journal import Journal
+from .policies import Policies
 from .stacks import Stack, StackAssembler
 from .streaming import DaemonSockets
 
 log = logging.getLogger(__name__)
-
-#: Stop the run cleanly when less than this is free on the data disk (bytes).
-DEFAULT_MIN_FREE_BYTES = 1 << 30
-
 
 class RunStopped(RuntimeError):
     """The run cannot go on (disk full, write error); the message says why and what to do."""
@@ -127,20 +124,16 @@ class Daemon:
         continues it at the next incomplete time point.
     endpoints : dict[str, str]
         The four daemon endpoints of `livestain.wire`.
-    stream_channels : tuple[str, ...]
-        Channels sent for prediction (brightfield); others are only written.
+    policies : Policies
+        Disk margin, live backlog, resend and drain timeouts, streamed channels.
     report : callable
         Receives one human-readable line per stack event (headless console output).
-    drain_timeout_s : float
-        After the plan ends, how long to wait for outstanding predictions.
-    min_free_bytes : int
-        Stop cleanly when the data disk has less free space than this.
     free_space : callable
         Free-space probe (injectable for tests).
     on_tick : callable
         Called every turn of the loop (worker supervision).
-    resend_after_s : float
-        A stack sent this long ago without a prediction is presumed lost and re-sent.
+    on_hung_worker : callable
+        Called when a sent stack got no prediction within ``policies.resend_after_s``.
     extra_status : callable
         More fields for the status reply (worker health).
     """
@@ -151,27 +144,24 @@ class Daemon:
         sequence: useq.MDASequence,
         out_dir: Path,
         endpoints: dict[str, str],
-        stream_channels: tuple[str, ...] = ("Brightfield",),
+        policies: Policies | None = None,
         report: Callable[[str], None] = print,
-        drain_timeout_s: float = 120.0,
         resume: bool = False,
-        min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
         free_space: Callable[[Path], int] = disk_free_bytes,
         on_tick: Callable[[], None] = lambda: None,
-        resend_after_s: float = 300.0,
+        on_hung_worker: Callable[[], None] = lambda: None,
         extra_status: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         _check_axis_order(sequence)
         self.core = core
         self.sequence = sequence
         self.out_dir = Path(out_dir)
-        self.stream_channels = stream_channels
+        self.policies = policies = policies or Policies()
+        self.stream_channels = policies.stream_channels
         self.report = report
-        self.drain_timeout_s = drain_timeout_s
-        self.min_free_bytes = min_free_bytes
         self.free_space = free_space
         self.on_tick = on_tick
-        self.resend_after_s = resend_after_s
+        self.on_hung_worker = on_hung_worker
         self.extra_status = extra_status
         self.records: dict[int, StackRecord] = {}
         self.run_id, self._first_t = self._open_dataset(resume)
@@ -180,7 +170,7 @@ class Daemon:
         self.summary = RunSummary(self.run_id, self.out_dir)
         self._load_previous_records()
         self.journal.note("resume" if resume else "start")
-        self.sockets = DaemonSockets(endpoints)
+        self.sockets = DaemonSockets(endpoints, backlog=policies.live_backlog)
         self.assembler = StackAssembler.for_sequence(sequence)
         self.frames: queue.Queue[tuple[useq.MDAEvent, np.ndarray, float]] = queue.Queue()
         self._n_t = sequence.sizes.get("t", 1) or 1
@@ -217,6 +207,7 @@ class Daemon:
             "livestain": __version__,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "sequence": self.sequence.model_dump(mode="json", exclude_unset=True),
+            "policies": self.policies.model_dump(mode="json"),
         }
         marker.write_text(json.dumps(info, indent=2))
         return run_id, 0
@@ -391,11 +382,11 @@ class Daemon:
 
     def _check_disk(self) -> None:
         free = self.free_space(self.out_dir)
-        if free < self.min_free_bytes:
+        if free < self.policies.min_free_bytes:
             raise RunStopped(
                 f"only {free / 1e6:.0f} MB free on the disk of {self.out_dir}, below the "
-                f"{self.min_free_bytes / 1e6:.0f} MB safety margin. Every stack so far is "
-                f"saved; free some space and continue with --resume."
+                f"{self.policies.min_free_bytes / 1e6:.0f} MB safety margin (policies.min_free_gb). "
+                f"Every stack so far is saved; free some space and continue with --resume."
             )
 
     # -- stack states -----------------------------------------------------------------
@@ -418,8 +409,12 @@ class Daemon:
         """When workers have nothing newer to do, feed them the oldest late stack from disk."""
         now = time.time()
         stale = [r.seq for r in self.records.values()
-                 if r.state == "sent" and now - r.sent_at > self.resend_after_s]
-        self._mark_late(stale)
+                 if r.state == "sent" and now - r.sent_at > self.policies.resend_after_s]
+        if stale:
+            self.report(f"no prediction for {len(stale)} stack(s) after "
+                        f"{self.policies.resend_after_s:.0f} s: worker presumed hung, re-sending")
+            self._mark_late(stale)
+            self.on_hung_worker()
         if self.sockets.backlog or any(r.state == "sent" for r in self.records.values()):
             return
         late = [r for r in self.records.values() if r.state == "late"]
@@ -478,7 +473,8 @@ class Daemon:
     def _drain_predictions(self) -> None:
         """After the plan: wait (bounded) for predictions of every streamed stack."""
         # a user's stop still collects predictions already under way, but briefly
-        timeout = min(self.drain_timeout_s, 15.0) if self._stop_requested else self.drain_timeout_s
+        drain = self.policies.drain_timeout_s
+        timeout = min(drain, 15.0) if self._stop_requested else drain
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self._outstanding():
             self._step(timeout_ms=100)

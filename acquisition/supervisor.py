@@ -88,6 +88,12 @@ class WorkerSupervisor:
             log.info("worker restarted (pid %s, restart #%d)", self.pid, self.restarts)
             self.on_restart()
 
+    def kill_hung(self) -> None:
+        """The daemon saw no prediction for too long: kill the worker; `check` restarts it."""
+        if self.alive and self.proc is not None:
+            self.report(f"worker (pid {self.proc.pid}) is not answering: killing it")
+            self.proc.kill()
+
     def status(self) -> dict[str, object]:
         """Worker health for the daemon's status reply."""
         return {"worker_pid": self.pid, "worker_alive": self.alive, "worker_restarts": self.restarts}

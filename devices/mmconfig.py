@@ -101,7 +101,7 @@ _LEGACY_HEADERS = (
     "# global configurations",
 )
 #: pymmcore-plus UniMMCore's Python-device lines: ``#py pyDevice,<label>,<module>,<class>``.
-_PY_PREFIX = "#py "
+_PY_PREFIX = "#py"
 _ROLE_KINDS = {
     "Camera": "camera",
     "Focus": "stage",
@@ -398,8 +398,8 @@ def check_config(path: str | Path) -> ConfigReport:
         stripped = raw.strip()
         if not stripped:
             continue
-        if stripped.startswith(_PY_PREFIX.strip()):
-            fields = _fields(stripped[len(_PY_PREFIX.strip()) :].strip())
+        if stripped.startswith(_PY_PREFIX):
+            fields = _fields(stripped[len(_PY_PREFIX) :].strip())
             if len(fields) == 4 and fields[0] == "pyDevice":
                 python_devices.append(PythonDevice(*fields[1:]))
             continue
@@ -660,13 +660,19 @@ def _assemble(
 
     # Config group settings that name devices the file never loads.
     for (group, preset, dev), lineno in group_lines.items():
-        if dev != "Core" and dev not in declared:
-            msg = (
-                f"preset {group}/{preset} sets device {dev!r}, which no Device line loads: "
-                "selecting the preset fails"
+        if dev == "Core" or dev in declared:
+            continue
+        msg = f"preset {group}/{preset} sets device {dev!r}, which no Device line loads: "
+        if (group, preset) == ("System", "Startup"):
+            issues.add(
+                "problem",
+                msg + "Micro-Manager applies System/Startup at load and stops with "
+                f"'No device with label \"{dev}\"'",
+                lineno,
             )
-            kind = "problem" if group in ("System", channel_group_set or "Channel") else "note"
-            issues.add(kind, msg, lineno)
+        else:
+            kind = "problem" if group == (channel_group_set or "Channel") else "note"
+            issues.add(kind, msg + "selecting the preset fails", lineno)
 
     # The channel group.
     channel_group: str | None = None

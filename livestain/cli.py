@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "status":
             p.add_argument("--json", action="store_true", help="print the raw JSON status")
 
+    p = sub.add_parser("check-config", help="check Micro-Manager .cfg files without hardware: is the scope ready?")
+    p.add_argument("paths", type=Path, nargs="+", metavar="CFG")
+
     p = sub.add_parser("train-bundled", help="reproduce the bundled demo model from the simulator")
     p.add_argument("--out", type=Path, default=Path("inference/models/bundled.safetensors"))
     p.add_argument("--steps", type=int, default=600)
@@ -166,6 +169,18 @@ def cmd_control(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from livestain.devices.mmconfig import check_config
+
+    ready = True
+    for path in args.paths:
+        report = check_config(path)
+        ready &= report.ready
+        print("\n".join(report.summary_lines()))
+        print()
+    return 0 if ready else 1
+
+
 def cmd_train_bundled(args: argparse.Namespace) -> int:
     from livestain.bundled import train_bundled
 
@@ -182,6 +197,7 @@ COMMANDS = {
     "pause": cmd_control,
     "resume": cmd_control,
     "stop": cmd_control,
+    "check-config": cmd_check_config,
     "train-bundled": cmd_train_bundled,
 }
 

@@ -13,12 +13,13 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import useq
 
 from livestain import wire
+from livestain.acquisition.policies import Policies
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ class SessionOptions:
         Start a viewer process (only when a display exists).
     device : str | None
         Torch device for the worker (None: CUDA if present, else CPU).
-    drain_timeout_s : float
-        After the plan, how long to wait for outstanding predictions.
+    policies : Policies
+        Disk margin, live backlog, resend/drain timeouts (see `acquisition.policies`).
     resume : bool
         Continue the run in ``out_dir`` at its first incomplete time point.
     """
@@ -54,7 +55,7 @@ class SessionOptions:
     spawn_worker: bool = True
     show_window: bool = False
     device: str | None = None
-    drain_timeout_s: float = 120.0
+    policies: Policies = field(default_factory=Policies)
     resume: bool = False
 
 
@@ -123,8 +124,8 @@ def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=p
     eps = wire.endpoints(opts.host, opts.base_port)
     try:
         daemon = Daemon(core, sequence, opts.out_dir, eps, report=report_and_log,
-                        drain_timeout_s=opts.drain_timeout_s, resume=opts.resume,
-                        on_tick=supervisor.check, extra_status=supervisor.status)
+                        policies=opts.policies, resume=opts.resume, on_tick=supervisor.check,
+                        on_hung_worker=supervisor.kill_hung, extra_status=supervisor.status)
     except BaseException:
         logging.getLogger().removeHandler(file_log)
         run_log.removeHandler(file_log)

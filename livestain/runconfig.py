@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from livestain import wire
+from livestain.acquisition.policies import Policies
 from livestain.launch import SessionOptions
 
 
@@ -44,6 +45,8 @@ class RunConfig(BaseModel):
         Start a local worker (false when workers run on another host).
     seed : int
         Sample seed of the simulated microscope.
+    policies : Policies
+        Disk margin, live backlog, resend and drain timeouts, streamed channels.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -56,6 +59,7 @@ class RunConfig(BaseModel):
     port: int = Field(wire.DEFAULT_BASE_PORT, ge=1024, le=65532)
     spawn_worker: bool = True
     seed: int = 0
+    policies: Policies = Field(default_factory=Policies)
     base_dir: Path = Field(Path("."), exclude=True)
 
     def sequence(self) -> useq.MDASequence:
@@ -83,6 +87,7 @@ class RunConfig(BaseModel):
             model=self.model,
             spawn_worker=self.spawn_worker,
             show_window=show_window,
+            policies=self.policies,
         )
 
 
@@ -99,11 +104,19 @@ def load_run_config(path: str | Path) -> RunConfig:
         raise ValueError(f"run config {path} must be a mapping of settings (microscope:, out:, plan:)")
     try:
         cfg = RunConfig.model_validate(data | {"base_dir": path.parent})
+    except ValidationError as e:
+        raise ValueError(f"run config {path}: {_first_error(e)}") from None
+    try:
         cfg.sequence()
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
         raise ValueError(
-            f"run config {path}: `{where}` = {err.get('input')!r}: {err['msg']}"
+            f"run config {path}: plan.{_first_error(e)} (see useq-schema's MDASequence)"
         ) from None
     return cfg
+
+
+def _first_error(e: ValidationError) -> str:
+    """The most specific error: the one with the longest location wins over union noise."""
+    err = max(e.errors(), key=lambda x: len(x["loc"]) if x["type"] != "missing" else 0)
+    where = ".".join(str(x) for x in err["loc"] if not str(x)[:1].isupper())
+    return f"`{where}` = {err.get('input')!r}: {err['msg']}"

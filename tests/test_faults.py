@@ -21,6 +21,7 @@ import zmq
 
 from livestain import wire
 from livestain.acquisition.daemon import Daemon
+from livestain.acquisition.policies import Policies
 from livestain.devices.simulated import SimulatedScope, build_simulated_core
 from livestain.launch import demo_sequence
 from livestain.stackio import read_stack
@@ -141,10 +142,12 @@ def test_sigterm_stops_cleanly_with_every_file_complete(tmp_path, base_port) -> 
 # -- in-process daemon tests (no worker needed) --------------------------------------
 
 
-def _daemon(tmp_path: Path, port: int, scope: SimulatedScope, n_t: int, **kw) -> Daemon:
+def _daemon(tmp_path: Path, port: int, scope: SimulatedScope, n_t: int, policies: dict | None = None,
+            **kw) -> Daemon:
     core = build_simulated_core(scope)
     return Daemon(core, demo_sequence(n_t, 0.0), tmp_path / "run", wire.endpoints(base_port=port),
-                  report=lambda line: None, drain_timeout_s=0.5, **kw)
+                  Policies(**({"drain_timeout_s": 0.5} | (policies or {}))),
+                  report=lambda line: None, **kw)
 
 
 def test_disk_running_full_stops_the_run_cleanly_and_keeps_what_was_written(tmp_path, base_port) -> None:
@@ -154,8 +157,8 @@ def test_disk_running_full_stops_the_run_cleanly_and_keeps_what_was_written(tmp_
         calls["n"] += 1
         return 50 * 10**9 if calls["n"] <= 2 else 10 * 10**6  # 10 MB left from the 3rd stack
 
-    daemon = _daemon(tmp_path, base_port, SimulatedScope(), 6, free_space=free_space,
-                     min_free_bytes=10**9)
+    daemon = _daemon(tmp_path, base_port, SimulatedScope(), 6, {"min_free_gb": 1.0},
+                     free_space=free_space)
     summary = daemon.run()
     assert summary.error is not None and "10 MB free" in summary.error and "--resume" in summary.error
     assert summary.acquired == 2
@@ -219,3 +222,60 @@ def test_ten_thousand_malformed_messages_are_counted_and_survived(tmp_path, base
     assert status["malformed_results"] == 10_000
     assert status["malformed_commands"] == 10_000
     assert status["stacks_acquired"] >= 1 and not thread.is_alive()
+
+
+class _SlowPredictor:
+    """Stands in for a model that takes far longer than the acquisition interval."""
+
+    structures = ("dna",)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.model = type("M", (), {"name": "slow@test"})()
+
+    def predict(self, stack: np.ndarray, voxel_size_um=None) -> np.ndarray:
+        time.sleep(self.seconds)
+        return np.zeros((1, *stack.shape), np.float32)
+
+
+def test_a_worker_ten_times_slower_than_acquisition_never_delays_frames(tmp_path, base_port) -> None:
+    from livestain.inference.worker import Worker
+
+    interval = 0.5
+    eps = wire.endpoints(base_port=base_port)
+    core = build_simulated_core(SimulatedScope())
+    daemon = Daemon(core, demo_sequence(6, interval), tmp_path / "run", eps,
+                    Policies(drain_timeout_s=0.5, live_backlog=2), report=lambda line: None)
+    worker = Worker(eps["stacks"], eps["results"], _SlowPredictor(10 * interval))
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    try:
+        summary = daemon.run()
+    finally:
+        worker.stop()
+        thread.join(30)
+        worker.close()
+    assert summary.acquired == 6
+    raws = sorted((tmp_path / "run" / "p000").glob("*_brightfield.ome.tif"))
+    starts = np.array([read_stack(p)[1]["acquired_start"] for p in raws])
+    # time points start on the plan's clock, as if no worker existed
+    np.testing.assert_allclose(np.diff(starts), interval, atol=0.25)
+    assert summary.not_predicted >= 3  # the slow worker could not keep up, and it is counted
+
+
+def test_a_hung_worker_is_detected_and_its_stacks_sent_again(tmp_path, base_port) -> None:
+    eps = wire.endpoints(base_port=base_port)
+    sink = zmq.Context.instance().socket(zmq.PULL)  # takes stacks, never answers
+    sink.setsockopt(zmq.RCVHWM, 1)
+    sink.connect(eps["stacks"])
+    hung = []
+    core = build_simulated_core(SimulatedScope())
+    daemon = Daemon(core, demo_sequence(2, 0.0), tmp_path / "run", eps,
+                    Policies(drain_timeout_s=3.0, resend_after_s=1.0), report=lambda line: None,
+                    on_hung_worker=lambda: hung.append(time.monotonic()))
+    try:
+        summary = daemon.run()
+    finally:
+        sink.close(0)
+    assert hung, "the hung worker was never reported"
+    assert summary.acquired == 2 and summary.predicted == 0 and summary.not_predicted == 2

@@ -21,7 +21,7 @@ MM_CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "m
 def mm_configs() -> Path:
     """The shared real configs; tests that need them skip cleanly without them."""
     if not MM_CONFIGS.is_dir():
-        pytest.skip(f"shared config folder {MM_CONFIGS} is absent (only in the livestain dev setup)")
+        pytest.skip(f"shared config folder {MM_CONFIGS} is absent (livestain dev setup only)")
     return MM_CONFIGS
 
 
@@ -248,7 +248,9 @@ def test_complete_config_is_ready(tmp_path: Path) -> None:
 
 
 def test_missing_essentials_are_problems(tmp_path: Path) -> None:
-    text = "Property,Core,Initialize,0\nDevice,Port,SerialManager,COM1\nProperty,Core,Initialize,1\n"
+    text = (
+        "Property,Core,Initialize,0\nDevice,Port,SerialManager,COM1\nProperty,Core,Initialize,1\n"
+    )
     r = check_config(_write(tmp_path, text))
     assert r.problems == [
         "no channel group: livestain needs a config group whose presets switch "
@@ -365,6 +367,7 @@ ACCEPTED = [
     "Configuration,Old,Core,AutoShutter,1",
     "Config,Fast,Core,AutoShutter,1",
     "Property,Core,TimeoutMs,20000",
+    " Property,Nowhere,Port,COM1",  # not a command with the space: skipped
 ]
 
 
@@ -393,6 +396,14 @@ def test_accepted_lines_agree_with_mmcore(tmp_path: Path) -> None:
     assert _mmcore_refuses(path) is None
     r = check_config(path)
     assert not [p for p in r.problems if p.startswith("line")], r.problems
+
+
+def test_startup_preset_with_unloaded_device_agrees_with_mmcore(tmp_path: Path) -> None:
+    text = "Property,Core,AutoShutter,1\nConfigGroup,System,Startup,Lamp,State,1\n"
+    path = _write(tmp_path, text)
+    assert 'No device with label "Lamp"' in (_mmcore_refuses(path) or "")
+    r = check_config(path)
+    assert r.problems[0].startswith("line 2: preset System/Startup sets device 'Lamp'")
 
 
 def test_known_commands_cover_pymmcore_plus_vocabulary() -> None:

@@ -1,0 +1,45 @@
+"""What the daemon does when things are not ideal: the run's policies, in one model.
+
+Every choice a microscopist might want to make differently for a three-day run lives
+here with a safe default, is set from the run config's ``policies:`` section, and is
+recorded in ``run.json``.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Policies(BaseModel):
+    """Run policies.
+
+    Attributes
+    ----------
+    min_free_gb : float
+        Stop the run cleanly (everything written so far intact) when the data disk has
+        less free space than this, checked before every stack.
+    live_backlog : int
+        Stacks that may wait for a free worker. Beyond this, the oldest leave the live
+        queue (they are on disk) and are predicted later, when workers have caught up.
+        Live mode always predicts the newest stack first.
+    resend_after_s : float
+        A stack sent to a worker this long ago without a prediction is presumed lost (a
+        hung or vanished worker): it is sent again and a local worker is restarted.
+    drain_timeout_s : float
+        After the plan ends, how long to wait for outstanding predictions.
+    stream_channels : list[str]
+        Channels sent for prediction; other channels (paired fluorescence) are only
+        written to disk.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_free_gb: float = Field(1.0, ge=0)
+    live_backlog: int = Field(8, ge=1)
+    resend_after_s: float = Field(300.0, gt=0)
+    drain_timeout_s: float = Field(120.0, ge=0)
+    stream_channels: tuple[str, ...] = ("Brightfield",)
+
+    @property
+    def min_free_bytes(self) -> int:
+        return int(self.min_free_gb * 1e9)
