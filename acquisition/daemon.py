@@ -34,6 +34,7 @@ import useq
 import zmq
 
 from livestain import __version__, wire
+from livestain.security import apply_client
 from livestain.stackio import read_stack, write_stack
 
 from .journal import Journal
@@ -61,6 +62,7 @@ class StackRecord:
     sent_at: float = 0.0
     predicted_path: Path | None = None
     latency_s: float | None = None
+    caught_up: bool = False
 
 
 @dataclass
@@ -136,6 +138,8 @@ class Daemon:
         Called when a sent stack got no prediction within ``policies.resend_after_s``.
     extra_status : callable
         More fields for the status reply (worker health).
+    keys : path
+        CURVE key folder (`livestain.security`); required to listen beyond loopback.
     """
 
     def __init__(
@@ -151,6 +155,7 @@ class Daemon:
         on_tick: Callable[[], None] = lambda: None,
         on_hung_worker: Callable[[], None] = lambda: None,
         extra_status: Callable[[], dict[str, Any]] = dict,
+        keys: str | Path | None = None,
     ) -> None:
         _check_axis_order(sequence)
         self.core = core
@@ -164,13 +169,18 @@ class Daemon:
         self.on_hung_worker = on_hung_worker
         self.extra_status = extra_status
         self.records: dict[int, StackRecord] = {}
-        self.run_id, self._first_t = self._open_dataset(resume)
+        # sockets first: a refused bind (busy port, no keys) must leave no dataset behind
+        self.sockets = DaemonSockets(endpoints, backlog=policies.live_backlog, keys=keys)
+        try:
+            self.run_id, self._first_t = self._open_dataset(resume)
+        except BaseException:
+            self.sockets.close()
+            raise
         self.journal = Journal(self.out_dir)
         self._seq = self.journal.next_seq()
         self.summary = RunSummary(self.run_id, self.out_dir)
         self._load_previous_records()
         self.journal.note("resume" if resume else "start")
-        self.sockets = DaemonSockets(endpoints, backlog=policies.live_backlog)
         self.assembler = StackAssembler.for_sequence(sequence)
         self.frames: queue.Queue[tuple[useq.MDAEvent, np.ndarray, float]] = queue.Queue()
         self._n_t = sequence.sizes.get("t", 1) or 1
@@ -430,7 +440,7 @@ class Daemon:
             log.error("cannot re-read %s for a late prediction: %s", rec.raw_path, e)
             rec.state = "not_streamed"
             return
-        rec.state = "queued"
+        rec.state, rec.caught_up = "queued", True
         rec.header = header
         self.sockets.offer(header, array)
 
@@ -442,7 +452,7 @@ class Daemon:
             return
         if record.state == "predicted":
             return  # a duplicate (a re-sent stack, or a second worker): the first stands
-        late = record.state == "late" or record.sent_at - record.completed_at > 1.0
+        late = record.caught_up or record.state == "late"  # re-read from disk, not live
         _, pred_path = stack_paths(self.out_dir, record.t, record.p, "")
         info = header.model_dump(by_alias=True) | {"source_path": str(record.raw_path)}
         try:
@@ -551,11 +561,14 @@ def _check_axis_order(sequence: useq.MDASequence) -> None:
             )
 
 
-def send_command(endpoint: str, command: str, timeout_s: float = 3.0) -> dict[str, Any]:
+def send_command(
+    endpoint: str, command: str, timeout_s: float = 3.0, keys: str | Path | None = None
+) -> dict[str, Any]:
     """Send one control command to a daemon and return its reply body."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
+    apply_client(sock, keys)
     sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
     sock.connect(endpoint)
     try:

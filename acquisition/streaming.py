@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import zmq
 
 from livestain import wire
+from livestain.security import ServerSecurity
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,17 @@ class DaemonSockets:
     the daemon's main loop.
     """
 
-    def __init__(self, eps: dict[str, str], backlog: int = 8, ctx: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        eps: dict[str, str],
+        backlog: int = 8,
+        ctx: zmq.Context | None = None,
+        keys: str | Path | None = None,
+    ) -> None:
         self.ctx = ctx or zmq.Context.instance()
         self.endpoints = eps
+        host = eps["control"].split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+        self.security = ServerSecurity(self.ctx, host, keys)
         self.stacks = self._bind(zmq.PUSH, eps["stacks"], sndhwm=2)
         self.results = self._bind(zmq.PULL, eps["results"], rcvhwm=16)
         self.display = self._bind(zmq.PUB, eps["display"], sndhwm=4)
@@ -54,6 +64,7 @@ class DaemonSockets:
     def _bind(self, kind: int, endpoint: str, sndhwm: int = 0, rcvhwm: int = 0) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        self.security.apply(sock)
         if sndhwm:
             sock.setsockopt(zmq.SNDHWM, sndhwm)
         if rcvhwm:
@@ -126,3 +137,5 @@ class DaemonSockets:
             sock = getattr(self, name, None)
             if sock is not None:
                 sock.close(linger=0)
+        if getattr(self, "security", None) is not None:
+            self.security.close()

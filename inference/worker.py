@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import zmq
 
 from livestain import wire
+from livestain.security import apply_client
 
 from .predict import Predictor
 
@@ -51,6 +52,7 @@ class Worker:
         results_endpoint: str,
         predictor: Predictor,
         ctx: zmq.Context | None = None,
+        keys: str | None = None,
     ) -> None:
         self.predictor = predictor
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -58,11 +60,13 @@ class Worker:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, 2)
         self.pull.setsockopt(zmq.LINGER, 0)
+        apply_client(self.pull, keys)
         self.pull.connect(stacks_endpoint)
         self.push = self.ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.SNDHWM, 8)
         self.push.setsockopt(zmq.LINGER, 2000)
         self.push.setsockopt(zmq.SNDTIMEO, 10_000)
+        apply_client(self.push, keys)
         self.push.connect(results_endpoint)
         self.counts = WorkerCounts()
         self._running = True
@@ -139,10 +143,11 @@ def run_worker(
     device: str | None = None,
     max_stacks: int | None = None,
     parent_pid: int | None = None,
+    keys: str | None = None,
 ) -> int:
     """Entry point of ``livestain worker``; returns the process exit code."""
     predictor = Predictor(model, device)
-    worker = Worker(stacks_endpoint, results_endpoint, predictor)
+    worker = Worker(stacks_endpoint, results_endpoint, predictor, keys=keys)
 
     def _stop(signum: int, _frame: object) -> None:
         worker.stop()

@@ -22,6 +22,8 @@ def _connect_args(p: argparse.ArgumentParser) -> None:
                    help="host of the daemon (default: %(default)s)")
     p.add_argument("--port", type=int, default=wire.DEFAULT_BASE_PORT,
                    help="daemon base port; it uses this and the next three (default: %(default)s)")
+    p.add_argument("--keys", default=None, metavar="DIR",
+                   help="CURVE key folder from `livestain keys` (needed beyond 127.0.0.1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "status":
             p.add_argument("--json", action="store_true", help="print the raw JSON status")
 
+    p = sub.add_parser("keys", help="create CURVE keys to run a daemon on a network interface")
+    p.add_argument("dir", type=Path, help="folder for the key pairs (keep its *_secret files private)")
+
     p = sub.add_parser("check-config", help="check Micro-Manager .cfg files without hardware: is the scope ready?")
     p.add_argument("paths", type=Path, nargs="+", metavar="CFG")
 
@@ -113,7 +118,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     core = build_simulated_core(SimulatedScope(seed=args.seed))
     seq = demo_sequence(args.timepoints, args.interval, args.positions)
     opts = SessionOptions(out_dir=out, host=args.connect, base_port=args.port, model=args.model,
-                          device=args.device, show_window=show, resume=args.resume)
+                          device=args.device, show_window=show, resume=args.resume, keys=args.keys)
     print(f"livestain demo: simulated microscope, {args.timepoints} time points x {args.positions} "
           f"position(s) x 16 planes, daemon on {args.connect}:{args.port}")
     summary = run_session(core, seq, opts)
@@ -141,20 +146,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     eps = wire.endpoints(args.connect, args.port)
     return run_worker(eps["stacks"], eps["results"], args.model, args.device,
-                      parent_pid=args.parent_pid)
+                      parent_pid=args.parent_pid, keys=args.keys)
 
 
 def cmd_view(args: argparse.Namespace) -> int:
     from livestain.ui.app import run_viewer
 
     eps = wire.endpoints(args.connect, args.port)
-    return run_viewer(eps["display"], screenshot=args.screenshot, screenshot_after_s=30.0)
+    return run_viewer(eps["display"], screenshot=args.screenshot, screenshot_after_s=30.0, keys=args.keys)
 
 
 def cmd_control(args: argparse.Namespace) -> int:
     from livestain.acquisition.daemon import send_command
 
-    reply = send_command(wire.endpoints(args.connect, args.port)["control"], args.command)
+    reply = send_command(wire.endpoints(args.connect, args.port)["control"], args.command, keys=args.keys)
     if getattr(args, "json", False):
         print(json.dumps(reply, indent=2))
     elif not reply.get("ok"):
@@ -166,6 +171,15 @@ def cmd_control(args: argparse.Namespace) -> int:
             f"{reply['stacks_predicted']} predicted, {reply['stacks_dropped']} dropped, "
             f"backlog {reply['backlog']}, up {reply['uptime_s']:.0f} s; data in {reply['out_dir']}"
         )
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from livestain.security import create_keys
+
+    folder = create_keys(args.dir)
+    print(f"wrote CURVE keys to {folder}: give the daemon and every worker/viewer --keys {folder} "
+          f"(copy the folder to other hosts; keep *.key_secret files private)")
     return 0
 
 
@@ -197,6 +211,7 @@ COMMANDS = {
     "pause": cmd_control,
     "resume": cmd_control,
     "stop": cmd_control,
+    "keys": cmd_keys,
     "check-config": cmd_check_config,
     "train-bundled": cmd_train_bundled,
 }

@@ -46,6 +46,8 @@ class SessionOptions:
         Disk margin, live backlog, resend/drain timeouts (see `acquisition.policies`).
     resume : bool
         Continue the run in ``out_dir`` at its first incomplete time point.
+    keys : str | None
+        CURVE key folder (`livestain.security`); required for a non-loopback host.
     """
 
     out_dir: Path
@@ -57,6 +59,7 @@ class SessionOptions:
     device: str | None = None
     policies: Policies = field(default_factory=Policies)
     resume: bool = False
+    keys: str | None = None
 
 
 def has_display() -> bool:
@@ -102,19 +105,19 @@ def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=p
     from livestain.acquisition.daemon import Daemon
     from livestain.acquisition.supervisor import WorkerSupervisor
 
-    file_log = _log_to_dataset(opts.out_dir)
-    # per-stack lines go to the console through `report` and to the file through this
-    # logger, which does not propagate: the console shows each line once
+    # per-stack lines go to the console through `report` and to the dataset's log file
+    # through this logger, which does not propagate: the console shows each line once
     run_log = logging.getLogger("livestain.run")
     run_log.propagate = False
     run_log.setLevel(logging.INFO)
-    run_log.addHandler(file_log)
 
     def report_and_log(line: str) -> None:
         report(line)
         run_log.info(line)
 
     conn = ["--connect", opts.host, "--port", str(opts.base_port)]
+    if opts.keys:
+        conn += ["--keys", str(opts.keys)]
     worker_args = ["worker", *conn]
     if opts.model:
         worker_args += ["--model", str(opts.model)]
@@ -122,14 +125,12 @@ def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=p
         worker_args += ["--device", opts.device]
     supervisor = WorkerSupervisor(worker_args, report=report_and_log)
     eps = wire.endpoints(opts.host, opts.base_port)
-    try:
-        daemon = Daemon(core, sequence, opts.out_dir, eps, report=report_and_log,
-                        policies=opts.policies, resume=opts.resume, on_tick=supervisor.check,
-                        on_hung_worker=supervisor.kill_hung, extra_status=supervisor.status)
-    except BaseException:
-        logging.getLogger().removeHandler(file_log)
-        run_log.removeHandler(file_log)
-        raise
+    daemon = Daemon(core, sequence, opts.out_dir, eps, report=report_and_log,
+                    policies=opts.policies, resume=opts.resume, on_tick=supervisor.check,
+                    on_hung_worker=supervisor.kill_hung, extra_status=supervisor.status,
+                    keys=opts.keys)
+    file_log = _log_to_dataset(opts.out_dir)
+    run_log.addHandler(file_log)
     supervisor.on_restart = daemon.requeue_in_flight
     if opts.spawn_worker:
         supervisor.start()

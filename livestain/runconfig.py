@@ -47,6 +47,8 @@ class RunConfig(BaseModel):
         Sample seed of the simulated microscope.
     policies : Policies
         Disk margin, live backlog, resend and drain timeouts, streamed channels.
+    keys : str | None
+        CURVE key folder from ``livestain keys``; required when ``host`` is not loopback.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -60,6 +62,7 @@ class RunConfig(BaseModel):
     spawn_worker: bool = True
     seed: int = 0
     policies: Policies = Field(default_factory=Policies)
+    keys: str | None = None
     base_dir: Path = Field(Path("."), exclude=True)
 
     def sequence(self) -> useq.MDASequence:
@@ -88,6 +91,7 @@ class RunConfig(BaseModel):
             spawn_worker=self.spawn_worker,
             show_window=show_window,
             policies=self.policies,
+            keys=str((self.base_dir / self.keys).resolve()) if self.keys else None,
         )
 
 

@@ -27,6 +27,7 @@ def run_viewer(
     screenshot: pathlib.Path | None = None,
     screenshot_after_s: float = 5.0,
     wait_for_prediction: bool = True,
+    keys: str | None = None,
 ) -> int:
     """Show the live viewer for ``display_endpoint``; return the exit status (0).
 
@@ -37,7 +38,7 @@ def run_viewer(
     """
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
     assert isinstance(app, QtWidgets.QApplication)
-    subscriber = DisplaySubscriber(display_endpoint)
+    subscriber = DisplaySubscriber(display_endpoint, keys=keys)
     window = LiveWindow()
     window.setWindowTitle(f"livestain viewer — {display_endpoint}")
     window.attach(subscriber)

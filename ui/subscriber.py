@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import zmq
 
+from livestain.security import apply_client
 from livestain.wire import StackHeader, WireError, decode
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,11 @@ class Message(NamedTuple):
 class DisplaySubscriber:
     """SUB socket connected to a daemon's ``display`` endpoint (subscribed to everything)."""
 
-    def __init__(self, endpoint: str, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str, ctx: zmq.Context | None = None, keys: str | None = None) -> None:
         self.endpoint = endpoint
         self._ctx = ctx or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.SUB)
+        apply_client(self._sock, keys)
         self._sock.setsockopt(zmq.RCVHWM, RCVHWM)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
