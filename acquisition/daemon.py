@@ -39,6 +39,7 @@ from livestain.stackio import read_stack, write_stack
 
 from .journal import Journal
 from .policies import Policies
+from .retry import install_snap_retries
 from .stacks import Stack, StackAssembler
 from .streaming import DaemonSockets
 
@@ -169,6 +170,7 @@ class Daemon:
         self.on_hung_worker = on_hung_worker
         self.extra_status = extra_status
         self.records: dict[int, StackRecord] = {}
+        self._snap_counts = install_snap_retries(core, policies.snap_retries, report)
         # sockets first: a refused bind (busy port, no keys) must leave no dataset behind
         self.sockets = DaemonSockets(endpoints, backlog=policies.live_backlog, keys=keys)
         try:
@@ -520,7 +522,7 @@ class Daemon:
             "positions": self._n_p,
             "disk_free_bytes": self.free_space(self.out_dir),
             "uptime_s": round(time.time() - self.started_at, 1),
-        } | self.extra_status()
+        } | self._snap_counts() | self.extra_status()
 
     def _on_control(self) -> None:
         frames = self.sockets.control.recv_multipart()

@@ -30,6 +30,8 @@ class Policies(BaseModel):
     stream_channels : list[str]
         Channels sent for prediction; other channels (paired fluorescence) are only
         written to disk.
+    snap_retries : int
+        Retries of a failed snap before the plane is recorded as a gap.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -39,6 +41,7 @@ class Policies(BaseModel):
     resend_after_s: float = Field(300.0, gt=0)
     drain_timeout_s: float = Field(120.0, ge=0)
     stream_channels: tuple[str, ...] = ("Brightfield",)
+    snap_retries: int = Field(2, ge=0, le=10)
 
     @property
     def min_free_bytes(self) -> int:

@@ -167,8 +167,18 @@ def test_disk_running_full_stops_the_run_cleanly_and_keeps_what_was_written(tmp_
     assert not list((tmp_path / "run").rglob("*.partial"))
 
 
+def test_a_snap_that_fails_once_is_retried_and_leaves_no_gap(tmp_path, base_port) -> None:
+    daemon = _daemon(tmp_path, base_port, SimulatedScope(failing_snaps={5}), 2)
+    summary = daemon.run()
+    assert summary.acquired == 2 and summary.incomplete == 0
+    assert daemon.status()["snap_retries"] == 1 and daemon.status()["snap_failures"] == 0
+    raw0, info0 = read_stack(tmp_path / "run" / "p000" / "t0000_brightfield.ome.tif")
+    assert info0["gaps"] == [] and raw0[5].mean() > 1000
+
+
 def test_a_failed_snap_is_a_gap_and_later_frames_stay_in_place(tmp_path, base_port) -> None:
-    scope = SimulatedScope(failing_snaps={5})  # plane 5 of the first stack times out
+    # plane 5 of the first stack times out three times: the first try and both retries
+    scope = SimulatedScope(failing_snaps={5, 6, 7})
     reference = SimulatedScope()
     daemon = _daemon(tmp_path, base_port, scope, 2)
     summary = daemon.run()
