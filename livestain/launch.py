@@ -158,8 +158,11 @@ def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=p
 
 
 def exit_code(summary) -> int:  # noqa: ANN001
-    """0: done (or stopped by the user) with every stack predicted; 1: some stacks not
-    predicted (raw data safe on disk); 3: the run was stopped by an error (disk, write)."""
+    """0: done with every stack predicted, or stopped by the user (stop, SIGTERM, Ctrl-C);
+    1: done but some stacks not predicted (raw data safe on disk: `--resume` predicts
+    them); 3: the run was stopped by an error (disk, write)."""
     if summary.error:
         return 3
+    if summary.stopped_early:
+        return 0
     return 0 if summary.not_predicted == 0 else 1
