@@ -74,7 +74,8 @@ class Field:
 LAYOUT_HINT = (
     "expected DIR/field000/brightfield.ome.tif plus one DIR/field000/<structure>.ome.tif "
     "per structure (ZYX each), as written by `livestain simulate` or "
-    "`livestain.inference.dataset.write_pairs`"
+    "`livestain.inference.dataset.write_pairs`, or a livestain run in paired mode "
+    "(DIR/p000/t0000_brightfield.ome.tif + DIR/p000/t0000_<structure>.ome.tif)"
 )
 
 
@@ -119,22 +120,45 @@ def write_pairs(pairs: Iterable[PairLike], out_dir: str | Path, start: int = 0) 
     return written
 
 
-def field_dirs(data_dir: str | Path) -> list[Path]:
-    """Field folders of a dataset (those holding a brightfield stack), sorted by name."""
+def field_files(data_dir: str | Path) -> list[tuple[str, dict[str, Path]]]:
+    """Every field of a dataset as ``(name, {channel: file})``, sorted by name.
+
+    Two layouts are read:
+
+    * a paired dataset (``DIR/field000/<channel>.ome.tif``, what ``write_pairs`` and
+      ``livestain simulate`` write);
+    * a livestain run in paired mode (``DIR/p000/t0000_<channel>.ome.tif``, what the
+      daemon writes), each (position, time point) being one field; predictions are
+      not training data and are skipped.
+
+    ``<structure>_noisy`` files (a simulated camera's view of a structure) are kept out
+    of the channel list: the noise-free stack of that structure is the better target.
+    """
     root = Path(data_dir)
     if not root.is_dir():
         raise ValueError(f"dataset folder {root} does not exist or is not a folder; {LAYOUT_HINT}")
-    fields = sorted(d for d in root.glob(FIELD_GLOB) if (d / f"{BRIGHTFIELD}{SUFFIX}").is_file())
+    fields: dict[str, dict[str, Path]] = {}
+    for d in root.glob(FIELD_GLOB):
+        files = {p.name[: -len(SUFFIX)]: p for p in d.glob(f"*{SUFFIX}")}
+        fields[d.name] = files
+    for d in root.glob("p[0-9][0-9][0-9]"):
+        for p in d.glob(f"t*_*{SUFFIX}"):
+            time_point, channel = p.name[: -len(SUFFIX)].split("_", 1)
+            if channel != "prediction":
+                fields.setdefault(f"{d.name}/{time_point}", {})[channel] = p
+    fields = {
+        name: {c: p for c, p in files.items() if not c.endswith("_noisy")}
+        for name, files in fields.items()
+        if BRIGHTFIELD in files
+    }
     if not fields:
         raise ValueError(f"dataset folder {root} holds no field with a {BRIGHTFIELD}{SUFFIX}; {LAYOUT_HINT}")
-    return fields
+    return sorted(fields.items())
 
 
-def available_structures(field: Path) -> list[str]:
-    """Structure names with a stack in one field folder."""
-    return sorted(
-        p.name[: -len(SUFFIX)] for p in field.glob(f"*{SUFFIX}") if p.name != f"{BRIGHTFIELD}{SUFFIX}"
-    )
+def available_structures(files: dict[str, Path]) -> list[str]:
+    """Structure names with a stack in one field."""
+    return sorted(c for c in files if c != BRIGHTFIELD)
 
 
 def _read_zyx(path: Path) -> np.ndarray:
@@ -152,29 +176,29 @@ def _read_zyx(path: Path) -> np.ndarray:
 
 def load_fields(data_dir: str | Path, structures: Sequence[str] | None = None) -> list[Field]:
     """All fields of a dataset with the requested structures (default: those every field has)."""
-    dirs = field_dirs(data_dir)
+    fields_on_disk = field_files(data_dir)
     if structures is None:
-        common = set(available_structures(dirs[0]))
-        for d in dirs[1:]:
-            common &= set(available_structures(d))
+        common = set(available_structures(fields_on_disk[0][1]))
+        for _, files in fields_on_disk[1:]:
+            common &= set(available_structures(files))
         if not common:
             raise ValueError(f"no structure has a stack in every field of {data_dir}; {LAYOUT_HINT}")
         structures = sorted(common)
     structures = tuple(structures)
     fields = []
-    for d in dirs:
-        missing = [s for s in structures if not (d / f"{s}{SUFFIX}").is_file()]
+    for name, files in fields_on_disk:
+        missing = [s for s in structures if s not in files]
         if missing:
-            have = available_structures(d)
+            have = available_structures(files)
             raise ValueError(
-                f"field {d} has no stack for {', '.join(missing)} (it has: {', '.join(have) or 'none'}); "
-                f"add {d / (missing[0] + SUFFIX)} or leave {', '.join(missing)} out of --structures"
+                f"field {Path(data_dir) / name} has no stack for {', '.join(missing)} (it has: "
+                f"{', '.join(have) or 'none'}); add it or leave {', '.join(missing)} out of --structures"
             )
-        bf_path = d / f"{BRIGHTFIELD}{SUFFIX}"
+        bf_path = files[BRIGHTFIELD]
         bf = _read_zyx(bf_path)
         targets = []
         for s in structures:
-            path = d / f"{s}{SUFFIX}"
+            path = files[s]
             t = _read_zyx(path)
             if t.shape != bf.shape:
                 raise ValueError(
@@ -183,7 +207,7 @@ def load_fields(data_dir: str | Path, structures: Sequence[str] | None = None) -
                 )
             targets.append(t.astype(np.float32, copy=False))
         vox = read_voxel_size(bf_path)
-        fields.append(Field(d.name, bf, np.stack(targets), structures, vox))
+        fields.append(Field(name, bf, np.stack(targets), structures, vox))
     return fields
 
 
@@ -211,7 +235,7 @@ def fingerprint(data_dir: str | Path) -> str:
     """
     root = Path(data_dir)
     h = hashlib.sha256()
-    for d in field_dirs(root):
-        for p in sorted(d.glob(f"*{SUFFIX}")):
+    for _, files in field_files(root):
+        for p in sorted(files.values()):
             h.update(f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}\n".encode())
     return h.hexdigest()

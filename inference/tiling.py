@@ -3,9 +3,11 @@
 A 3D U-Net's activations grow with the volume: a large stack (say 64x2048x2048) does
 not fit in GPU (or even host) memory in one pass. Cutting it into tiles does, but each
 tile's border sees zero padding instead of its real neighbourhood, so naive tiling
-leaves visible seams. Here tiles overlap and each tile's prediction is weighted by a
-separable raised-cosine window that falls towards the sides it shares with another
-tile; the weighted predictions and the weights are accumulated and divided. Tile starts
+leaves visible seams. Here tiles overlap (by default twice the network's receptive
+radius) and each tile's prediction is weighted by a separable window that ignores the
+outer 3/8 of the overlap and cross-fades (sin^2/cos^2) across the middle; weighted
+predictions and weights are accumulated and divided. With the bundled model the
+result differs from a one-pass prediction by ~1e-4 of the output's standard deviation. Tile starts
 and sizes are multiples of ``2**depth`` so every tile sees the same stride-2 grid as a
 whole-volume pass would (the network is only shift-equivariant by those multiples),
 and the volume is first padded exactly as the network pads a whole volume.
@@ -17,16 +19,20 @@ Optional test-time augmentation averages the predictions of the y/x-flipped inpu
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 #: Bytes of activations per input voxel per channel-at-full-resolution: float32 (4) times
 #: the tensors alive at once (conv input and output, BatchNorm output, skip copy, concat).
+#: Checked on the CPU: depth 2, 8 base channels, 16x384x384 in one pass peaked at 628 MB
+#: more resident memory; this estimate says 793 MB.
 ACTIVATION_FACTOR = 4 * 8
 #: Share of the free memory a default tile may use (the rest: weights, workspace, others).
 MEMORY_FRACTION = 0.5
@@ -34,6 +40,7 @@ MEMORY_FRACTION = 0.5
 FALLBACK_FREE_BYTES = 2 * 1024**3
 
 Tile = tuple[int, int, int]
+log = logging.getLogger(__name__)
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -86,21 +93,36 @@ def receptive_radius(net: nn.Module) -> int:
 
     Per level ``i``: two 3-convs in the encoder and two in the decoder at scale ``2**i``
     (1 voxel each at that scale) plus the stride-2 down-convolution; at the bottom two
-    3-convs at scale ``2**depth``. Used as the default overlap.
+    3-convs at scale ``2**depth``. Checked against the gradient support of real nets:
+    9, 23 and 50 voxels for depth 1, 2 and 3 (this gives 9, 23, 51).
     """
     depth, _ = _config(net)
     return sum(5 * 2**i for i in range(depth)) + 2 * 2**depth
 
 
 def default_overlap(net: nn.Module) -> int:
-    """Overlap between neighbouring tiles: the receptive radius, at least 16 voxels.
+    """Overlap between neighbouring tiles: twice the receptive radius (rounded up to the multiple).
 
-    Measured on random-weight nets (depth 1-3, smooth input, 64-voxel tiles): at this
-    overlap tiled and whole-volume predictions differ by at most ~1e-5 of the output's
-    standard deviation for depth >= 2; depth 1 (radius 9) needs the floor of 16 to get
-    to ~3e-4. It is clipped to half a tile.
+    Then, with the outer 3/8 of the overlap unweighted on each side, almost every voxel
+    that counts comes from a tile whose padding it cannot see. Measured with the
+    bundled model (depth 2, radius 23) on a 16x256x256 simulated stack in 128-voxel
+    tiles: overlap 48 differs from the one-pass prediction by at most 1.3e-4 of the
+    output's standard deviation, overlap 32 by up to 0.07, 24 by up to 0.17 (at a few
+    voxels near tile edges). Clipped to half a tile.
     """
-    return max(receptive_radius(net), 16)
+    m = multiple_of(net)
+    return _round_up(2 * receptive_radius(net), m)
+
+
+def min_tile(net: nn.Module, overlap: int | None = None) -> int:
+    """Smallest tile side worth using: twice the overlap, so the overlap is never clipped.
+
+    Smaller tiles lose context at every edge; along z that is catastrophic for thin
+    stacks (measured: the bundled model in 8-plane z tiles of a 16-plane stack falls
+    from Pearson r 0.98 to 0.19 for DNA), so out-of-memory halving stops here.
+    """
+    m = multiple_of(net)
+    return _round_up(2 * (default_overlap(net) if overlap is None else overlap), m)
 
 
 def default_tile(
@@ -111,17 +133,19 @@ def default_tile(
 ) -> Tile:
     """Largest tile for ``shape`` (z, y, x) that the memory estimate allows.
 
-    Keeps the whole z range when it fits (stacks are thin, z is where context matters
-    most), then a square in y/x; every size is a multiple of the network's down-sampling
-    factor and no larger than the (padded) volume.
+    Keeps the whole z range unless even a `min_tile` square in y/x would not fit (stacks
+    are thin and z context matters most), then a square in y/x; every size is a
+    multiple of the network's down-sampling factor, at least `min_tile` (or the volume)
+    and no larger than the (padded) volume.
     """
     m = multiple_of(net)
     free = free_memory_bytes(device) if free_bytes is None else free_bytes
     budget = max(free * MEMORY_FRACTION / bytes_per_voxel(net), float(m**3))
     padded = [_round_up(int(n), m) for n in shape]
-    z = min(padded[0], max(m, _round_down(int(budget / (4 * m * m)), m)))
-    side = max(m, _round_down(int(math.sqrt(budget / z)), m))
-    return (z, min(padded[1], side), min(padded[2], side))
+    floor = [min(n, min_tile(net)) for n in padded]
+    z = min(padded[0], max(floor[0], _round_down(int(budget / (floor[1] * floor[2])), m)))
+    side = _round_down(int(math.sqrt(budget / z)), m)
+    return (z, min(padded[1], max(floor[1], side)), min(padded[2], max(floor[2], side)))
 
 
 def _round_up(n: int, m: int) -> int:
@@ -136,6 +160,7 @@ def tile_starts(size: int, tile: int, overlap: int, multiple: int) -> list[int]:
     """Start offsets along one axis: aligned to ``multiple``, the last one flush with the end."""
     if tile >= size:
         return [0]
+    overlap = min(overlap, tile // 2)  # as `predict_tiled` clips it
     step = max(multiple, _round_down(tile - overlap, multiple))
     starts = list(range(0, size - tile, step))
     starts.append(size - tile)
@@ -145,17 +170,18 @@ def tile_starts(size: int, tile: int, overlap: int, multiple: int) -> list[int]:
 def _window(length: int, overlap_lo: int, overlap_hi: int) -> torch.Tensor:
     """1-D weight of a tile along one axis: a cross-fade on each side shared with a neighbour.
 
-    On such a side the outer quarter of the overlap gets weight 0 (those voxels saw the
-    tile's zero padding, not the real neighbourhood), the middle half rises as
+    On such a side the outer 3/8 of the overlap gets weight 0 (those voxels saw the
+    tile's zero padding, not the real neighbourhood), the middle quarter rises as
     ``sin^2`` and the rest is 1; the neighbour's mirror image falls as ``cos^2`` over the
     same voxels, so at the nominal overlap the two weights sum to exactly 1 and every
-    voxel is covered by some tile's interior.
+    voxel is covered by some tile's interior. (Measured: a margin of 1/4 instead of 3/8
+    leaves 25x larger differences to the one-pass prediction at the default overlap.)
     """
     w = torch.ones(length, dtype=torch.float32)
     for o, flip in ((overlap_lo, False), (overlap_hi, True)):
         if o <= 0:
             continue
-        margin = o // 4
+        margin = (3 * o) // 8
         n = o - 2 * margin
         r = torch.ones(o, dtype=torch.float32)
         r[:margin] = 0.0
@@ -216,6 +242,11 @@ def predict_tiled(
     if overlap is None:
         overlap = default_overlap(net)
     ov = (overlap,) * 3 if isinstance(overlap, int) else tuple(int(o) for o in overlap)
+    if any(o > ti // 2 and ti < n for o, ti, n in zip(ov, t, padded)):
+        log.warning(
+            "tile %s is less than twice the overlap %s: voxels near tile edges lose context "
+            "and may differ from a one-pass prediction; use a larger tile if memory allows", t, ov
+        )
     ov = tuple(max(0, min(o, ti // 2)) for o, ti in zip(ov, t))
     starts = [tile_starts(n, ti, o, m) for n, ti, o in zip(padded, t, ov)]
     out: torch.Tensor | None = None
@@ -241,17 +272,18 @@ def predict_tiled(
     return out[None, :, : size[0], : size[1], : size[2]].to(x.device)
 
 
-def halve(tile: Sequence[int], multiple: int) -> Tile | None:
-    """Next smaller tile after an out-of-memory error, or None at the minimum.
+def halve(tile: Sequence[int], multiple: int, floor: Sequence[int] | None = None) -> Tile | None:
+    """Next smaller tile after an out-of-memory error, or None when it is at ``floor``.
 
-    Halves y and x first (where tiles are largest); z only once y/x are at the minimum.
+    Halves y and x first (where tiles are largest); z only once y/x are at the floor.
+    ``floor`` (z, y, x) defaults to ``multiple`` on every axis.
     """
     z, y, x = (int(v) for v in tile)
-    floor = multiple
-    if max(y, x) > floor:
-        return (z, max(floor, _round_down(y // 2, multiple)), max(floor, _round_down(x // 2, multiple)))
-    if z > floor:
-        return (max(floor, _round_down(z // 2, multiple)), y, x)
+    fz, fy, fx = (int(f) for f in floor) if floor is not None else (multiple,) * 3
+    if y > fy or x > fx:
+        return (z, max(min(y, fy), _round_down(y // 2, multiple)), max(min(x, fx), _round_down(x // 2, multiple)))
+    if z > fz:
+        return (max(fz, _round_down(z // 2, multiple)), y, x)
     return None
 
 
@@ -267,12 +299,14 @@ def predict_volume(
 
     Without ``tile`` the tile is `default_tile` for the device; a volume that fits in it
     is predicted in one pass (bit-identical to ``net(x)``). Out of memory halves the
-    tile and starts again, down to the network's minimum, then re-raises.
+    tile and starts again, down to `min_tile` (smaller tiles would lose the context the
+    prediction depends on), then raises a RuntimeError saying what to do. Other errors
+    pass through untouched.
     """
     device = torch.device(device) if device is not None else x.device
     m = multiple_of(net)
     size = tuple(x.shape[-3:])
-    current: Tile = tuple(int(v) for v in tile) if tile is not None else default_tile(net, size, device)  # type: ignore[assignment]
+    current = (int(tile[0]), int(tile[1]), int(tile[2])) if tile is not None else default_tile(net, size, device)
     while True:
         try:
             if all(_round_up(n, m) <= t for n, t in zip(size, current)):
@@ -282,9 +316,17 @@ def predict_volume(
         except (RuntimeError, MemoryError) as e:
             if not (isinstance(e, MemoryError) or is_out_of_memory(e)):
                 raise
-            smaller = halve(tuple(min(t, _round_up(n, m)) for t, n in zip(current, size)), m)
+            padded = [_round_up(n, m) for n in size]
+            ov = default_overlap(net) if overlap is None else max(np.atleast_1d(overlap))
+            floor = [min(n, min_tile(net, int(ov))) for n in padded]
+            smaller = halve([min(t, n) for t, n in zip(current, padded)], m, floor)
             if smaller is None:
-                raise
+                raise RuntimeError(
+                    f"out of memory even in tiles of {tuple(current)} voxels ({e}); free memory "
+                    "on the device (close other jobs), predict on the CPU, or pass a smaller "
+                    "tile explicitly and accept edge effects"
+                ) from e
+            log.warning("out of memory in tiles of %s; retrying with %s", tuple(current), smaller)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             current = smaller

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="check Micro-Manager .cfg files without hardware: is the scope ready?")
     p.add_argument("paths", type=Path, nargs="+", metavar="CFG")
 
+    from livestain.inference.commands import register as register_inference_commands
+
+    register_inference_commands(sub)
+
     p = sub.add_parser("train-bundled", help="reproduce the bundled demo model from the simulator")
     p.add_argument("--out", type=Path, default=Path("inference/models/bundled.safetensors"))
     p.add_argument("--steps", type=int, default=600)
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     # pymmcore-plus logs every MDA event at INFO: thousands of lines an hour
     logging.getLogger("pymmcore-plus").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
-        return COMMANDS[args.command](args)
+        handler = getattr(args, "func", None) or COMMANDS[args.command]
+        return handler(args)
     except USER_ERRORS as e:
         print(f"livestain {args.command}: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,345 @@
+"""``livestain train | predict | evaluate``: the inference subcommands as plain functions.
+
+Each ``cmd_*`` takes the parsed ``argparse.Namespace`` and returns an exit code;
+`register` adds their parsers to the main CLI's subparsers and binds each with
+``set_defaults(func=...)``. Problems a user can fix (a missing file, a bad option, data
+in the wrong layout) raise ValueError/OSError whose message names the fix; the CLI
+prints those as one line. Heavy imports (torch, matplotlib) happen inside the commands
+so ``livestain --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+
+def parse_ints(text: str, n: int = 3, what: str = "Z,Y,X") -> tuple[int, ...]:
+    """``"16,64,64"`` -> ``(16, 64, 64)``, positive integers only."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected {n} positive integers {what} like 16,64,64, got {text!r}")
+    return values
+
+
+def parse_floats(text: str) -> tuple[float, float, float]:
+    """``"1,0.325,0.325"`` -> (z, y, x) in um, positive only."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a voxel size Z,Y,X in um like 1,0.325,0.325, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def parse_structures(text: str) -> tuple[str, ...]:
+    """``"dna,membrane"`` -> ``("dna", "membrane")``, no blanks or repeats."""
+    names = tuple(s.strip() for s in text.split(","))
+    if not names or any(not s for s in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated distinct structure names like dna,membrane, got {text!r}"
+        )
+    return names
+
+
+class Progress:
+    """One progress line with ETA: rewritten in place on a terminal, ~20 lines otherwise."""
+
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+        self.total = total
+        self.stream = stream or sys.stdout
+        self.t0 = time.perf_counter()
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = max(1, total // 20)
+
+    def __call__(self, step: int, loss: float) -> None:
+        if not (self.tty or step % self.every == 0 or step == self.total):
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / step * (self.total - step)
+        line = f"step {step}/{self.total} loss {loss:.4f} elapsed {elapsed:.0f}s ETA {eta:.0f}s"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if step == self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------- train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a model on a paired dataset folder and save it with its provenance."""
+    import torch
+
+    from .checkpoint import ModelMeta, save_checkpoint
+    from .dataset import fingerprint, load_fields
+    from .model import UNetConfig
+    from .normalize import PercentileNorm
+    from .train import TrainSettings, train
+
+    if args.steps < 1 or args.batch < 1 or args.depth < 1 or args.base_channels < 1:
+        raise ValueError("--steps, --batch, --depth and --base-channels must be at least 1")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    fields = load_fields(args.data, args.structures)
+    _check_voxel_sizes(fields)
+    order = np.random.default_rng(args.seed).permutation(len(fields))
+    n_val = 0 if args.val_fraction == 0 or len(fields) < 2 else max(1, round(args.val_fraction * len(fields)))
+    n_val = min(n_val, len(fields) - 1)
+    val = [fields[i] for i in sorted(order[:n_val])]
+    trn = [fields[i] for i in sorted(order[n_val:])]
+    if not val:
+        print("note: no validation fields (one field, or --val-fraction 0): no val Pearson is recorded")
+    smallest = np.min([f.brightfield.shape for f in fields], axis=0)
+    patch = tuple(int(min(p, s)) for p, s in zip(args.patch, smallest))
+    if patch != tuple(args.patch):
+        print(f"note: patch {tuple(args.patch)} larger than the smallest field {tuple(smallest)}; using {patch}")
+    cfg = UNetConfig(structures=tuple(args.structures), depth=args.depth, base_channels=args.base_channels)
+    settings = TrainSettings(steps=args.steps, patch=patch, batch=args.batch, seed=args.seed)  # type: ignore[arg-type]
+    fp = fingerprint(args.data)
+    print(
+        f"training {', '.join(cfg.structures)} on {len(trn)} field(s), validating on {len(val)}; "
+        f"{settings.steps} steps of {settings.batch} x {patch} patches; U-Net depth {cfg.depth}, "
+        f"{cfg.base_channels} base channels"
+    )
+    torch.manual_seed(args.seed)
+    losses: list[float] = []
+    progress = Progress(settings.steps)
+
+    def on_step(step: int, loss: float) -> None:
+        losses.append(loss)
+        progress(step, loss)
+
+    result = train(
+        [f.as_pair() for f in trn],
+        [f.as_pair() for f in val],
+        cfg,
+        settings,
+        PercentileNorm(),
+        on_step=on_step,
+        val_every=max(1, settings.steps // 10),
+    )
+    val_pearson = result.history[-1]["val_pearson"] if result.history else None
+    meta = ModelMeta(
+        config=cfg,
+        norm=PercentileNorm(),
+        voxel_size_um=fields[0].voxel_size_um,
+        extra={
+            "recipe": "livestain train",
+            "settings": {**settings.__dict__, "patch": list(settings.patch)},
+            "data": {
+                "path": str(Path(args.data).resolve()),
+                "fingerprint": fp,
+                "train_fields": [f.name for f in trn],
+                "val_fields": [f.name for f in val],
+            },
+            "val_pearson": val_pearson,
+            "train_seconds": round(result.seconds, 1),
+            "history": result.history,
+        },
+    )
+    path = save_checkpoint(args.out, result.net, meta)
+    curve = save_curve(path.with_suffix(".curve.png"), losses, result.history, cfg.structures)
+    summary = ", ".join(f"{s} {r:.3f}" for s, r in val_pearson.items()) if val_pearson else "n/a"
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {curve}; "
+          f"{result.seconds:.0f} s; validation Pearson r: {summary}")
+    return 0
+
+
+def _check_voxel_sizes(fields: Sequence[Any]) -> None:
+    """One model learns one voxel size: mixed data would blur what it learns."""
+    first = np.asarray(fields[0].voxel_size_um)
+    for f in fields[1:]:
+        if not np.allclose(f.voxel_size_um, first, rtol=0.02):
+            raise ValueError(
+                f"{f.name} has voxel size {f.voxel_size_um} um but {fields[0].name} has "
+                f"{tuple(first)}; one model learns one voxel size: resample the data or train "
+                "on fields of one voxel size"
+            )
+
+
+def save_curve(path: Path, losses: Sequence[float], history: Sequence[dict], structures: Sequence[str]) -> Path:
+    """PNG of the training loss per step and the validation Pearson r per structure."""
+    from .evaluate import agg_figure
+
+    fig = agg_figure()
+    fig.set_size_inches(9, 3.5)
+    ax_loss, ax_r = fig.subplots(1, 2)
+    steps = np.arange(1, len(losses) + 1)
+    ax_loss.plot(steps, losses, lw=0.6, alpha=0.5, label="loss")
+    k = len(losses) // 20
+    if k >= 2:
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax_loss.plot(steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("MSE loss (z-score units)")
+    ax_loss.legend(fontsize=8)
+    if history:
+        hs = [h["step"] for h in history]
+        for s in structures:
+            ax_r.plot(hs, [h["val_pearson"][s] for h in history], marker="o", label=s)
+        ax_r.legend(fontsize=8)
+    else:
+        ax_r.text(0.5, 0.5, "no validation fields", ha="center", va="center", transform=ax_r.transAxes)
+    ax_r.set_xlabel("step")
+    ax_r.set_ylabel("validation Pearson r")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return path
+
+
+# ---------------------------------------------------------------- predict
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict every structure of a model for one brightfield OME-TIFF stack."""
+    from livestain.stackio import read_stack, write_stack
+
+    from .dataset import read_voxel_size
+    from .predict import Predictor
+
+    src, out = Path(args.input), Path(args.out)
+    if not src.is_file():
+        raise ValueError(f"input stack {src} does not exist; give a ZYX brightfield OME-TIFF")
+    if out.resolve() == src.resolve():
+        raise ValueError(f"--out {out} is the input file; choose another name for the prediction")
+    stack, info = read_stack(src)
+    stack = np.squeeze(stack)
+    if stack.ndim == 2:
+        stack = stack[None]
+    if stack.ndim != 3:
+        raise ValueError(
+            f"{src} has shape {np.shape(stack)}; predict takes one ZYX brightfield stack: "
+            "save a single channel and time point (e.g. Fiji: Image > Duplicate)"
+        )
+    voxel = tuple(args.voxel_size) if args.voxel_size else read_voxel_size(src)
+    predictor = Predictor(args.model, args.device)
+    t0 = time.perf_counter()
+    pred = predictor.predict(stack, voxel, tile=args.tile, tta=args.tta)
+    seconds = time.perf_counter() - t0
+    write_stack(
+        out,
+        pred.astype(np.float32, copy=False),
+        voxel_size_um=voxel,
+        channel_names=list(predictor.structures),
+        info={
+            "kind": "prediction",
+            "source": str(src.resolve()),
+            "source_info": info,
+            "structures": list(predictor.structures),
+            "units": "z-score",
+            "model": predictor.model.name,
+            "tile": list(args.tile) if args.tile else None,
+            "tta": bool(args.tta),
+            "inference_s": round(seconds, 3),
+            "device": predictor.device,
+        },
+    )
+    print(f"wrote {out}: {', '.join(predictor.structures)} x {stack.shape} in {seconds:.2f} s "
+          f"on {predictor.device} with {predictor.model.name}")
+    return 0
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Metrics (and optionally figures) of a model on a paired dataset folder."""
+    from .checkpoint import load_checkpoint
+    from .dataset import available_structures, field_files, fingerprint, load_fields
+    from .evaluate import evaluate_model
+    from .predict import Predictor, pick_device
+
+    device = pick_device(args.device)
+    model = load_checkpoint(args.model, device)
+    fields_on_disk = field_files(args.data)
+    have = set(available_structures(fields_on_disk[0][1]))
+    for _, files in fields_on_disk[1:]:
+        have &= set(available_structures(files))
+    structures = [s for s in model.meta.config.structures if s in have]
+    if not structures:
+        raise ValueError(
+            f"the fields in {args.data} share no structure with the model "
+            f"({', '.join(model.meta.config.structures)}; data has {', '.join(sorted(have)) or 'none'}): "
+            "evaluate on data with the model's structures"
+        )
+    fields = load_fields(args.data, structures)
+    report = evaluate_model(Predictor(model, device), fields, args.figures, tile=args.tile, tta=args.tta)
+    report["data"] = {"path": str(Path(args.data).resolve()), "fingerprint": fingerprint(args.data)}
+    trained_on = model.meta.extra.get("data", {}).get("fingerprint")
+    report["same_data_as_training"] = trained_on == report["data"]["fingerprint"]
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['model']} on {len(fields)} field(s) of {args.data}")
+    if report["same_data_as_training"]:
+        print("warning: this is the model's training dataset; the numbers are optimistic")
+    print(f"{'structure':<14}{'pearson':>9}{'ssim':>9}{'nrmse':>9}")
+    for s, m in report["mean"].items():
+        print(f"{s:<14}{m['pearson']:>9.3f}{m['ssim']:>9.3f}{m['nrmse']:>9.3f}")
+    if report["figures"]:
+        print(f"figures: {Path(report['figures'][0]).parent}/ ({len(report['figures'])} PNG)")
+    return 0
+
+
+# ---------------------------------------------------------------- parsers
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``train``, ``predict`` and ``evaluate`` to the main parser's subcommands."""
+    p = subparsers.add_parser("train", help="train a model on a paired dataset folder",
+                              description="Train a 3D U-Net on DATA/fieldNNN/{brightfield,<structure>}.ome.tif.")
+    p.add_argument("data", type=Path, metavar="DATA", help="dataset folder (fieldNNN/ subfolders)")
+    p.add_argument("--structures", type=parse_structures, required=True,
+                   help="comma-separated structures to learn, e.g. dna,membrane,mitochondria")
+    p.add_argument("--out", type=Path, required=True, metavar="MODEL", help="model file to write (.safetensors)")
+    p.add_argument("--steps", type=int, default=600, help="optimiser steps (default: %(default)s)")
+    p.add_argument("--patch", type=parse_ints, default=(16, 64, 64), metavar="Z,Y,X",
+                   help="training patch size (default: 16,64,64)")
+    p.add_argument("--batch", type=int, default=4, help="patches per step (default: %(default)s)")
+    p.add_argument("--depth", type=int, default=2, help="U-Net levels (default: %(default)s)")
+    p.add_argument("--base-channels", type=int, default=8, help="channels of the first level (default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of fields held out for validation (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, patches and weights (default: %(default)s)")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("predict", help="predict structures for one brightfield stack",
+                              description="Write a CZYX float32 OME-TIFF, one channel per structure (z-score units).")
+    p.add_argument("model", metavar="MODEL", help="model .safetensors")
+    p.add_argument("input", type=Path, metavar="INPUT", help="ZYX brightfield OME-TIFF")
+    p.add_argument("--out", type=Path, required=True, metavar="OUTPUT", help="prediction OME-TIFF to write")
+    _predict_args(p)
+    p.add_argument("--voxel-size", type=parse_floats, default=None, metavar="Z,Y,X",
+                   help="voxel size in um when INPUT has no OME metadata (default: from INPUT)")
+    p.set_defaults(func=cmd_predict)
+
+    p = subparsers.add_parser("evaluate", help="score a model on a paired dataset folder",
+                              description="Pearson r, SSIM and NRMSE per structure (z-score units).")
+    p.add_argument("model", metavar="MODEL", help="model .safetensors")
+    p.add_argument("data", type=Path, metavar="DATA", help="dataset folder (fieldNNN/ subfolders)")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--figures", type=Path, default=None, metavar="DIR",
+                   help="write one PNG per field (middle plane: brightfield | prediction | truth)")
+    _predict_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tile", type=parse_ints, default=None, metavar="Z,Y,X",
+                   help="predict in blended tiles of this size (default: only when memory requires)")
+    p.add_argument("--tta", action="store_true", help="average over y/x flips (4x slower, smoother)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")

@@ -1,0 +1,218 @@
+"""How good is a model on paired data: Pearson r, SSIM and NRMSE per structure, and figures.
+
+Pearson r is the label-free literature's headline number (Ounkomol et al. 2018) but is
+blind to scale and offset; SSIM adds local structure and contrast, NRMSE the absolute
+error. All three compare the prediction with the truth in z-score units (the truth is
+z-scored per field, as in training), so they do not depend on fluorescence intensity.
+
+SSIM is implemented here (Wang et al. 2004: Gaussian window sigma 1.5, K1 0.01, K2
+0.03, computed per z-plane and averaged, borders of half a window excluded) rather than
+taken from scikit-image, which livestain does not otherwise need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from .checkpoint import LoadedModel
+from .normalize import zscore
+from .predict import Predictor
+from .train import pearson
+
+METRICS = ("pearson", "ssim", "nrmse")
+
+
+def ssim(
+    prediction: np.ndarray, truth: np.ndarray, data_range: float | None = None, sigma: float = 1.5
+) -> float:
+    """Mean structural similarity over the (y, x) planes of two (z, y, x) or (y, x) arrays.
+
+    ``data_range`` defaults to the truth's max - min (the constants C1, C2 scale with
+    it). Planes, not 3D windows, because z resolution is several times coarser than
+    y/x in widefield stacks and a 3D Gaussian would blur z far more than y/x.
+    """
+    x = np.asarray(prediction, np.float64)
+    y = np.asarray(truth, np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"prediction {x.shape} and truth {y.shape} differ in shape")
+    if x.ndim == 2:
+        x, y = x[None], y[None]
+    if data_range is None:
+        data_range = float(y.max() - y.min()) or 1.0
+    c1 = (0.01 * data_range) ** 2
+    c2 = (0.03 * data_range) ** 2
+    s = (0.0, sigma, sigma)
+
+    def blur(a: np.ndarray) -> np.ndarray:
+        return ndimage.gaussian_filter(a, s, truncate=3.5, mode="reflect")
+
+    mx, my = blur(x), blur(y)
+    vx = blur(x * x) - mx * mx
+    vy = blur(y * y) - my * my
+    cxy = blur(x * y) - mx * my
+    smap = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    pad = int(3.5 * sigma + 0.5)
+    if min(x.shape[-2:]) > 2 * pad:
+        smap = smap[:, pad:-pad, pad:-pad]
+    return float(smap.mean())
+
+
+def nrmse(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Root-mean-square error divided by the truth's standard deviation.
+
+    0 is perfect; 1 is what predicting the truth's mean everywhere scores.
+    """
+    p = np.asarray(prediction, np.float64)
+    t = np.asarray(truth, np.float64)
+    rmse = float(np.sqrt(np.mean((p - t) ** 2)))
+    return rmse / max(float(t.std()), 1e-12)
+
+
+def structure_metrics(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Pearson r, SSIM and NRMSE of one structure; ``truth`` is z-scored first.
+
+    SSIM's luminance term assumes non-negative intensities (opposite-signed local
+    means make it negative), so for SSIM both are shifted by the same constant that
+    puts the truth's minimum at 0, as the fluorescence image itself would be.
+    """
+    t = zscore(truth)
+    p = np.asarray(prediction, np.float32)
+    lo = float(t.min())
+    return {"pearson": pearson(p, t), "ssim": ssim(p - lo, t - lo), "nrmse": nrmse(p, t)}
+
+
+def _predictor(model: LoadedModel | Predictor | str | Path | None, device: str | None) -> Predictor:
+    if isinstance(model, Predictor):
+        return model
+    return Predictor(model if isinstance(model, LoadedModel) else (str(model) if model else None), device)
+
+
+def evaluate_model(
+    model: LoadedModel | Predictor | str | Path | None,
+    fields: Iterable[Any],
+    figures_dir: str | Path | None = None,
+    tile: Sequence[int] | None = None,
+    tta: bool = False,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Metrics of ``model`` on ``fields`` (anything with ``brightfield``, ``targets``,
+    ``structures``, ``voxel_size_um``; ``name`` optional), per field and averaged.
+
+    Structures the model predicts but a field lacks are skipped; none in common is an
+    error. With ``figures_dir`` one PNG per field is written (see `save_field_figure`).
+
+    Returns ``{"model", "structures", "fields": {name: {structure: {metric: value}}},
+    "mean": {structure: {metric: value}}, "figures": [paths]}``.
+    """
+    predictor = _predictor(model, device)
+    model_structures = tuple(predictor.structures)
+    per_field: dict[str, dict[str, dict[str, float]]] = {}
+    figures: list[str] = []
+    evaluated: list[str] = []
+    for i, field in enumerate(fields):
+        name = str(getattr(field, "name", None) or f"field{i:03d}")
+        field_structures = tuple(field.structures)
+        common = [s for s in model_structures if s in field_structures]
+        if not common:
+            raise ValueError(
+                f"{name} has structures {field_structures} but the model predicts {model_structures}; "
+                "evaluate on data with at least one of the model's structures"
+            )
+        pred = predictor.predict(np.asarray(field.brightfield), field.voxel_size_um, tile=tile, tta=tta)
+        truth = np.asarray(field.targets)
+        per_field[name] = {
+            s: structure_metrics(pred[model_structures.index(s)], truth[field_structures.index(s)])
+            for s in common
+        }
+        evaluated.extend(s for s in common if s not in evaluated)
+        if figures_dir is not None:
+            path = Path(figures_dir) / f"{name}.png"
+            save_field_figure(
+                path,
+                np.asarray(field.brightfield),
+                np.stack([pred[model_structures.index(s)] for s in common]),
+                np.stack([zscore(truth[field_structures.index(s)]) for s in common]),
+                common,
+                title=f"{name}: {predictor.model.name}",
+                metrics=per_field[name],
+            )
+            figures.append(str(path))
+    if not per_field:
+        raise ValueError("no fields to evaluate; give a dataset folder with at least one field")
+    mean = {
+        s: {
+            m: float(np.mean([f[s][m] for f in per_field.values() if s in f]))
+            for m in METRICS
+        }
+        for s in evaluated
+    }
+    return {
+        "model": predictor.model.name,
+        "structures": evaluated,
+        "fields": per_field,
+        "mean": mean,
+        "figures": figures,
+    }
+
+
+def save_field_figure(
+    path: str | Path,
+    brightfield: np.ndarray,
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    structures: Sequence[str],
+    title: str = "",
+    metrics: dict[str, dict[str, float]] | None = None,
+) -> Path:
+    """PNG of the middle z-plane: one row per structure, brightfield | prediction | truth.
+
+    Prediction and truth share one grey scale (z-score units, 1st-99.9th percentile of
+    the truth), so a too-weak or too-strong prediction shows as such.
+    """
+    fig = agg_figure()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    z = brightfield.shape[0] // 2
+    bf = np.asarray(brightfield[z], np.float32)
+    bf_lo, bf_hi = np.percentile(bf, (0.5, 99.5))
+    n = len(structures)
+    fig.set_size_inches(9, 3 * n + 0.4)
+    axes = fig.subplots(n, 3, squeeze=False)
+    for row, s in enumerate(structures):
+        lo, hi = np.percentile(truth[row], (1.0, 99.9))
+        panels = (
+            (bf, bf_lo, bf_hi, f"brightfield z={z}"),
+            (prediction[row, z], lo, hi, f"{s} predicted"),
+            (truth[row, z], lo, hi, f"{s} truth"),
+        )
+        for col, (img, vmin, vmax, label) in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+            if col == 1 and metrics and s in metrics:
+                label += f" (r={metrics[s]['pearson']:.3f})"
+            ax.set_title(label, fontsize=9)
+            ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def agg_figure() -> Any:
+    """A matplotlib Figure drawn by the Agg (file-only) canvas.
+
+    Not pyplot: no global backend switch, no display needed, nothing to close, so it
+    is safe inside a process that also runs a Qt window.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    return fig
