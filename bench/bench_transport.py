@@ -1,0 +1,111 @@
+"""Moving one stack from the daemon to a worker process, against a plain memcpy.
+
+The daemon's real path: `livestain.wire.encode` -> PUSH ``send_multipart(copy=False)``
+-> PULL ``recv_multipart(copy=False)`` in another process -> `livestain.wire.decode`
+(a zero-copy array view), then a one-byte acknowledgement back. Timed per stack from
+send to acknowledgement, over ``ipc://`` and ``tcp://127.0.0.1``; the baseline is
+``np.copyto`` of the same buffer in one process (what any transport must at least do).
+
+    .venv/bin/python bench/bench_transport.py [--sizes-mib 16,512] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from livestain import wire
+
+
+def receiver(endpoint: str, ack_endpoint: str, n: int) -> None:
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.connect(endpoint)
+    ack = ctx.socket(zmq.PUSH)
+    ack.connect(ack_endpoint)
+    for _ in range(n):
+        header, array = wire.decode(pull.recv_multipart(copy=False))
+        ack.send(bytes([int(array.flat[-1]) & 0xFF]))
+    pull.close()
+    ack.close()
+    ctx.term()
+
+
+def transport_seconds(endpoint: str, ack_endpoint: str, array: np.ndarray, repeats: int) -> float:
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.bind(endpoint)
+    ack = ctx.socket(zmq.PULL)
+    ack.bind(ack_endpoint)
+    proc = mp.get_context("spawn").Process(target=receiver, args=(endpoint, ack_endpoint, repeats + 1))
+    proc.start()
+    header = wire.StackHeader(kind="stack", run_id="bench", seq=0, t=0, shape=list(array.shape),
+                              dtype=str(array.dtype), voxel_size_um=[1, 1, 1])
+    times = []
+    for i in range(repeats + 1):  # the first one also waits for the connection
+        t0 = time.perf_counter()
+        push.send_multipart(wire.encode(header, array), copy=False)
+        ack.recv()
+        if i:
+            times.append(time.perf_counter() - t0)
+    proc.join()
+    push.close()
+    ack.close()
+    ctx.term()
+    return statistics.median(times)
+
+
+def memcpy_seconds(array: np.ndarray, repeats: int) -> float:
+    dst = np.empty_like(array)
+    np.copyto(dst, array)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, array)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes-mib", default="16,512")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--port", type=int, default=5800)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    rows = []
+    tmp = tempfile.mkdtemp(prefix="livestain-bench-")
+    for mib in (int(v) for v in args.sizes_mib.split(",")):
+        n = mib * 1024 * 1024 // 2
+        array = np.arange(n, dtype=np.uint16).reshape(-1, 1024, 512)[: n // (1024 * 512)]
+        array = np.ascontiguousarray(array)
+        base = memcpy_seconds(array, args.repeats)
+        rows.append({"size_mib": mib, "path": "memcpy", "seconds": base})
+        for name, ep, ack in (
+            ("ipc", f"ipc://{tmp}/stacks-{mib}", f"ipc://{tmp}/ack-{mib}"),
+            ("tcp loopback", f"tcp://127.0.0.1:{args.port}", f"tcp://127.0.0.1:{args.port + 1}"),
+        ):
+            rows.append({"size_mib": mib, "path": name,
+                         "seconds": transport_seconds(ep, ack, array, args.repeats)})
+        for r in rows:
+            if r["size_mib"] == mib:
+                r["gib_per_s"] = round(mib / 1024 / r["seconds"], 2)
+                r["fraction_of_memcpy"] = round(base / r["seconds"], 3)
+    print(f"{'size':>8} {'path':<14}{'ms':>10}{'GiB/s':>8}{'x memcpy':>10}")
+    for r in rows:
+        print(f"{r['size_mib']:>5} MiB {r['path']:<14}{r['seconds'] * 1e3:>10.1f}{r['gib_per_s']:>8.2f}"
+              f"{r['fraction_of_memcpy']:>10.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
