@@ -345,6 +345,8 @@ class Daemon:
         raw_path, _ = stack_paths(self.out_dir, stack.t, stack.p, stack.channel)
         header = self._stack_header(seq, stack, raw_path)
         info = header.model_dump(by_alias=True) | {"gaps": stack.gaps, "exposure_ms": stack.exposure_ms}
+        if (ledger := self._dose_ledger()) is not None:
+            info["dose_ledger"] = ledger
         self._check_disk()
         try:
             write_stack(raw_path, stack.planes, voxel_size_um=header.voxel_size_um, info=info,
@@ -391,6 +393,32 @@ class Daemon:
             acquired_end=float(np.nanmax(stack.times)),
             path=str(raw_path),
         )
+
+    def _dose_ledger(self) -> dict | None:
+        """The camera's light-dose ledger (the simulated scope has one), else None."""
+        cam = self.core.getCameraDevice()
+        try:
+            if cam and self.core.hasProperty(cam, "DoseLedger"):
+                return json.loads(self.core.getProperty(cam, "DoseLedger"))
+        except (RuntimeError, ValueError):
+            log.warning("could not read the camera's dose ledger")
+        return None
+
+    def _light_dose(self) -> dict[str, Any]:
+        """Fluorescence light used so far, and what the same run with fluorescence would use."""
+        planes = self.assembler.n_z
+        structures = 3
+        avoided = self.summary.acquired * planes * structures * self.policies.equivalent_fluorescence_exposure_ms
+        ledger = self._dose_ledger()
+        used = None
+        if ledger is not None:
+            used = sum(p.get("fluorescence_dose", 0.0) for p in ledger.get("positions", {}).values())
+        return {
+            "fluorescence_dose_ms": used,
+            "equivalent_fluorescence_run_dose_ms": avoided,
+            "dose_note": (f"a fluorescence run would expose {structures} channels x {planes} planes x "
+                          f"{self.policies.equivalent_fluorescence_exposure_ms:g} ms per stack"),
+        }
 
     def _check_disk(self) -> None:
         free = self.free_space(self.out_dir)
@@ -522,7 +550,7 @@ class Daemon:
             "positions": self._n_p,
             "disk_free_bytes": self.free_space(self.out_dir),
             "uptime_s": round(time.time() - self.started_at, 1),
-        } | self._snap_counts() | self.extra_status()
+        } | self._light_dose() | self._snap_counts() | self.extra_status()
 
     def _on_control(self) -> None:
         frames = self.sockets.control.recv_multipart()

@@ -32,6 +32,9 @@ class Policies(BaseModel):
         written to disk.
     snap_retries : int
         Retries of a failed snap before the plane is recorded as a gap.
+    equivalent_fluorescence_exposure_ms : float
+        Exposure per plane and structure that the same run with real fluorescence would
+        use; the status reports the light dose livestain avoided with it.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -42,6 +45,7 @@ class Policies(BaseModel):
     drain_timeout_s: float = Field(120.0, ge=0)
     stream_channels: tuple[str, ...] = ("Brightfield",)
     snap_retries: int = Field(2, ge=0, le=10)
+    equivalent_fluorescence_exposure_ms: float = Field(50.0, ge=0)
 
     @property
     def min_free_bytes(self) -> int:

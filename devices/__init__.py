@@ -1,1 +1,2 @@
-"""The microscope: the built-in simulated scope and (later) real Micro-Manager hardware."""
+"""The microscope: the built-in simulated scope, a replay scope for recorded stacks, and
+real Micro-Manager hardware."""

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     from livestain.inference.commands import register as register_inference_commands
 
     register_inference_commands(sub)
+    from livestain.devices.simulate_cli import add_simulate_parser
+
+    add_simulate_parser(sub)
 
     p = sub.add_parser("train-bundled", help="reproduce the bundled demo model from the simulator")
     p.add_argument("--out", type=Path, default=Path("inference/models/bundled.safetensors"))

@@ -2,7 +2,7 @@
 
 Example (``examples/simulated.yaml``)::
 
-    microscope: simulated          # or the path of a Micro-Manager .cfg
+    microscope: simulated          # or {replay: PATH} or the path of a Micro-Manager .cfg
     out: runs/overnight            # dataset folder, must not already hold a run
     plan:                          # a useq-schema MDASequence, inline or a file path
       time_plan: {interval: 60, loops: 4320}
@@ -19,7 +19,7 @@ from typing import Any
 
 import useq
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from livestain import wire
 from livestain.acquisition.policies import Policies
@@ -31,8 +31,10 @@ class RunConfig(BaseModel):
 
     Attributes
     ----------
-    microscope : str
-        ``simulated`` or the path of a Micro-Manager ``.cfg`` file.
+    microscope : str | dict
+        ``simulated``; ``{replay: PATH}`` to play back recorded z-stacks (a TIFF file
+        or a folder, see `livestain.devices.replay`); or the path of a Micro-Manager
+        ``.cfg`` file. Relative paths are relative to the run config's folder.
     out : Path
         Dataset folder.
     plan : dict | str
@@ -53,7 +55,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    microscope: str = "simulated"
+    microscope: str | dict[str, str] = "simulated"
     out: Path
     plan: dict[str, Any] | str
     model: str | None = None
@@ -65,6 +67,21 @@ class RunConfig(BaseModel):
     keys: str | None = None
     base_dir: Path = Field(Path("."), exclude=True)
 
+    @field_validator("microscope")
+    @classmethod
+    def _check_microscope(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            if set(v) != {"replay"} or not isinstance(v["replay"], str) or not v["replay"]:
+                raise ValueError(
+                    "a mapping must be {replay: PATH} (recorded stacks to play back)"
+                )
+            return v
+        if v == "simulated" or str(v).lower().endswith(".cfg"):
+            return v
+        raise ValueError(
+            "must be `simulated`, `{replay: PATH}` or the path of a Micro-Manager .cfg file"
+        )
+
     def sequence(self) -> useq.MDASequence:
         if isinstance(self.plan, str):
             path = (self.base_dir / self.plan).resolve()
@@ -74,6 +91,13 @@ class RunConfig(BaseModel):
         return useq.MDASequence.model_validate(self.plan)
 
     def build_core(self):  # noqa: ANN201
+        if isinstance(self.microscope, dict):
+            from livestain.devices.replay import build_replay_core
+
+            path = (self.base_dir / self.microscope["replay"]).resolve()
+            if not path.exists():
+                raise ValueError(f"replay data {path} does not exist; fix `microscope: {{replay: ...}}`")
+            return build_replay_core(path)
         if self.microscope == "simulated":
             from livestain.devices.simulated import SimulatedScope, build_simulated_core
 

@@ -1,0 +1,127 @@
+"""``livestain simulate``: a paired training dataset from the simulated microscope.
+
+Layout (what the training loader reads)::
+
+    DIR/simulate.json                    parameters, tiles, files
+    DIR/field000/brightfield.ome.tif     ZYX uint16, the camera's brightfield stack
+    DIR/field000/dna.ome.tif             ZYX float32, noise-free truth (blurred labels)
+    DIR/field000/dna_noisy.ome.tif       ZYX uint16, the camera's DNA fluorescence stack
+    DIR/field000/membrane.ome.tif ...    and so on for membrane, mitochondria
+
+Every file is OME-TIFF with its channel name, physical voxel size and per-plane stage
+positions (Fiji and napari show micrometres), plus livestain's JSON header (seed, tile,
+z positions, exposure). Field ``i`` is stage tile (0, i): the cells the simulated
+microscope shows at stage x = i * field width, y = 0, at time ``--t``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from livestain.stackio import write_stack
+
+from .optics import OpticsConfig
+from .pairs import default_z_planes, simulate_pairs
+from .sample import STRUCTURES, SampleGeometry
+
+
+def add_simulate_parser(subparsers) -> argparse.ArgumentParser:  # noqa: ANN001
+    """Add ``simulate`` to the CLI's subparsers (its handler is in ``func``)."""
+    p = subparsers.add_parser(
+        "simulate", help="write a paired dataset (brightfield, fluorescence, truth) from the simulator"
+    )
+    p.add_argument("--out", type=Path, required=True, help="dataset folder (must not hold fields yet)")
+    p.add_argument("--fields", type=int, default=4, help="fields (stage positions) (default: %(default)s)")
+    p.add_argument("--z", type=int, default=16, help="planes per stack (default: %(default)s)")
+    p.add_argument("--size", type=int, default=256,
+                   help="field width and height in pixels (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sample seed (default: %(default)s)")
+    p.add_argument("--z-step", type=float, default=1.0, help="plane spacing in um (default: %(default)s)")
+    p.add_argument("--z-center", type=float, default=4.0,
+                   help="stage z of the stack's centre in um; the cells are at 0-10 (default: %(default)s)")
+    p.add_argument("--exposure", type=float, default=10.0,
+                   help="brightfield exposure in ms (default: %(default)s)")
+    p.add_argument("--fl-exposure", type=float, default=10.0,
+                   help="fluorescence exposure in ms (default: %(default)s)")
+    p.add_argument("--t", type=float, default=0.0, dest="t_s",
+                   help="sample time in seconds: cells as moved by then (default: %(default)s)")
+    p.set_defaults(func=cmd_simulate)
+    return p
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Write the dataset; 0 on success. Bad arguments raise ValueError (a user error)."""
+    if args.fields < 1 or args.z < 1:
+        raise ValueError("--fields and --z must be at least 1")
+    if args.size < 32:
+        raise ValueError(f"--size {args.size} is too small; use at least 32 pixels")
+    if args.z_step <= 0 or args.exposure <= 0 or args.fl_exposure <= 0:
+        raise ValueError("--z-step, --exposure and --fl-exposure must be positive")
+    out: Path = args.out
+    if out.exists() and any(out.glob("field*")):
+        raise FileExistsError(f"{out} already holds fields; choose a new --out")
+    geo = SampleGeometry(shape=(SampleGeometry().shape[0], args.size, args.size))
+    optics = OpticsConfig()
+    zs = default_z_planes(args.z_center, args.z, args.z_step)
+    tiles = [(0, i) for i in range(args.fields)]
+    fy, fx = geo.field_um
+    names = {s: s.capitalize() for s in STRUCTURES}
+    common = {
+        "generator": "livestain simulate",
+        "seed": args.seed,
+        "t_s": args.t_s,
+        "z_um": [round(float(z), 6) for z in zs],
+        "optics": dataclasses.asdict(optics),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[dict] = []
+    t0 = time.perf_counter()
+    pairs = simulate_pairs(
+        tiles, seed=args.seed, z_planes_um=zs, exposure_ms=args.exposure, geometry=geo,
+        optics=optics, t_s=args.t_s, noisy_fluorescence=True,
+        fluorescence_exposure_ms=args.fl_exposure,
+    )
+    for i, pair in enumerate(pairs):
+        folder = out / f"field{i:03d}"
+        x_um, y_um = pair.tile[1] * fx, pair.tile[0] * fy
+        planes = [(x_um, y_um, float(z)) for z in zs]
+        vox = pair.voxel_size_um
+        base = {**common, "field": i, "tile": list(pair.tile), "stage_xy_um": [x_um, y_um]}
+        written = [write_stack(
+            folder / "brightfield.ome.tif", pair.brightfield, voxel_size_um=vox,
+            channel_names=["Brightfield"], plane_positions_um=planes,
+            info={**base, "kind": "camera", "channel": "Brightfield", "exposure_ms": args.exposure,
+                  "units": "camera counts (ADU)"},
+        )]
+        for k, s in enumerate(pair.structures):
+            written.append(write_stack(
+                folder / f"{s}.ome.tif", pair.targets[k], voxel_size_um=vox,
+                channel_names=[s], plane_positions_um=planes,
+                info={**base, "kind": "truth", "structure": s,
+                      "units": "blurred label density (in-focus unit density ~ 1), noise-free"},
+            ))
+            written.append(write_stack(
+                folder / f"{s}_noisy.ome.tif", pair.fluorescence[k], voxel_size_um=vox,  # type: ignore[index]
+                channel_names=[names[s]], plane_positions_um=planes,
+                info={**base, "kind": "camera", "structure": s, "channel": names[s],
+                      "exposure_ms": args.fl_exposure, "units": "camera counts (ADU)"},
+            ))
+        files.append({"field": folder.name, "tile": list(pair.tile), "stage_xy_um": [x_um, y_um],
+                      "files": [p.name for p in written]})
+        print(f"field {i + 1}/{args.fields}: {folder} ({args.z} x {args.size} x {args.size}, "
+              f"{time.perf_counter() - t0:.1f} s)", flush=True)
+    manifest = {
+        **common,
+        "fields": files,
+        "shape_zyx": [args.z, args.size, args.size],
+        "voxel_size_um": list(vox),
+        "structures": list(STRUCTURES),
+        "exposure_ms": {"brightfield": args.exposure, "fluorescence": args.fl_exposure},
+    }
+    (out / "simulate.json").write_text(json.dumps(manifest, indent=1))
+    print(f"wrote {args.fields} field(s) to {out}")
+    return 0
