@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     _connect_args(p)
     p.add_argument("--screenshot", type=Path, default=None,
                    help="save the window to this PNG once a prediction is shown, then exit")
+    p.add_argument("--history-timepoints", type=int, default=50, metavar="N",
+                   help="time points per position kept for the time scrubber (default: 50)")
+    p.add_argument("--history-mb", type=float, default=1024, metavar="MB",
+                   help="memory cap of that history; oldest evicted first (default: 1024)")
 
     for name, text in (("status", "show a running daemon's status"), ("pause", "pause acquisition"),
                        ("resume", "resume acquisition"), ("stop", "stop acquisition cleanly")):
@@ -161,7 +165,9 @@ def cmd_view(args: argparse.Namespace) -> int:
     from livestain.ui.app import run_viewer
 
     eps = wire.endpoints(args.connect, args.port)
-    return run_viewer(eps["display"], screenshot=args.screenshot, screenshot_after_s=30.0, keys=args.keys)
+    return run_viewer(eps["display"], screenshot=args.screenshot, screenshot_after_s=30.0, keys=args.keys,
+                      control_endpoint=eps["control"], history_timepoints=args.history_timepoints,
+                      history_mb=args.history_mb)
 
 
 def cmd_control(args: argparse.Namespace) -> int:

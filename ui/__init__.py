@@ -1,5 +1,11 @@
-"""Live viewer: a pyqtgraph window that subscribes to the daemon's ``display`` socket.
+"""Live viewer: a pyqtgraph window on a daemon's ``display`` and ``control`` sockets.
 
-It only ever connects (never binds) and never sends anything to the daemon, so any
-number of viewers can come and go while an acquisition runs.
+It only ever connects (never binds): it subscribes to the display stream and asks the
+control socket for status (1 Hz) and, when the user says so, pause/resume/stop. Any
+number of viewers can come and go, freeze or crash while an acquisition runs.
+
+Modules: `app` (entry point), `window` (assembly and data flow), `views` (XY/XZ/YZ),
+`frames` + `render` (images, no Qt), `history` (bounded buffer), `subscriber` and
+`control_client` (sockets), `status_panel`, `structure_panel`, `control_bar` (side
+panel), `colors`, `qtcheck` (a Qt binding bug guard).
 """

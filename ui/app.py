@@ -2,8 +2,9 @@
 
 The viewer runs its own local event loop rather than ``app.exec()`` so it also works
 inside a process that already has a QApplication (tests, napari, an IPython session),
-and closing it never quits the host application. It only subscribes, so closing it has
-no effect on the daemon or the acquisition.
+and closing it never quits the host application. It subscribes to the display socket
+and polls the control socket (status at 1 Hz, pause/resume/stop on request); opening,
+closing or freezing it has no effect on the daemon or the acquisition.
 """
 
 from __future__ import annotations
@@ -16,10 +17,17 @@ from collections.abc import Callable
 
 from PySide6 import QtCore, QtWidgets
 
+from livestain import wire
+from livestain.ui.control_client import ControlClient
+from livestain.ui.history import DEFAULT_MAX_MB, DEFAULT_TIMEPOINTS, History
+from livestain.ui.qtcheck import guard_if_needed
 from livestain.ui.subscriber import DisplaySubscriber
 from livestain.ui.window import LiveWindow
 
 log = logging.getLogger(__name__)
+
+#: After the first prediction, how long a screenshot waits for a stack to show under it.
+SCREENSHOT_PAIR_WAIT_S = 5.0
 
 
 def run_viewer(
@@ -28,6 +36,10 @@ def run_viewer(
     screenshot_after_s: float = 5.0,
     wait_for_prediction: bool = True,
     keys: str | None = None,
+    control_endpoint: str | None = None,
+    history_timepoints: int = DEFAULT_TIMEPOINTS,
+    history_mb: float = DEFAULT_MAX_MB,
+    confirm_stop: bool = True,
 ) -> int:
     """Show the live viewer for ``display_endpoint``; return the exit status (0).
 
@@ -35,13 +47,23 @@ def run_viewer(
     drawn, then close. Without a prediction, save anyway after ``screenshot_after_s``
     if ``wait_for_prediction`` is False, else after twice that (so a demo never hangs
     on a dead worker). Without ``screenshot``, run until the window is closed.
+
+    ``control_endpoint`` defaults to the daemon's control port beside the display port
+    (`control_endpoint_for`); pass "" to show no status and offer no controls.
+    History keeps ``history_timepoints`` time points per position within ``history_mb``.
     """
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
     assert isinstance(app, QtWidgets.QApplication)
+    guard_if_needed()  # PySide6 6.12.0 on Python 3.11 would abort the viewer otherwise
     subscriber = DisplaySubscriber(display_endpoint, keys=keys)
-    window = LiveWindow()
+    window = LiveWindow(history=History(history_timepoints, history_mb), confirm_stop=confirm_stop)
     window.setWindowTitle(f"livestain viewer — {display_endpoint}")
     window.attach(subscriber)
+    if control_endpoint is None:
+        control_endpoint = control_endpoint_for(display_endpoint)
+    control = ControlClient(control_endpoint, keys=keys) if control_endpoint else None
+    if control is not None:
+        window.attach_control(control)
     loop = QtCore.QEventLoop()
     window.closed.connect(loop.quit)
     timers: list[QtCore.QTimer] = []
@@ -55,13 +77,25 @@ def run_viewer(
     if screenshot is not None:
         start = time.monotonic()
         limit = screenshot_after_s if not wait_for_prediction else 2 * screenshot_after_s
+        first_prediction: list[float] = []
 
         def maybe_grab() -> None:
-            elapsed = time.monotonic() - start
+            now = time.monotonic()
+            elapsed = now - start
             if window.n_predictions == 0 and elapsed < limit:
                 return
+            if window.n_predictions and not first_prediction:
+                first_prediction.append(now)
+            if control is not None and control.answering is None and elapsed < limit:
+                return  # let the status panel fill in (or say the daemon is not answering)
+            stack, pred = window.shown()
+            if (stack is None or pred is None) and first_prediction and elapsed < limit \
+                    and now - first_prediction[0] < SCREENSHOT_PAIR_WAIT_S:
+                return  # joined mid-run: give the next stack of that position a moment
             if window.n_predictions == 0:
                 log.warning("no prediction after %.1fs; saving the screenshot anyway", elapsed)
+            window.flush()
+            app.processEvents()  # lay out the labels the redraw changed before grabbing
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             if not window.grab().save(str(screenshot)):
                 log.error("could not save screenshot to %s", screenshot)
@@ -81,5 +115,17 @@ def run_viewer(
         for timer in timers:
             timer.stop()
         subscriber.close()
+        if control is not None:
+            control.stop()
         window.deleteLater()
     return 0
+
+
+def control_endpoint_for(display_endpoint: str) -> str | None:
+    """The control endpoint of the daemon whose display socket is ``display_endpoint``
+    (same host, port + 1 in the `livestain.wire` layout); None if it is not tcp://host:port."""
+    head, sep, port = display_endpoint.rpartition(":")
+    if not sep or not head.startswith("tcp://") or not port.isdigit():
+        return None
+    offset = wire.PORT_OFFSETS["control"] - wire.PORT_OFFSETS["display"]
+    return f"{head}:{int(port) + offset}"

@@ -1,200 +1,257 @@
-"""The live viewer window: brightfield plane in grey with predicted structures on top.
+"""The live viewer window: brightfield with predicted structures on top, and run health.
 
-Drawing never blocks receipt: the window keeps only the newest stack and the newest
-prediction, a timer polls the subscriber (draining its queue) and redraws only when
-something new arrived. The newest stack and newest prediction are shown together even
-when the prediction belongs to an earlier stack, because predictions lag acquisition
-and waiting for a match would leave the overlay blank most of the time.
+Data flow, chosen so the display can never slow the run or fall behind it:
+
+* a 10 Hz timer drains the display subscriber (newest stack and prediction per
+  position only) into a bounded `History`; receiving never waits for drawing;
+* drawing is requested, not done, on new data or user input, and happens at most
+  ``max_draw_hz`` times a second (many slider steps or messages -> one redraw);
+* a `ControlClient` polls the daemon's status at 1 Hz without ever blocking and sends
+  pause/resume/stop; the `StatusPanel` shows its figures.
+
+Live mode shows the newest stack of the chosen position with its newest prediction,
+even when that prediction belongs to an earlier time point: predictions lag
+acquisition, and waiting for a match would leave the overlay blank most of the time.
+Scrubbing back in time shows the stack and prediction of the same time point.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
-import pyqtgraph as pg
 from PySide6 import QtCore, QtGui, QtWidgets
 
-from livestain.ui.colors import structure_color
+from livestain.ui import render
+from livestain.ui.control_bar import ControlBar
+from livestain.ui.control_client import ControlClient
+from livestain.ui.frames import FrameRenderer
+from livestain.ui.history import History, Received
+from livestain.ui.status_panel import StatusPanel
+from livestain.ui.structure_panel import StructurePanel
 from livestain.ui.subscriber import DisplaySubscriber
+from livestain.ui.views import OrthoViews
 from livestain.wire import StackHeader
 
 #: Poll interval of the subscriber (10 Hz is smooth enough and leaves CPU for the daemon).
 POLL_MS = 100
-#: Grey display levels of the brightfield plane, as percentiles (robust to hot pixels).
-BASE_PERCENTILES = (1.0, 99.5)
-#: Overlay ramp per structure: transparent at the median (background), opaque near the max.
-OVERLAY_PERCENTILES = (50.0, 99.8)
-#: Smallest overlay ramp, in the predictions' (z-scored) units: a plane whose brightest
-#: pixels are less than this above its median holds no structure, only noise, which a
-#: pure percentile ramp would stretch to full opacity.
-MIN_OVERLAY_SPAN = 1.0
-#: Percentiles are estimated on at most about this many pixels per axis, for speed.
-PERCENTILE_SAMPLE = 512
-
-
-@dataclass
-class _Received:
-    header: StackHeader
-    array: np.ndarray
-    received_at: float
-
-
-def _latency(msg: _Received) -> str:
-    since = msg.header.acquired_end or msg.header.sent_at
-    return f"{msg.received_at - since:.2f}s" if since else "?"
-
-
-def _percentiles(
-    plane: np.ndarray, q: tuple[float, float], min_span: float = 1e-6
-) -> tuple[float, float]:
-    """Low/high percentiles of a plane on a strided subsample; hi >= lo + min_span."""
-    step = max(1, max(plane.shape) // PERCENTILE_SAMPLE)
-    lo, hi = np.percentile(plane[::step, ::step], q)
-    return float(lo), float(max(hi, lo + min_span))
-
-
-def composite_overlay(
-    planes: np.ndarray, colors: list[tuple[int, int, int]], opacity: float
-) -> np.ndarray:
-    """Alpha-composite structure planes [s, y, x] into one straight-alpha RGBA uint8 image.
-
-    Each structure's alpha ramps from 0 at its plane's median to ``opacity`` at its
-    99.8th percentile (but over at least `MIN_OVERLAY_SPAN`), so the overlay adapts to
-    each model's output scale without amplifying empty planes. Colours mix
-    by alpha weight; coverage is ``1 - prod(1 - alpha)`` (independent layers).
-    """
-    ny, nx = planes.shape[1:]
-    premult = np.zeros((ny, nx, 3), np.float32)
-    clear = np.ones((ny, nx), np.float32)
-    weight = np.zeros((ny, nx), np.float32)
-    for plane, color in zip(planes, colors):
-        lo, hi = _percentiles(plane, OVERLAY_PERCENTILES, MIN_OVERLAY_SPAN)
-        alpha = np.clip((plane.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0) * opacity
-        premult += alpha[..., None] * np.asarray(color, np.float32)
-        weight += alpha
-        clear *= 1.0 - alpha
-    rgba = np.zeros((ny, nx, 4), np.uint8)
-    covered = weight > 0
-    rgba[covered, :3] = np.clip(premult[covered] / weight[covered, None], 0, 255).round()
-    rgba[..., 3] = np.clip((1.0 - clear) * 255, 0, 255).round()
-    return rgba
+#: Upper bound on redraws per second, whatever arrives or however fast sliders move.
+MAX_DRAW_HZ = 10.0
 
 
 class LiveWindow(QtWidgets.QMainWindow):
-    """Brightfield plane (grey) with an RGBA overlay of the visible predicted structures."""
+    """Image views and time/z/position controls on the left, run panel on the right."""
 
     #: Emitted when the window is closed, so whoever runs the event loop can stop it.
     closed = QtCore.Signal()
 
-    def __init__(self, opacity: float = 0.7, parent: QtWidgets.QWidget | None = None) -> None:
+    def __init__(
+        self,
+        opacity: float = 0.7,
+        history: History | None = None,
+        confirm_stop: bool = True,
+        max_draw_hz: float = MAX_DRAW_HZ,
+        display_max_px: int = render.DISPLAY_MAX_PX,
+        parent: QtWidgets.QWidget | None = None,
+    ) -> None:
         super().__init__(parent)
         self.setWindowTitle("livestain viewer")
-        self.opacity = opacity
-        self._stack: _Received | None = None
-        self._pred: _Received | None = None
+        self.history = history or History()
+        self._min_draw_s = 1.0 / max_draw_hz
+        self._subscriber: DisplaySubscriber | None = None
+        self._control: ControlClient | None = None
+        self._p: int | None = None
+        self._t: int | None = None  # shown time point when not live
+        self._live = True
         self._z = 0
         self._nz = 0
-        self._visible: dict[str, bool] = {}
-        self._checks: dict[str, QtWidgets.QCheckBox] = {}
-        self._subscriber: DisplaySubscriber | None = None
+        self._mode = "plane"
+        self._cross: tuple[int, int] | None = None
+        self._shape: tuple[int, int, int] | None = None
+        self._dirty = False
+        self._last_draw = 0.0
+        self._last_drawn_pred: dict[int, int] = {}
+        self.renderer = FrameRenderer(display_max_px)
+        self._overlay = np.zeros((1, 1, 4), np.uint8)
+        self._base = np.zeros((1, 1), np.uint16)
         self.n_stacks = 0
         self.n_predictions = 0
         self.n_malformed = 0
-        self._overlay = np.zeros((1, 1, 4), np.uint8)
-        self._base = np.zeros((1, 1), np.uint16)
+        #: Seconds the last redraw took (composite + setImage, not the paint).
+        self.last_draw_s = 0.0
+        self._build(opacity, confirm_stop)
+        self._poll_timer = QtCore.QTimer(self)
+        self._poll_timer.setInterval(POLL_MS)
+        self._poll_timer.timeout.connect(self._poll)
+        self._draw_timer = QtCore.QTimer(self)
+        self._draw_timer.setSingleShot(True)
+        self._draw_timer.timeout.connect(self.flush)
 
-        self.graphics = pg.GraphicsLayoutWidget()
-        self.view = self.graphics.addViewBox(lockAspect=True, invertY=True)
-        self.base_item = pg.ImageItem(axisOrder="row-major")
-        self.overlay_item = pg.ImageItem(axisOrder="row-major")
-        self.view.addItem(self.base_item)
-        self.view.addItem(self.overlay_item)
-        self.overlay_item.setZValue(1)
+    # -- layout ---------------------------------------------------------------------
 
+    def _build(self, opacity: float, confirm_stop: bool) -> None:
+        self.views = OrthoViews()
+        self.views.crosshair_moved.connect(self.set_crosshair)
+        self.graphics = self.views  # the widget that holds every view (tests map pixels through it)
+        self.view = self.views.xy_box
+        self.base_item = self.views.xy.base
+        self.overlay_item = self.views.xy.overlay
+
+        self.position_combo = QtWidgets.QComboBox()
+        self.position_combo.setToolTip("stage position (positions seen so far)")
+        self.position_combo.setSizeAdjustPolicy(QtWidgets.QComboBox.SizeAdjustPolicy.AdjustToContents)
+        self.position_combo.currentIndexChanged.connect(self._position_chosen)
+        self.mode_combo = QtWidgets.QComboBox()
+        self.mode_combo.addItems(list(render.MODES))
+        self.mode_combo.setToolTip("plane: the z slider's plane; focus: the sharpest plane of each "
+                                   "stack; max / mean: projections over z")
+        self.mode_combo.currentTextChanged.connect(self.set_mode)
         self.z_slider = QtWidgets.QSlider(QtCore.Qt.Orientation.Horizontal)
         self.z_slider.setRange(0, 0)
         self.z_slider.valueChanged.connect(self.set_plane)
         self.z_label = QtWidgets.QLabel("z 0/0")
+        self.time_slider = QtWidgets.QSlider(QtCore.Qt.Orientation.Horizontal)
+        self.time_slider.setRange(0, 0)
+        self.time_slider.valueChanged.connect(self._time_chosen)
+        self.time_label = QtWidgets.QLabel("t —")
+        self.live_check = QtWidgets.QCheckBox("live")
+        self.live_check.setChecked(True)
+        self.live_check.toggled.connect(self.set_live)
+        self.history_label = QtWidgets.QLabel(self.history.describe())
+        self.history_label.setToolTip(self.history.describe())
+        for w in (self.time_slider, self.time_label):
+            w.setToolTip(f"recent time points of this position held in memory: "
+                         f"{self.history.describe()}")
         self.status = QtWidgets.QLabel("waiting for data…")
         self.status.setWordWrap(True)
-        self._checks_row = QtWidgets.QHBoxLayout()
-        self._checks_row.addStretch(1)
 
-        controls = QtWidgets.QHBoxLayout()
-        controls.addWidget(self.z_label)
-        controls.addWidget(self.z_slider, 1)
-        controls.addLayout(self._checks_row)
-        central = QtWidgets.QWidget()
-        layout = QtWidgets.QVBoxLayout(central)
-        layout.addWidget(self.graphics, 1)
-        layout.addLayout(controls)
-        layout.addWidget(self.status)
-        self.setCentralWidget(central)
-        self.resize(900, 800)
+        row1 = QtWidgets.QHBoxLayout()
+        row1.addWidget(self.position_combo)
+        row1.addWidget(self.mode_combo)
+        row1.addWidget(self.z_label)
+        row1.addWidget(self.z_slider, 1)
+        row2 = QtWidgets.QHBoxLayout()
+        row2.addWidget(self.time_label)
+        row2.addWidget(self.time_slider, 1)
+        row2.addWidget(self.live_check)
+        left = QtWidgets.QWidget()
+        lay = QtWidgets.QVBoxLayout(left)
+        lay.addWidget(self.views, 1)
+        lay.addLayout(row1)
+        lay.addLayout(row2)
+        lay.addWidget(self.history_label)
+        lay.addWidget(self.status)
 
-        self._timer = QtCore.QTimer(self)
-        self._timer.setInterval(POLL_MS)
-        self._timer.timeout.connect(self._poll)
+        self.panel = StatusPanel()
+        self.controls = ControlBar(confirm_stop)
+        # the buttons, reachable from the window for scripts and tests
+        self.pause_button = self.controls.pause_button
+        self.resume_button = self.controls.resume_button
+        self.stop_button = self.controls.stop_button
+        self.command_label = self.controls.command_label
+        self.structures = StructurePanel(opacity)
+        self.structures.changed.connect(self._request_draw)
+        side = QtWidgets.QWidget()
+        side.setMinimumWidth(400)
+        side.setMaximumWidth(520)
+        slay = QtWidgets.QVBoxLayout(side)
+        slay.addWidget(self.panel)
+        slay.addWidget(self.controls)
+        slay.addWidget(self.structures)
+        slay.addStretch(1)
+
+        splitter = QtWidgets.QSplitter()
+        splitter.addWidget(left)
+        splitter.addWidget(side)
+        splitter.setStretchFactor(0, 1)
+        self.setCentralWidget(splitter)
+        self.resize(1300, 900)
+
+    @property
+    def _checks(self) -> dict[str, QtWidgets.QCheckBox]:
+        """Visibility boxes by structure (kept for scripts written for the first viewer)."""
+        return self.structures.checks
 
     def closeEvent(self, event: QtGui.QCloseEvent) -> None:  # noqa: N802 (Qt override)
         """Stop polling; closing only closes this viewer, the daemon is never told."""
-        self._timer.stop()
+        self._poll_timer.stop()
+        self._draw_timer.stop()
+        if self._control is not None:
+            self._control.stop()
         super().closeEvent(event)
         self.closed.emit()
 
-    # -- data in -----------------------------------------------------------------------
+    # -- data in --------------------------------------------------------------------
 
     def attach(self, subscriber: DisplaySubscriber) -> None:
         """Poll ``subscriber`` at 10 Hz from now on (the window does not own or close it)."""
         self._subscriber = subscriber
-        self._timer.start()
+        self._poll_timer.start()
+
+    def attach_control(self, client: ControlClient) -> None:
+        """Show ``client``'s status replies and send the buttons' commands through it
+        (the window stops it when closed)."""
+        self._control = client
+        client.status.connect(self.panel.show_status)
+        client.not_answering.connect(self.panel.show_not_answering)
+        self.controls.attach(client)
+        client.start()
 
     def show_stack(self, header: StackHeader, array: np.ndarray) -> None:
-        """Show a new brightfield stack [z, y, x] (replaces the previous one)."""
+        """Take a stack [z, y, x] and draw now (programmatic feed; the poll path batches)."""
         self.n_stacks += 1
-        self._set_stack(header, array)
-        self._redraw()
+        self.ingest(header, array)
+        self.flush()
 
     def show_prediction(self, header: StackHeader, array: np.ndarray) -> None:
-        """Show a new prediction [structure, z, y, x] (replaces the previous one)."""
+        """Take a prediction [structure, z, y, x] and draw now."""
         self.n_predictions += 1
-        self._set_prediction(header, array)
-        self._redraw()
+        self.ingest(header, array)
+        self.flush()
 
-    def _set_stack(self, header: StackHeader, array: np.ndarray) -> None:
-        self._stack = _Received(header, array, time.time())
-        self._sync_slider(array.shape[0])
+    def ingest(self, header: StackHeader, array: np.ndarray) -> Received:
+        """Store one message in history and schedule a redraw; never draws itself."""
+        if header.run_id != self.history.run_id:
+            self._new_run()
+        rec = self.history.add(header, array)
+        if header.kind == "prediction":
+            for name in header.structures:
+                self.structures.ensure(name)
+            self.panel.set_structures(len(header.structures))
+        if self.position_combo.findData(header.p) < 0:
+            pos = [self.position_combo.itemData(i) for i in range(self.position_combo.count())]
+            index = sum(1 for q in pos if q < header.p)
+            self.position_combo.insertItem(index, f"position {header.p}", header.p)
+            if self._p is None:
+                self.position_combo.setCurrentIndex(index)  # -> _position_chosen
+        self._request_draw()
+        return rec
 
-    def _set_prediction(self, header: StackHeader, array: np.ndarray) -> None:
-        self._pred = _Received(header, array, time.time())
-        for name in header.structures:
-            if name not in self._checks:
-                self._add_check(name)
-        if self._stack is None:
-            self._sync_slider(array.shape[1])
+    def _new_run(self) -> None:
+        self.position_combo.blockSignals(True)
+        self.position_combo.clear()
+        self.position_combo.blockSignals(False)
+        self._p, self._t, self._live = None, None, True
+        self.renderer.clear()
+        self._last_drawn_pred.clear()
+        self.live_check.setChecked(True)
 
     def _poll(self) -> None:
-        """Drain the subscriber; redraw once if anything new arrived."""
+        """Drain the subscriber (all of it, newest per position kept); request one redraw."""
         if self._subscriber is None:
             return
         before = dict(self._subscriber.received)
-        stack, pred, dropped = self._subscriber.poll_latest()
+        messages, dropped = self._subscriber.poll()
         # Count everything received, also messages a newer one superseded in this poll.
         self.n_stacks += self._subscriber.received["stack"] - before["stack"]
         self.n_predictions += self._subscriber.received["prediction"] - before["prediction"]
         self.n_malformed += dropped
-        if stack is not None:
-            self._set_stack(*stack)
-        if pred is not None:
-            self._set_prediction(*pred)
-        if stack is not None or pred is not None:
-            self._redraw()
-        elif dropped:
+        for msg in messages:
+            self.ingest(msg.header, msg.array)
+        if dropped:
             self.status.setText(self._status_text())
 
-    # -- controls ----------------------------------------------------------------------
+    # -- user controls --------------------------------------------------------------
 
     def set_plane(self, z: int) -> None:
         """Show plane ``z`` (clamped to the stack)."""
@@ -203,92 +260,230 @@ class LiveWindow(QtWidgets.QMainWindow):
             self.z_slider.setValue(z)  # re-enters via valueChanged
             return
         self._z = z
-        self._redraw()
+        self._request_draw()
+
+    def set_mode(self, mode: str) -> None:
+        """``plane``, ``focus`` (sharpest plane), ``max`` or ``mean`` projection."""
+        if mode not in render.MODES:
+            raise ValueError(f"unknown mode {mode!r}; use one of {render.MODES}")
+        if self.mode_combo.currentText() != mode:
+            self.mode_combo.setCurrentText(mode)  # re-enters via currentTextChanged
+            return
+        self._mode = mode
+        self.z_slider.setEnabled(mode == "plane")
+        self._request_draw()
 
     def set_structure_visible(self, name: str, visible: bool) -> None:
         """Show or hide one structure's overlay (remembered for later predictions too)."""
-        self._visible[name] = visible
-        check = self._checks.get(name)
-        if check is not None and check.isChecked() != visible:
-            check.setChecked(visible)  # re-enters via toggled
+        self.structures.set_visible(name, visible)
+
+    def set_position(self, p: int) -> None:
+        """Show stage position ``p`` (must have been received)."""
+        index = self.position_combo.findData(p)
+        if index < 0:
+            raise KeyError(f"no data received for position {p}")
+        self.position_combo.setCurrentIndex(index)
+        self._position_chosen(index)
+
+    def set_live(self, live: bool) -> None:
+        """Follow the newest data (True) or stay on the time point chosen with the scrubber."""
+        self._live = bool(live)
+        if self.live_check.isChecked() != self._live:
+            self.live_check.blockSignals(True)
+            self.live_check.setChecked(self._live)
+            self.live_check.blockSignals(False)
+        if not self._live and self._t is None and self._p is not None:
+            times = self.history.times(self._p)
+            self._t = times[-1] if times else None
+        self._request_draw()
+
+    def set_time(self, t: int) -> None:
+        """Show time point ``t`` of the current position from history (leaves live mode
+        unless ``t`` is the newest time point held)."""
+        times = self.history.times(self._p) if self._p is not None else []
+        if t not in times:
+            raise KeyError(f"time point {t} is not in history (held: {times})")
+        self.time_slider.setValue(times.index(t))
+        self._time_chosen(times.index(t))
+
+    def set_crosshair(self, x: int, y: int) -> None:
+        """Sections through full-resolution pixel (x, y): XZ at row y, YZ at column x."""
+        if self._shape is None:
+            self._cross = (int(x), int(y))
+        else:
+            _, ny, nx = self._shape
+            self._cross = (int(np.clip(x, 0, nx - 1)), int(np.clip(y, 0, ny - 1)))
+        self._request_draw()
+
+    def _position_chosen(self, index: int) -> None:
+        p = self.position_combo.itemData(index)
+        if p is None or p == self._p:
             return
-        self._redraw()
+        self._p, self._t = p, None
+        self.set_live(True)
 
-    def _sync_slider(self, nz: int) -> None:
-        """Fit the slider to a depth; jump to the middle plane only when the depth changes,
-        so the user's chosen plane survives new stacks of the same run."""
-        if nz == self._nz:
+    def _time_chosen(self, index: int) -> None:
+        times = self.history.times(self._p) if self._p is not None else []
+        if not times:
             return
-        self._nz = nz
-        self.z_slider.blockSignals(True)
-        self.z_slider.setRange(0, nz - 1)
-        self.z_slider.setValue(nz // 2)
-        self.z_slider.blockSignals(False)
-        self._z = nz // 2
+        index = min(max(index, 0), len(times) - 1)
+        self._t = times[index]
+        self.set_live(index == len(times) - 1)
 
-    def _add_check(self, name: str) -> None:
-        check = QtWidgets.QCheckBox(name)
-        r, g, b = structure_color(name)
-        check.setStyleSheet(f"QCheckBox {{ color: rgb({r},{g},{b}); }}")
-        check.setChecked(self._visible.setdefault(name, True))
-        check.toggled.connect(lambda on, n=name: self.set_structure_visible(n, on))
-        self._checks[name] = check
-        self._checks_row.insertWidget(self._checks_row.count() - 1, check)
-        check.show()  # a child added to a shown window stays hidden until the event loop runs
+    # -- control socket -------------------------------------------------------------
 
-    # -- drawing -----------------------------------------------------------------------
+    @property
+    def confirm_stop(self) -> bool:
+        """Whether Stop asks for confirmation (False for scripts and tests)."""
+        return self.controls.confirm_stop
+
+    @confirm_stop.setter
+    def confirm_stop(self, value: bool) -> None:
+        self.controls.confirm_stop = value
+
+    def pause(self) -> bool:
+        return self.controls.pause()
+
+    def resume(self) -> bool:
+        return self.controls.resume()
+
+    def stop(self, confirm: bool | None = None) -> bool:
+        """Ask the daemon to stop after the current frame (see `ControlBar.stop`)."""
+        return self.controls.stop(confirm)
+
+    # -- drawing --------------------------------------------------------------------
+
+    def _request_draw(self) -> None:
+        """Mark dirty and draw within the rate bound (coalesces bursts into one redraw)."""
+        self._dirty = True
+        if not self._draw_timer.isActive():
+            wait = self._last_draw + self._min_draw_s - time.monotonic()
+            self._draw_timer.start(max(0, int(wait * 1000)))
+
+    def flush(self) -> None:
+        """Redraw now if anything changed since the last redraw."""
+        self._draw_timer.stop()
+        if self._dirty:
+            self._dirty = False
+            self._draw()
 
     def base_image(self) -> np.ndarray:
-        """The brightfield plane shown now, raw values (y, x); 1x1 zeros before any stack."""
+        """The brightfield image in the XY view (pending changes drawn first), raw values
+        (y, x); 1x1 zeros before any stack."""
+        self.flush()
         return self._base
 
     def overlay_rgba(self) -> np.ndarray:
-        """The overlay shown now as straight-alpha RGBA uint8 (y, x, 4)."""
+        """The XY overlay (pending changes drawn first), straight-alpha RGBA uint8 (y, x, 4)."""
+        self.flush()
         return self._overlay
 
-    def _redraw(self) -> None:
-        """Redraw base and overlay for the current plane; refit the view on a new size."""
-        old_shape = (self._base.shape, self._overlay.shape[:2])
-        if self._stack is not None:
-            self._base = self._stack.array[min(self._z, self._stack.array.shape[0] - 1)]
-            lo, hi = _percentiles(self._base, BASE_PERCENTILES)
-            self.base_item.setImage(self._base, levels=(lo, hi), autoLevels=False)
-        self._overlay = self._compute_overlay()
-        self.overlay_item.setImage(self._overlay, autoLevels=False, levels=(0, 255))
-        if self._stack is not None:
-            ny, nx = self._base.shape
-            self.overlay_item.setRect(QtCore.QRectF(0, 0, nx, ny))  # stretch if sizes differ
-        if (self._base.shape, self._overlay.shape[:2]) != old_shape:
-            self.view.autoRange(padding=0)
-        self.z_label.setText(f"z {self._z}/{max(self.z_slider.maximum(), 0)}")
+    def shown(self) -> tuple[Received | None, Received | None]:
+        """The stack and prediction records the views show (or would show) now."""
+        if self._p is None:
+            return None, None
+        if not self._live and self._t is not None:
+            entry = self.history.get(self._p, self._t)
+            if entry is not None:
+                return entry.stack, entry.prediction
+            self._live = True  # evicted: back to live
+            self.live_check.setChecked(True)
+        return self.history.newest(self._p, "stack"), self.history.newest(self._p, "prediction")
+
+    def _draw(self) -> None:
+        t0 = time.perf_counter()
+        self._last_draw = time.monotonic()
+        stack, pred = self.shown()
+        self._sync_time_slider()
+        if stack is not None or pred is not None:
+            nz, ny, nx = stack.array.shape if stack is not None else pred.array.shape[1:]
+            self._sync_geometry(nz, ny, nx)
+        frame = self.renderer.render(stack, pred, self._z, self._mode, self._cross, self.structures.styles)
+        if frame is None:
+            self.status.setText(self._status_text())
+            return
+        for layer, images in ((self.views.xy, frame.xy), (self.views.xz, frame.xz), (self.views.yz, frame.yz)):
+            layer.show(images.base, images.levels, images.overlay, QtCore.QRectF(*images.rect))
+        cx, cy = self._cross or (frame.shape[2] // 2, frame.shape[1] // 2)
+        self.views.set_crosshair(cx, cy, (frame.z + 0.5) * frame.z_scale)
+        for name, (lo, hi) in frame.auto_levels.items():
+            self.structures.show_levels(name, lo, hi)
+        if self._mode == "focus":  # leaving focus mode then stays on the sharpest plane
+            self._z = frame.z
+            self._show_z(frame.z)
+        self._base = frame.xy.base if frame.xy.base is not None else np.zeros((1, 1), np.uint16)
+        self._overlay = frame.xy.overlay
+        self.last_draw_s = time.perf_counter() - t0
+        self._note_latency(pred)
+        suffix = "" if self._mode == "plane" else f" ({self._mode})"
+        self.z_label.setText(f"z {frame.z}/{frame.shape[0] - 1}{suffix}")
+        self.history_label.setText(self.history.describe())
         self.status.setText(self._status_text())
 
-    def _compute_overlay(self) -> np.ndarray:
-        if self._pred is None:
-            ny, nx = self._base.shape
-            return np.zeros((ny, nx, 4), np.uint8)
-        header, pred = self._pred.header, self._pred.array
-        z = min(self._z, pred.shape[1] - 1)
-        shown = [i for i, n in enumerate(header.structures) if self._visible.get(n, True)]
-        colors = [structure_color(header.structures[i]) for i in shown]
-        planes = pred[shown, z] if shown else np.zeros((0,) + pred.shape[2:], pred.dtype)
-        return composite_overlay(planes, colors, self.opacity)
+    def _sync_geometry(self, nz: int, ny: int, nx: int) -> None:
+        """Fit the z slider to a depth; jump to the middle plane (and centre the crosshair)
+        only when the shape changes, so the user's choices survive new stacks."""
+        if self._shape == (nz, ny, nx):
+            return
+        if self._nz != nz:
+            self._nz = nz
+            self.z_slider.blockSignals(True)
+            self.z_slider.setRange(0, nz - 1)
+            self.z_slider.setValue(nz // 2)
+            self.z_slider.blockSignals(False)
+            self._z = nz // 2
+        if self._shape is None and self._cross is not None:  # chosen before any data
+            self._cross = (int(np.clip(self._cross[0], 0, nx - 1)), int(np.clip(self._cross[1], 0, ny - 1)))
+        elif self._shape is None or self._shape[1:] != (ny, nx):
+            self._cross = (nx // 2, ny // 2)
+        self._shape = (nz, ny, nx)
+        self._z = min(self._z, nz - 1)
+
+    def _show_z(self, z: int) -> None:
+        self.z_slider.blockSignals(True)
+        self.z_slider.setValue(z)
+        self.z_slider.blockSignals(False)
+
+    def _sync_time_slider(self) -> None:
+        times = self.history.times(self._p) if self._p is not None else []
+        self.time_slider.blockSignals(True)
+        self.time_slider.setRange(0, max(len(times) - 1, 0))
+        if times:
+            if self._live or self._t not in times:
+                self.time_slider.setValue(len(times) - 1)
+            else:
+                self.time_slider.setValue(times.index(self._t))
+        self.time_slider.blockSignals(False)
+        if not times:
+            self.time_label.setText("t —")
+        elif self._live:
+            self.time_label.setText(f"t {times[-1]} (live; history t {times[0]}–{times[-1]})")
+        else:
+            self.time_label.setText(f"t {self._t} (history t {times[0]}–{times[-1]})")
+
+    def _note_latency(self, pred: Received | None) -> None:
+        """End-to-end latency of a live prediction the first time it is drawn."""
+        if pred is None or not self._live or self._p is None:
+            return
+        if self._last_drawn_pred.get(self._p) == pred.serial:
+            return
+        self._last_drawn_pred[self._p] = pred.serial
+        since = pred.header.acquired_end
+        if since > 0:
+            self.panel.add_latency(time.time() - since)
 
     def _status_text(self) -> str:
-        """Run/t/p/seq of the shown data, counts, and latencies.
-
-        Latency is receipt time minus the end of acquisition (what the user waits for),
-        falling back to the send time when the header does not carry acquisition times.
-        """
+        """What is shown (run/t/p/seq), receipt counts and the last draw time."""
+        stack, pred = self.shown()
         parts = []
-        if self._stack is not None:
-            h = self._stack.header
-            parts.append(f"run {h.run_id}  t {h.t}  p {h.p}  seq {h.seq}")
-            parts.append(f"stack latency {_latency(self._stack)}")
-        if self._pred is not None:
-            h = self._pred.header
-            parts.append(f"prediction of seq {h.source_seq}, latency {_latency(self._pred)}")
+        if stack is not None:
+            h = stack.header
+            parts.append(f"run {h.run_id}  p {h.p}  t {h.t}  seq {h.seq}")
+        if pred is not None:
+            h = pred.header
+            parts.append(f"prediction of seq {h.source_seq} (t {h.t})")
         parts.append(f"received: stacks {self.n_stacks}  predictions {self.n_predictions}")
         if self.n_malformed:
             parts.append(f"malformed {self.n_malformed}")
+        parts.append(f"draw {self.last_draw_s * 1000:.0f} ms")
         return "   ".join(parts)
