@@ -332,6 +332,9 @@ class Daemon:
         self._catch_up()
         self._mark_sent(self.sockets.pump())
         ready = dict(self.sockets.poller.poll(timeout_ms))
+        if self.sockets.stacks in ready:
+            self.sockets.receive_ready()
+            self._mark_sent(self.sockets.pump())
         if self.sockets.results in ready:
             while (result := self.sockets.receive_result()) is not None:
                 self._on_prediction(*result)
@@ -544,6 +547,8 @@ class Daemon:
             "stacks_sent": counts.sent,
             "stacks_dropped": counts.dropped,
             "backlog": len(self.sockets.backlog),
+            "workers_idle": len(self.sockets.idle),
+            "worker_heartbeats_s": self.sockets.worker_heartbeats(),
             "malformed_results": counts.malformed_results,
             "malformed_commands": self._malformed_commands,
             "timepoints": self._n_t,

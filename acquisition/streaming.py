@@ -1,8 +1,9 @@
 """The daemon's sockets: stacks out to workers, predictions back, everything to viewers.
 
-Acquisition must never wait for a peer. Sends are non-blocking with small high-water
-marks; a stack that cannot be handed to a worker right now waits in a short
-newest-first backlog (its pixels are on disk already); when that backlog overflows the
+Acquisition must never wait for a peer. Workers ask for work; a stack goes to a worker
+only when one is idle, the newest first, so none waits in a worker's queue while a
+newer one exists. Sends are non-blocking; a stack no worker can take right now waits
+in a short newest-first backlog (its pixels are on disk already); when that backlog overflows the
 oldest leave it, counted, and the daemon predicts them later from disk. The display socket is PUB: viewers that are
 absent or slow simply miss messages.
 """
@@ -10,7 +11,8 @@ absent or slow simply miss messages.
 from __future__ import annotations
 
 import logging
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,9 @@ class DaemonSockets:
     the daemon's main loop.
     """
 
+    #: A worker's ready message counts this long; idle workers repeat it every second.
+    READY_EXPIRES_S = 5.0
+
     def __init__(
         self,
         eps: dict[str, str],
@@ -50,7 +55,10 @@ class DaemonSockets:
         self.endpoints = eps
         host = eps["control"].split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
         self.security = ServerSecurity(self.ctx, host, keys)
-        self.stacks = self._bind(zmq.PUSH, eps["stacks"], sndhwm=2)
+        self.stacks = self._bind(zmq.ROUTER, eps["stacks"], sndhwm=4)
+        # workers waiting for a stack, by ZeroMQ identity -> (name, last ready time)
+        self.idle: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        self.workers_seen: dict[str, float] = {}
         self.results = self._bind(zmq.PULL, eps["results"], rcvhwm=16)
         self.display = self._bind(zmq.PUB, eps["display"], sndhwm=4)
         self.control = self._bind(zmq.REP, eps["control"])
@@ -59,6 +67,7 @@ class DaemonSockets:
         self.counts = StreamCounts()
         self.poller = zmq.Poller()
         self.poller.register(self.results, zmq.POLLIN)
+        self.poller.register(self.stacks, zmq.POLLIN)
         self.poller.register(self.control, zmq.POLLIN)
 
     def _bind(self, kind: int, endpoint: str, sndhwm: int = 0, rcvhwm: int = 0) -> zmq.Socket:
@@ -91,22 +100,48 @@ class DaemonSockets:
             dropped.append(old.seq)
         return dropped
 
-    def pump(self) -> list[int]:
-        """Hand backlogged stacks to workers, newest first, until they push back.
+    def receive_ready(self) -> None:
+        """Note every worker that asked for work (a ready message is also a heartbeat)."""
+        while True:
+            try:
+                frames = self.stacks.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity, rest = frames[0], frames[1:]
+            try:
+                body = wire.decode_ready(rest)
+            except wire.WireError as e:
+                self.counts.malformed_results += 1
+                log.warning("dropped malformed message on stacks socket: %s", e)
+                continue
+            name = str(body.get("worker", "?"))
+            now = time.monotonic()
+            self.idle[identity] = (name, now)
+            self.workers_seen[name] = now
 
-        Returns the seqs handed over.
-        """
+    def pump(self) -> list[int]:
+        """Give each idle worker one stack, the newest first; returns the seqs handed over."""
+        now = time.monotonic()
+        for identity in [i for i, (_, at) in self.idle.items() if now - at > self.READY_EXPIRES_S]:
+            del self.idle[identity]  # it stopped asking: gone or busy elsewhere
         sent = []
-        while self.backlog:
+        while self.backlog and self.idle:
+            identity, _ = self.idle.popitem(last=False)
             header, array = self.backlog[-1]
             try:
-                self.stacks.send_multipart(wire.encode(header, array), copy=False, flags=zmq.NOBLOCK)
+                self.stacks.send_multipart([identity, b"", *wire.encode(header, array)],
+                                           copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
                 break
             self.backlog.pop()
             self.counts.sent += 1
             sent.append(header.seq)
         return sent
+
+    def worker_heartbeats(self) -> dict[str, float]:
+        """Seconds since each worker last asked for work (absent: never seen)."""
+        now = time.monotonic()
+        return {name: round(now - at, 1) for name, at in self.workers_seen.items()}
 
     # -- to viewers -------------------------------------------------------------------
     def publish(self, header: wire.StackHeader, array: np.ndarray) -> None:

@@ -46,6 +46,9 @@ class Worker:
         The loaded model on its device.
     """
 
+    #: While idle, repeat the request for work this often (it is also the heartbeat).
+    READY_EVERY_S = 1.0
+
     def __init__(
         self,
         stacks_endpoint: str,
@@ -57,8 +60,8 @@ class Worker:
         self.predictor = predictor
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.ctx = ctx or zmq.Context.instance()
-        self.pull = self.ctx.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.RCVHWM, 2)
+        # DEALER: ask for one stack at a time (see livestain.wire, "Work distribution")
+        self.pull = self.ctx.socket(zmq.DEALER)
         self.pull.setsockopt(zmq.LINGER, 0)
         apply_client(self.pull, keys)
         self.pull.connect(stacks_endpoint)
@@ -77,18 +80,27 @@ class Worker:
     def serve(self, max_stacks: int | None = None, parent_pid: int | None = None) -> WorkerCounts:
         """Predict until `stop()` (or SIGTERM/SIGINT via `run_worker`).
 
-        With ``parent_pid``, also stop when that process is gone: a worker the daemon
+        Asks the daemon for a stack, predicts it, asks again; while idle the request is
+        repeated every second (the daemon's heartbeat of this worker). With
+        ``parent_pid``, also stops when that process is gone: a worker the daemon
         spawned must not outlive a daemon that was killed.
         """
+        last_ready = 0.0
         while self._running and (max_stacks is None or self.counts.predicted < max_stacks):
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.warning("daemon (pid %d) is gone; worker exits", parent_pid)
                 break
+            if time.monotonic() - last_ready > self.READY_EVERY_S:
+                self.pull.send_multipart(wire.encode_ready(self.name, self.predictor.model.name))
+                last_ready = time.monotonic()
             if not self.pull.poll(200):
                 continue
             frames = self.pull.recv_multipart(copy=False)
+            last_ready = 0.0  # ask for the next one right after this one
             try:
-                header, stack = wire.decode(frames)
+                if len(frames) != 3 or frames[0].bytes != b"":
+                    raise wire.WireError(f"expected [empty, header, payload], got {len(frames)} frames")
+                header, stack = wire.decode(frames[1:])
                 if header.kind != "stack":
                     raise wire.WireError(f"expected a stack, got a {header.kind}")
             except wire.WireError as e:
@@ -155,7 +167,7 @@ def run_worker(
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     log.info(
-        "worker %s ready: model %s on %s, pulling from %s",
+        "worker %s ready: model %s on %s, asking %s for stacks",
         worker.name, predictor.model.name, predictor.device, stacks_endpoint,
     )
     try:

@@ -10,13 +10,19 @@ messages (``kind`` = ``"command"`` / ``"reply"``) carry an empty payload.
 
 Sockets and who calls whom (all bound by the daemon on 127.0.0.1 by default)::
 
-    stacks   daemon PUSH  --bind-->  workers PULL  (connect)   brightfield stacks to predict
+    stacks   daemon ROUTER <--bind--> workers DEALER (connect) "ready" in, one stack out
     results  daemon PULL  <--bind--  workers PUSH  (connect)   predictions back
     display  daemon PUB   --bind-->  viewers SUB   (connect)   every stack and prediction
     control  daemon REP   <--bind--  clients REQ   (connect)   status / pause / resume / stop
 
 Workers and viewers only connect, so any number of them may come and go (on this
 host or, when the user binds elsewhere, another one) without the daemon noticing.
+
+Work distribution: a worker asks for work with a ``ready`` message (``[b"", ready]``
+from its DEALER; repeated every second while idle, which doubles as its heartbeat) and
+the daemon answers with exactly one stack (``[b"", header, payload]``), the newest it
+has. So no stack ever waits in a worker's queue while a newer one exists, and each
+worker holds at most one stack at a time.
 
 Headers (``kind``):
 
@@ -201,6 +207,21 @@ def decode(frames: list[Any]) -> tuple[StackHeader, np.ndarray]:
     array = np.frombuffer(buffer, dtype=dtype).reshape(header.shape)
     array.setflags(write=False)  # a view on the frame: consumers must copy to modify
     return header, array
+
+
+# -- work requests ----------------------------------------------------------------------
+
+def encode_ready(worker: str, model: str = "") -> list[bytes]:
+    """A worker's request for one stack (and its heartbeat): DEALER frames ``[b"", ready]``."""
+    msg = {"schema": SCHEMA, "kind": "ready", "worker": worker, "model": model}
+    return [b"", json.dumps(msg).encode()]
+
+
+def decode_ready(frames: list[Any]) -> dict[str, Any]:
+    """The body of a ``ready`` message as the daemon's ROUTER sees it, minus the identity."""
+    if len(frames) != 2 or getattr(frames[0], "bytes", frames[0]) != b"":
+        raise WireError("a ready message is [empty delimiter, JSON body]")
+    return _decode_control([frames[1], b""], "ready")
 
 
 # -- control --------------------------------------------------------------------------

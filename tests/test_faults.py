@@ -275,9 +275,9 @@ def test_a_worker_ten_times_slower_than_acquisition_never_delays_frames(tmp_path
 
 def test_a_hung_worker_is_detected_and_its_stacks_sent_again(tmp_path, base_port) -> None:
     eps = wire.endpoints(base_port=base_port)
-    sink = zmq.Context.instance().socket(zmq.PULL)  # takes stacks, never answers
-    sink.setsockopt(zmq.RCVHWM, 1)
+    sink = zmq.Context.instance().socket(zmq.DEALER)  # asks for a stack, never answers
     sink.connect(eps["stacks"])
+    sink.send_multipart(wire.encode_ready("hung-worker"))
     hung = []
     core = build_simulated_core(SimulatedScope())
     daemon = Daemon(core, demo_sequence(2, 0.0), tmp_path / "run", eps,

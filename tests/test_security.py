@@ -59,20 +59,22 @@ def test_with_keys_only_key_holders_are_answered(tmp_path, base_port) -> None:
         with pytest.raises(TimeoutError):
             send_command(eps["control"], "status", timeout_s=1, keys=strangers)
         # the stack stream is encrypted too: a key holder receives it
-        pull = zmq.Context.instance().socket(zmq.PULL)
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
         from livestain.security import apply_client
 
-        apply_client(pull, keys)
-        pull.connect(eps["stacks"])
+        apply_client(dealer, keys)
+        dealer.connect(eps["stacks"])
         header = wire.StackHeader(kind="stack", run_id="r", seq=0, t=0, shape=[1, 4, 4],
                                   dtype="uint16", voxel_size_um=[1, 1, 1])
         daemon.offer(header, np.ones((1, 4, 4), np.uint16))
+        dealer.send_multipart(wire.encode_ready("secure-worker"))
         for _ in range(100):
+            daemon.receive_ready()
             daemon.pump()
-            if pull.poll(50):
+            if dealer.poll(50):
                 break
-        got_header, got = wire.decode(pull.recv_multipart(copy=False))
-        pull.close(0)
+        got_header, got = wire.decode(dealer.recv_multipart(copy=False)[1:])
+        dealer.close(0)
         assert got_header.run_id == "r" and int(got.sum()) == 16
     finally:
         stop.set()

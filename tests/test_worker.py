@@ -20,15 +20,21 @@ def test_worker_predicts_stacks_and_drops_malformed_messages(base_port) -> None:
     thread = threading.Thread(target=worker.serve, kwargs={"max_stacks": 1}, daemon=True)
     thread.start()
     try:
+        for _ in range(100):  # the worker asks for work as soon as it is up
+            if daemon.stacks.poll(100):
+                break
+        identity, *rest = daemon.stacks.recv_multipart()
+        assert wire.decode_ready(rest)["worker"] == worker.name
         junk = [[b"not json", b"x"], [b"{}", b""], [b"a", b"b", b"c"]]
-        for frames in junk:  # straight onto the stacks socket, as a broken peer would
-            daemon.stacks.send_multipart(frames)
+        for frames in junk:  # straight to the worker, as a broken daemon would
+            daemon.stacks.send_multipart([identity, b"", *frames])
         stack = np.random.default_rng(0).integers(2900, 3300, (8, 32, 32)).astype(np.uint16)
         header = wire.StackHeader(kind="stack", run_id="r", seq=7, t=3, p=1, shape=[8, 32, 32],
                                   dtype="uint16", voxel_size_um=[1.0, 0.325, 0.325])
         daemon.offer(header, stack)
         result = None
         for _ in range(300):
+            daemon.receive_ready()
             daemon.pump()
             if daemon.results.poll(100):
                 result = daemon.receive_result()
@@ -43,6 +49,36 @@ def test_worker_predicts_stacks_and_drops_malformed_messages(base_port) -> None:
     assert pred.shape == (3, 8, 32, 32) and np.isfinite(pred).all()
     assert out.structures == ["dna", "membrane", "mitochondria"]
     assert worker.counts.malformed == 3 and worker.counts.predicted == 1
+
+
+def test_newest_stack_goes_first_and_one_at_a_time(base_port) -> None:
+    eps = wire.endpoints(base_port=base_port)
+    daemon = DaemonSockets(eps)
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.connect(eps["stacks"])
+    try:
+        for seq in range(3):
+            header = wire.StackHeader(kind="stack", run_id="r", seq=seq, t=seq, shape=[1, 2, 2],
+                                      dtype="uint8", voxel_size_um=[1, 1, 1])
+            daemon.offer(header, np.full((1, 2, 2), seq, np.uint8))
+        assert daemon.pump() == []  # nobody asked yet: nothing leaves
+        got = []
+        for _ in range(2):
+            dealer.send_multipart(wire.encode_ready("w1"))
+            for _ in range(100):
+                if daemon.stacks.poll(50):
+                    break
+            daemon.receive_ready()
+            sent = daemon.pump()
+            assert len(sent) == 1  # one ready, one stack
+            frames = dealer.recv_multipart(copy=False)
+            header, _ = wire.decode(frames[1:])
+            got.append(header.seq)
+        assert got == [2, 1]  # newest first
+        assert "w1" in daemon.worker_heartbeats()
+    finally:
+        dealer.close(0)
+        daemon.close()
 
 
 def test_daemon_counts_and_drops_malformed_results(base_port) -> None:
