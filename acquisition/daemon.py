@@ -191,6 +191,7 @@ class Daemon:
         self._stop_requested = False
         self._paused = False
         self._malformed_commands = 0
+        self._last_tp: tuple[int | None, int | None] = (None, None)
         self.started_at = time.time()
 
     # -- dataset ----------------------------------------------------------------------
@@ -361,6 +362,7 @@ class Daemon:
             ) from None
         self.journal.stack_written(seq, stack.t, stack.p, stack.channel, raw_path, len(stack.gaps))
         self.summary.acquired += 1
+        self._last_tp = (stack.t, stack.p)
         if stack.gaps:
             self.summary.incomplete += 1
         rec = StackRecord(seq, stack.t, stack.p, raw_path, time.time(), header)
@@ -487,7 +489,13 @@ class Daemon:
             return  # a duplicate (a re-sent stack, or a second worker): the first stands
         late = record.caught_up or record.state == "late"  # re-read from disk, not live
         _, pred_path = stack_paths(self.out_dir, record.t, record.p, "")
-        info = header.model_dump(by_alias=True) | {"source_path": str(record.raw_path)}
+        info = header.model_dump(by_alias=True) | {
+            "source_path": str(record.raw_path),
+            "latency_s": round(time.time() - record.completed_at, 3),  # complete -> received
+            "caught_up_from_disk": late,
+            "versions": {"livestain": __version__, "torch_worker": header.model_extra.get("torch", "")
+                         if header.model_extra else ""},
+        }
         try:
             write_stack(pred_path, array, voxel_size_um=header.voxel_size_um, info=info,
                         channel_names=header.structures)
@@ -537,6 +545,8 @@ class Daemon:
         return {
             "run_id": self.run_id,
             "state": state,
+            "current_t": self._last_tp[0],
+            "current_p": self._last_tp[1],
             "error": self.summary.error,
             "out_dir": str(self.out_dir),
             "stacks_acquired": self.summary.acquired,

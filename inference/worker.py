@@ -19,6 +19,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+import torch
 import zmq
 
 from livestain import wire
@@ -135,6 +136,8 @@ class Worker:
             model=self.predictor.model.name,
             worker=self.name,
             inference_s=time.perf_counter() - t0,
+            torch=torch.__version__,
+            device=self.predictor.device,
         )
         try:
             self.push.send_multipart(wire.encode(out, pred), copy=False)

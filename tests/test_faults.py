@@ -204,22 +204,24 @@ def test_ten_thousand_malformed_messages_are_counted_and_survived(tmp_path, base
     thread.start()
     eps = wire.endpoints(base_port=base_port)
     ctx = zmq.Context.instance()
-    push, req = ctx.socket(zmq.PUSH), ctx.socket(zmq.REQ)
+    push, req, dealer = ctx.socket(zmq.PUSH), ctx.socket(zmq.REQ), ctx.socket(zmq.DEALER)
     push.connect(eps["results"])
     req.connect(eps["control"])
+    dealer.connect(eps["stacks"])
     req.setsockopt(zmq.RCVTIMEO, 10_000)
     rng = np.random.default_rng(0)
     try:
         for i in range(10_000):
             junk = rng.bytes(int(rng.integers(0, 64)))
             push.send_multipart([junk] if i % 3 == 0 else [junk, b"x"])
+            dealer.send_multipart([b"", junk] if i % 2 else [junk])
             req.send_multipart([junk, b""])
             reply = wire.decode_reply(req.recv_multipart())
             assert reply["ok"] is False and reply["error"]
         req.send_multipart(wire.encode_command("status"))
         deadline = time.monotonic() + 30
         status = wire.decode_reply(req.recv_multipart())
-        while status["malformed_results"] < 10_000 and time.monotonic() < deadline:
+        while status["malformed_results"] < 20_000 and time.monotonic() < deadline:
             time.sleep(0.2)
             req.send_multipart(wire.encode_command("status"))
             status = wire.decode_reply(req.recv_multipart())
@@ -228,8 +230,9 @@ def test_ten_thousand_malformed_messages_are_counted_and_survived(tmp_path, base
     finally:
         push.close(0)
         req.close(0)
+        dealer.close(0)
         thread.join(60)
-    assert status["malformed_results"] == 10_000
+    assert status["malformed_results"] == 20_000  # 10,000 on results + 10,000 on stacks
     assert status["malformed_commands"] == 10_000
     assert status["stacks_acquired"] >= 1 and not thread.is_alive()
 

@@ -117,3 +117,40 @@ def test_a_second_daemon_on_the_same_ports_gets_a_clear_error(base_port) -> None
     finally:
         first.close()
     assert "Another livestain daemon may be running" in message
+
+
+def test_several_workers_share_the_load(base_port) -> None:
+    eps = wire.endpoints(base_port=base_port)
+    daemon = DaemonSockets(eps, backlog=16)
+    predictor = Predictor(None, "cpu")
+    workers = [Worker(eps["stacks"], eps["results"], predictor) for _ in range(2)]
+    for i, w in enumerate(workers):
+        w.name = f"worker-{i}"
+    threads = [threading.Thread(target=w.serve, daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    rng = np.random.default_rng(0)
+    try:
+        for seq in range(6):
+            header = wire.StackHeader(kind="stack", run_id="r", seq=seq, t=seq, shape=[4, 32, 32],
+                                      dtype="uint16", voxel_size_um=[1.0, 0.325, 0.325])
+            daemon.offer(header, rng.integers(2900, 3300, (4, 32, 32)).astype(np.uint16))
+        results = []
+        for _ in range(600):
+            daemon.receive_ready()
+            daemon.pump()
+            if daemon.results.poll(50):
+                results.append(daemon.receive_result()[0])
+            if len(results) == 6:
+                break
+    finally:
+        for w in workers:
+            w.stop()
+        for t in threads:
+            t.join(10)
+        for w in workers:
+            w.close()
+        daemon.close()
+    assert sorted(h.source_seq for h in results) == list(range(6))
+    by_worker = {h.worker for h in results}
+    assert by_worker == {"worker-0", "worker-1"}
