@@ -54,8 +54,11 @@ def autocast(device: str, enabled: bool) -> Iterator[None]:
         yield
 
 
-class FastNet:
+class FastNet(nn.Module):
     """A network prepared for prediction: folded, channels-last, optionally bf16.
+
+    A drop-in `nn.Module` for the trained network (same ``config`` and ``multiple``),
+    so tiling and the predictor use it unchanged.
 
     Parameters
     ----------
@@ -68,11 +71,14 @@ class FastNet:
     """
 
     def __init__(self, net: nn.Module, device: str = "cpu", bf16: bool | None = None) -> None:
+        super().__init__()
         self.device = device
         self.bf16 = bf16_supported(device) if bf16 is None else bf16
+        self.config = getattr(net, "config", None)
+        self.multiple = getattr(net, "multiple", 1)
         self.net = fold_batchnorm(net).to(device).to(memory_format=torch.channels_last_3d)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device).contiguous(memory_format=torch.channels_last_3d)
         with torch.inference_mode(), autocast(self.device, self.bf16):
             y = self.net(x)
