@@ -1,4 +1,4 @@
-"""``livestain train | predict | evaluate``: the inference subcommands as plain functions.
+"""``livestain train | predict | evaluate | export``: the inference subcommands as plain functions.
 
 Each ``cmd_*`` takes the parsed ``argparse.Namespace`` and returns an exit code;
 `register` adds their parsers to the main CLI's subparsers and binds each with
@@ -56,8 +56,9 @@ def parse_structures(text: str) -> tuple[str, ...]:
 class Progress:
     """One progress line with ETA: rewritten in place on a terminal, ~20 lines otherwise."""
 
-    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+    def __init__(self, total: int, stream: TextIO | None = None, start: int = 0) -> None:
         self.total = total
+        self.start = start  # steps already done (a resumed run): not part of this run's rate
         self.stream = stream or sys.stdout
         self.t0 = time.perf_counter()
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -67,7 +68,7 @@ class Progress:
         if not (self.tty or step % self.every == 0 or step == self.total):
             return
         elapsed = time.perf_counter() - self.t0
-        eta = elapsed / step * (self.total - step)
+        eta = elapsed / max(1, step - self.start) * (self.total - step)
         line = f"step {step}/{self.total} loss {loss:.4f} elapsed {elapsed:.0f}s ETA {eta:.0f}s"
         if self.tty:
             self.stream.write("\r" + line + ("\n" if step == self.total else ""))
@@ -87,14 +88,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .dataset import fingerprint, load_fields
     from .model import UNetConfig
     from .normalize import PercentileNorm
-    from .train import TrainSettings, train
+    from .predict import pick_device
+    from .train import TrainSettings, resolve_precision, train
 
     if args.steps < 1 or args.batch < 1 or args.depth < 1 or args.base_channels < 1:
         raise ValueError("--steps, --batch, --depth and --base-channels must be at least 1")
     if not 0.0 <= args.val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if min(args.intensity, args.gamma, args.noise) < 0 or args.z_shift < 0:
+        raise ValueError("--intensity, --gamma, --noise and --z-shift must not be negative")
+    if args.val_every is not None and args.val_every < 1 or args.save_every < 0:
+        raise ValueError("--val-every must be at least 1 and --save-every at least 0")
+    z_window = args.z_window if args.z_window is not None else (5 if args.mode == "2.5d" else 1)
+    if args.mode == "3d" and z_window != 1:
+        raise ValueError("--z-window is for --mode 2.5d; a 3D model takes the whole stack")
+    device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
     fields = load_fields(args.data, args.structures)
     _check_voxel_sizes(fields)
+    if args.mode == "3d" and any(f.planar for f in fields):
+        raise ValueError(
+            f"the structures in {args.data} are single planes (YX) beside brightfield stacks: "
+            "train a 2.5D model on them (--mode 2.5d --z-window N)"
+        )
     order = np.random.default_rng(args.seed).permutation(len(fields))
     n_val = 0 if args.val_fraction == 0 or len(fields) < 2 else max(1, round(args.val_fraction * len(fields)))
     n_val = min(n_val, len(fields) - 1)
@@ -104,22 +120,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("note: no validation fields (one field, or --val-fraction 0): no val Pearson is recorded")
     smallest = np.min([f.brightfield.shape for f in fields], axis=0)
     patch = tuple(int(min(p, s)) for p, s in zip(args.patch, smallest))
-    if patch != tuple(args.patch):
+    if args.mode == "2.5d":
+        patch = (z_window, *patch[1:])  # the z of a 2.5D patch is its window
+    if patch[1:] != tuple(args.patch)[1:] or (args.mode == "3d" and patch != tuple(args.patch)):
         print(f"note: patch {tuple(args.patch)} larger than the smallest field {tuple(smallest)}; using {patch}")
-    cfg = UNetConfig(structures=tuple(args.structures), depth=args.depth, base_channels=args.base_channels)
-    settings = TrainSettings(steps=args.steps, patch=patch, batch=args.batch, seed=args.seed)  # type: ignore[arg-type]
+    cfg = UNetConfig(structures=tuple(args.structures), depth=args.depth, base_channels=args.base_channels,
+                     mode=args.mode, z_window=z_window, target_2d=args.target_2d)
+    settings = TrainSettings(
+        steps=args.steps, patch=patch, batch=args.batch, seed=args.seed,  # type: ignore[arg-type]
+        intensity=args.intensity, gamma=args.gamma, noise=args.noise, z_shift=args.z_shift,
+        precision=precision,
+    )
     fp = fingerprint(args.data)
+    out_path = Path(args.out).with_suffix(".safetensors")
+    state_path = training_state_path(out_path)
+    if state_path.exists() and not args.resume:
+        print(f"note: {state_path} (an earlier run's training state) will be overwritten; "
+              "pass --resume to continue it instead")
+    shape = f"{cfg.z_window}-plane window, {patch[1]}x{patch[2]}" if cfg.mode == "2.5d" else "x".join(map(str, patch))
     print(
         f"training {', '.join(cfg.structures)} on {len(trn)} field(s), validating on {len(val)}; "
-        f"{settings.steps} steps of {settings.batch} x {patch} patches; U-Net depth {cfg.depth}, "
-        f"{cfg.base_channels} base channels"
+        f"{settings.steps} steps of {settings.batch} x {shape} patches; {cfg.mode} U-Net depth {cfg.depth}, "
+        f"{cfg.base_channels} base channels; {precision} on {device}"
     )
     torch.manual_seed(args.seed)
-    losses: list[float] = []
-    progress = Progress(settings.steps)
+    progress: Progress | None = None
 
     def on_step(step: int, loss: float) -> None:
-        losses.append(loss)
+        nonlocal progress
+        if progress is None:  # made at the first step run, so a resumed run's ETA is right
+            progress = Progress(settings.steps, start=step - 1)
         progress(step, loss)
 
     result = train(
@@ -129,8 +159,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings,
         PercentileNorm(),
         on_step=on_step,
-        val_every=max(1, settings.steps // 10),
+        val_every=args.val_every or max(1, settings.steps // 10),
+        device=device,
+        state_path=state_path,
+        save_every=args.save_every,
+        resume=args.resume,
     )
+    if result.resumed_from:
+        print(f"resumed from step {result.resumed_from} of {settings.steps} ({state_path})")
     val_pearson = result.history[-1]["val_pearson"] if result.history else None
     meta = ModelMeta(
         config=cfg,
@@ -138,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         voxel_size_um=fields[0].voxel_size_um,
         extra={
             "recipe": "livestain train",
-            "settings": {**settings.__dict__, "patch": list(settings.patch)},
+            "settings": settings.to_dict(),
             "data": {
                 "path": str(Path(args.data).resolve()),
                 "fingerprint": fp,
@@ -147,15 +183,24 @@ def cmd_train(args: argparse.Namespace) -> int:
             },
             "val_pearson": val_pearson,
             "train_seconds": round(result.seconds, 1),
+            "resumed_from_step": result.resumed_from,
+            "device": device,
             "history": result.history,
         },
     )
-    path = save_checkpoint(args.out, result.net, meta)
-    curve = save_curve(path.with_suffix(".curve.png"), losses, result.history, cfg.structures)
+    path = save_checkpoint(out_path, result.net.cpu(), meta)
+    curve = save_curve(path.with_suffix(".curve.png"), result.losses, result.history, cfg.structures)
     summary = ", ".join(f"{s} {r:.3f}" for s, r in val_pearson.items()) if val_pearson else "n/a"
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {curve}; "
           f"{result.seconds:.0f} s; validation Pearson r: {summary}")
     return 0
+
+
+def training_state_path(model_path: str | Path) -> Path:
+    """Where ``livestain train --out MODEL`` keeps its resumable training state:
+    ``MODEL.state.safetensors`` beside the model (weights + optimiser + step; no pickle)."""
+    p = Path(model_path).with_suffix(".safetensors")
+    return p.with_name(p.stem + ".state.safetensors")
 
 
 def _check_voxel_sizes(fields: Sequence[Any]) -> None:
@@ -228,7 +273,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     voxel = tuple(args.voxel_size) if args.voxel_size else read_voxel_size(src)
     predictor = Predictor(args.model, args.device)
     t0 = time.perf_counter()
-    pred = predictor.predict(stack, voxel, tile=args.tile, tta=args.tta)
+    if not predictor.is_2_5d and (args.slide or args.z_centre is not None):
+        raise ValueError("--slide and --z-centre are for 2.5D models; this model is 3D (it predicts every plane)")
+    pred = predictor.predict(stack, voxel, tile=args.tile, tta=args.tta, slide=args.slide, z_centre=args.z_centre)
     seconds = time.perf_counter() - t0
     write_stack(
         out,
@@ -244,6 +291,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "model": predictor.model.name,
             "tile": list(args.tile) if args.tile else None,
             "tta": bool(args.tta),
+            "mode": predictor.model.meta.config.mode,
+            "slide": bool(args.slide),
             "inference_s": round(seconds, 3),
             "device": predictor.device,
         },
@@ -295,11 +344,52 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a model to ONNX (checked with onnxruntime) or a bioimage.io package."""
+    from .checkpoint import load_checkpoint
+    from .export import build_bioimageio, check_onnx, export_onnx
+
+    model = load_checkpoint(args.model, "cpu")
+    out = Path(args.out)
+    if args.format == "onnx":
+        if out.suffix != ".onnx":
+            raise ValueError(f"--out {out}: an ONNX model file should end in .onnx")
+        export_onnx(model, out)
+        check = check_onnx(model, out)
+        report: dict[str, Any] = {"format": "onnx", "path": str(out), "check": check.to_dict()}
+        text = (f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): input {check_input_text(model)}; "
+                f"onnxruntime {check.onnxruntime} vs torch, max abs difference {check.max_abs_diff:.2e} "
+                f"(output std {check.output_std:.2f}) over shapes {', '.join(check.shapes)}")
+    else:
+        report = {"format": "bioimageio", **build_bioimageio(model, out, authors=args.author or None,
+                                                            license=args.license)}
+        v = report["validation"]
+        text = (f"wrote bioimage.io package {report.get('zip', report['folder'])}: ONNX vs torch max abs "
+                f"difference {report['onnx']['max_abs_diff']:.2e}; validation ({v['tool'] or 'none'}): "
+                f"{v['status']}" + (f" ({'; '.join(v['errors'])})" if v["errors"] else ""))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(text)
+    failed = report.get("validation", {}).get("status") == "failed"
+    return 1 if failed else 0
+
+
+def check_input_text(model: Any) -> str:
+    cfg = model.meta.config
+    if cfg.mode == "3d":
+        return f"(1, 1, Z, Y, X) raw brightfield, Z, Y, X >= {2**cfg.depth}"
+    return f"(1, {cfg.net_in_channels}, Y, X) raw brightfield planes, Y, X >= {2**cfg.depth}"
+
+
 # ---------------------------------------------------------------- parsers
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``train``, ``predict`` and ``evaluate`` to the main parser's subcommands."""
+    """Add ``train``, ``predict``, ``evaluate`` and ``export`` to the main parser's subcommands."""
     p = subparsers.add_parser("train", help="train a model on a paired dataset folder",
                               description="Train a 3D U-Net on DATA/fieldNNN/{brightfield,<structure>}.ome.tif.")
     p.add_argument("data", type=Path, metavar="DATA", help="dataset folder (fieldNNN/ subfolders)")
@@ -315,6 +405,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of fields held out for validation (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, patches and weights (default: %(default)s)")
+    p.add_argument("--mode", choices=("3d", "2.5d"), default="3d",
+                   help="3d: stack in, stack out; 2.5d: a window of planes in, one plane out (default: %(default)s)")
+    p.add_argument("--z-window", type=int, default=None, metavar="N",
+                   help="2.5d: planes the model sees (default: 5); the z of --patch is ignored")
+    p.add_argument("--target-2d", choices=("plane", "max"), default="plane",
+                   help="2.5d with stack targets: learn the centre plane of each window, or the max "
+                        "projection (default: %(default)s; single-plane targets are used as they are)")
+    p.add_argument("--intensity", type=float, default=0.1,
+                   help="augmentation: input scaled by 1 +- a and shifted by +- a (default: %(default)s; 0: off)")
+    p.add_argument("--gamma", type=float, default=0.2,
+                   help="augmentation: input gamma within 1/(1+g) .. 1+g (default: %(default)s; 0: off)")
+    p.add_argument("--noise", type=float, default=0.03,
+                   help="augmentation: Gaussian noise up to this sd, normalised units (default: %(default)s)")
+    p.add_argument("--z-shift", type=int, default=0,
+                   help="augmentation: shift the input against the target by up to N planes (default: 0)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="autocast precision; auto: bf16 where the CPU/GPU has it natively, fp16 on "
+                        "older GPUs, else fp32 (default: %(default)s)")
+    p.add_argument("--val-every", type=int, default=None, metavar="N",
+                   help="validation Pearson r every N steps (default: steps/10)")
+    p.add_argument("--save-every", type=int, default=100, metavar="N",
+                   help="save the resumable training state (MODEL.state.safetensors) every N steps "
+                        "(default: %(default)s; 0: only at the end)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from MODEL.state.safetensors (same data and options)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("predict", help="predict structures for one brightfield stack",
@@ -325,7 +441,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _predict_args(p)
     p.add_argument("--voxel-size", type=parse_floats, default=None, metavar="Z,Y,X",
                    help="voxel size in um when INPUT has no OME metadata (default: from INPUT)")
+    p.add_argument("--slide", action="store_true",
+                   help="2.5d models: predict every plane from the window centred on it (default: one "
+                        "plane, from the window centred in the stack)")
+    p.add_argument("--z-centre", type=int, default=None, metavar="Z",
+                   help="2.5d models: centre the window on this plane (default: the middle plane)")
     p.set_defaults(func=cmd_predict)
+
+    p = subparsers.add_parser("export", help="export a model to ONNX or a bioimage.io package",
+                              description="ONNX (normalisation included, dynamic Z/Y/X, checked against torch "
+                                          "with onnxruntime) or a bioimage.io model package (rdf.yaml, ONNX "
+                                          "weights, test tensors; validated when bioimageio.spec is installed). "
+                                          "Needs: pip install onnx onnxruntime [bioimageio.spec].")
+    p.add_argument("model", metavar="MODEL", help="model .safetensors")
+    p.add_argument("--format", choices=("onnx", "bioimageio"), required=True)
+    p.add_argument("--out", type=Path, required=True, metavar="PATH",
+                   help="onnx: FILE.onnx; bioimageio: a folder, or FILE.zip")
+    p.add_argument("--author", action="append", default=None, help="bioimageio: an author name (repeatable)")
+    p.add_argument("--license", default="BSD-3-Clause",
+                   help="bioimageio: SPDX licence of the model (default: %(default)s; mind the training data's)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("evaluate", help="score a model on a paired dataset folder",
                               description="Pearson r, SSIM and NRMSE per structure (z-score units).")
@@ -340,6 +476,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=parse_ints, default=None, metavar="Z,Y,X",
-                   help="predict in blended tiles of this size (default: only when memory requires)")
+                   help="predict in blended tiles of this size (default: only when memory requires; "
+                        "2.5d models tile in Y,X and ignore Z)")
     p.add_argument("--tta", action="store_true", help="average over y/x flips (4x slower, smoother)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")

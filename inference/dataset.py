@@ -7,6 +7,10 @@ Layout (what ``write_pairs`` and a future ``livestain simulate`` write)::
     DIR/field000/membrane.ome.tif
     DIR/field001/...
 
+A structure file may also be a single plane (YX) beside a ZYX brightfield stack: the
+truth of a 2.5D model (one fluorescence image per field, or a projection). Such a
+field's ``targets`` are then (s, y, x); every structure of a field must be of one kind.
+
 One file per channel (rather than one CZYX file per field) lets a user add or drop a
 structure by copying files, and each file opens on its own in Fiji or napari with its
 physical voxel size. Loading checks what training would otherwise trip over much later
@@ -53,7 +57,8 @@ class Field:
     brightfield : np.ndarray
         (z, y, x) input stack as stored.
     targets : np.ndarray
-        (s, z, y, x) float32 truth, in the order of ``structures``.
+        (s, z, y, x) float32 truth, in the order of ``structures``; (s, y, x) when the
+        truth files are single planes beside a multi-plane brightfield stack (2.5D).
     structures : tuple[str, ...]
         Names of the target channels.
     voxel_size_um : tuple[float, float, float]
@@ -65,6 +70,11 @@ class Field:
     targets: np.ndarray
     structures: tuple[str, ...]
     voxel_size_um: tuple[float, float, float]
+
+    @property
+    def planar(self) -> bool:
+        """True when the truth is one plane per structure (for 2.5D models)."""
+        return self.targets.ndim == 3
 
     def as_pair(self) -> tuple[np.ndarray, np.ndarray]:
         """``(brightfield, targets)``, the form `inference.train.train` takes."""
@@ -82,6 +92,8 @@ LAYOUT_HINT = (
 def write_pairs(pairs: Iterable[PairLike], out_dir: str | Path, start: int = 0) -> list[Path]:
     """Write pairs as ``out_dir/fieldNNN/{brightfield,<structure>}.ome.tif``; returns the field folders.
 
+    Targets are (s, z, y, x) stacks or (s, y, x) single planes (written as YX files).
+
     ``start`` numbers the first field, so a dataset can be extended. Refuses to
     overwrite an existing field folder (training data silently replaced is worse than
     an error).
@@ -97,11 +109,12 @@ def write_pairs(pairs: Iterable[PairLike], out_dir: str | Path, start: int = 0) 
         bf = np.asarray(pair.brightfield)
         targets = np.asarray(pair.targets)
         structures = tuple(pair.structures)
-        if bf.ndim != 3 or targets.shape != (len(structures), *bf.shape):
+        planar = bf.ndim == 3 and targets.shape == (len(structures), *bf.shape[1:])
+        if bf.ndim != 3 or (targets.shape != (len(structures), *bf.shape) and not planar):
             raise ValueError(
                 f"pair {i}: brightfield {bf.shape} and targets {targets.shape} do not match "
                 f"{len(structures)} structures {structures}; targets must be (s, z, y, x) "
-                "with the brightfield's (z, y, x)"
+                "with the brightfield's (z, y, x), or (s, y, x) single planes (2.5D)"
             )
         vox = tuple(float(v) for v in pair.voxel_size_um)
         info: dict[str, Any] = {"kind": BRIGHTFIELD, "field": field.name, "structures": list(structures)}
@@ -112,7 +125,7 @@ def write_pairs(pairs: Iterable[PairLike], out_dir: str | Path, start: int = 0) 
         for name, target in zip(structures, targets):
             write_stack(
                 field / f"{name}{SUFFIX}",
-                np.asarray(target, np.float32),
+                np.asarray(target, np.float32)[None] if planar else np.asarray(target, np.float32),
                 voxel_size_um=vox,
                 info={**info, "kind": "target", "structure": name},
             )
@@ -197,15 +210,24 @@ def load_fields(data_dir: str | Path, structures: Sequence[str] | None = None) -
         bf_path = files[BRIGHTFIELD]
         bf = _read_zyx(bf_path)
         targets = []
+        kinds = set()
         for s in structures:
             path = files[s]
             t = _read_zyx(path)
-            if t.shape != bf.shape:
+            planar = t.shape[0] == 1 and bf.shape[0] > 1 and t.shape[1:] == bf.shape[1:]
+            if t.shape != bf.shape and not planar:
                 raise ValueError(
                     f"{path} has shape {t.shape} but {bf_path} has {bf.shape}; a target must be "
-                    "registered to its brightfield stack voxel for voxel (same z, y, x)"
+                    "registered to its brightfield stack voxel for voxel (same z, y, x), or be a "
+                    "single plane of the same y, x (for a 2.5D model)"
                 )
-            targets.append(t.astype(np.float32, copy=False))
+            kinds.add(planar)
+            targets.append((t[0] if planar else t).astype(np.float32, copy=False))
+        if len(kinds) > 1:
+            raise ValueError(
+                f"field {Path(data_dir) / name} mixes single-plane and stack targets "
+                f"({', '.join(structures)}); give every structure of a field as planes or as stacks"
+            )
         vox = read_voxel_size(bf_path)
         fields.append(Field(name, bf, np.stack(targets), structures, vox))
     return fields

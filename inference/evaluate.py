@@ -106,6 +106,12 @@ def evaluate_model(
     Structures the model predicts but a field lacks are skipped; none in common is an
     error. With ``figures_dir`` one PNG per field is written (see `save_field_figure`).
 
+    2.5D models: a field whose truth is single planes (s, y, x) is compared with the
+    prediction of the window centred in the stack; a stack truth (s, z, y, x) with the
+    stack's maximum projection (models trained with ``target_2d="max"``) or, for
+    per-plane models, with the sliding-window prediction of every plane. A 3D model
+    cannot be scored on single-plane truth (ValueError).
+
     Returns ``{"model", "structures", "fields": {name: {structure: {metric: value}}},
     "mean": {structure: {metric: value}}, "figures": [paths]}``.
     """
@@ -123,8 +129,19 @@ def evaluate_model(
                 f"{name} has structures {field_structures} but the model predicts {model_structures}; "
                 "evaluate on data with at least one of the model's structures"
             )
-        pred = predictor.predict(np.asarray(field.brightfield), field.voxel_size_um, tile=tile, tta=tta)
         truth = np.asarray(field.targets)
+        cfg = predictor.model.meta.config
+        planar_truth = truth.ndim == 3
+        if cfg.mode == "3d" and planar_truth:
+            raise ValueError(
+                f"{name} has single-plane truth but {predictor.model.name} is a 3D model; score a "
+                "2.5D model on it, or give stacks as truth"
+            )
+        slide = cfg.mode == "2.5d" and not planar_truth and cfg.target_2d == "plane"
+        pred = predictor.predict(np.asarray(field.brightfield), field.voxel_size_um, tile=tile, tta=tta, slide=slide)
+        if cfg.mode == "2.5d" and not slide:
+            truth = truth if planar_truth else truth.max(axis=1)
+            truth = truth[:, None]  # (s, 1, y, x), like the prediction
         per_field[name] = {
             s: structure_metrics(pred[model_structures.index(s)], truth[field_structures.index(s)])
             for s in common
@@ -172,7 +189,9 @@ def save_field_figure(
     """PNG of the middle z-plane: one row per structure, brightfield | prediction | truth.
 
     Prediction and truth share one grey scale (z-score units, 1st-99.9th percentile of
-    the truth), so a too-weak or too-strong prediction shows as such.
+    the truth), so a too-weak or too-strong prediction shows as such. Prediction and
+    truth of one plane (2.5D: shape (s, 1, y, x)) are shown beside the middle
+    brightfield plane.
     """
     fig = agg_figure()
     path = Path(path)
@@ -187,8 +206,8 @@ def save_field_figure(
         lo, hi = np.percentile(truth[row], (1.0, 99.9))
         panels = (
             (bf, bf_lo, bf_hi, f"brightfield z={z}"),
-            (prediction[row, z], lo, hi, f"{s} predicted"),
-            (truth[row, z], lo, hi, f"{s} truth"),
+            (prediction[row, min(z, prediction.shape[1] - 1)], lo, hi, f"{s} predicted"),
+            (truth[row, min(z, truth.shape[1] - 1)], lo, hi, f"{s} truth"),
         )
         for col, (img, vmin, vmax, label) in enumerate(panels):
             ax = axes[row, col]

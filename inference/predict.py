@@ -6,6 +6,16 @@ the model's training voxel size when they differ (a model trained at 1 um z-step
 structures, and resampled back, so the prediction lines up voxel for voxel with the
 raw stack it came from. Stacks too large for the device's memory are predicted in
 blended tiles (`tiling`); small ones still go through the network in one pass.
+
+2.5D models (`UNetConfig.mode` ``"2.5d"``) see ``z_window`` planes and predict one
+plane. By default the window is centred in the stack (``z_centre``: another plane) and
+the result is one plane per structure, shape ``(s, 1, y, x)``: what the model was
+trained to give (the target plane at the window's centre, or a projection).
+``slide=True`` instead predicts every plane from the window centred on it (planes past
+the stack's ends repeat the edge plane), an ``(s, z, y, x)`` stack like a 3D model's;
+that is meaningful for models trained on per-plane targets (``target_2d="plane"``),
+not for projections. Either way the result is 4-D, as the wire protocol's predictions
+are, so the worker and the daemon handle 2.5D models unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import LoadedModel, load_checkpoint
+from .model import window_indices
+from .fast import FastNet
 from .tiling import predict_volume
 
 
@@ -28,16 +40,32 @@ def pick_device(requested: str | None = None) -> str:
 
 
 class Predictor:
-    """Holds a model on a device and turns ``(z, y, x)`` stacks into ``(s, z, y, x)``."""
+    """Holds a model on a device and turns ``(z, y, x)`` stacks into ``(s, z, y, x)``
+    (2.5D models: ``(s, 1, y, x)``, or ``(s, z, y, x)`` with ``slide=True``)."""
 
-    def __init__(self, model: LoadedModel | str | None = None, device: str | None = None) -> None:
+    def __init__(
+        self,
+        model: LoadedModel | str | None = None,
+        device: str | None = None,
+        fast: bool = False,
+        bf16: bool | None = None,
+    ) -> None:
+        """``fast`` predicts with `FastNet` (BatchNorm folded, channels-last, bf16 where
+        native unless ``bf16=False``): the live worker's path. 3D models only."""
         self.device = pick_device(device)
         self.model = model if isinstance(model, LoadedModel) else load_checkpoint(model, self.device)
         self.model.net.to(self.device).eval()
+        self.net = self.model.net
+        if fast and not self.is_2_5d:
+            self.net = FastNet(self.model.net, self.device, bf16=bf16)
 
     @property
     def structures(self) -> tuple[str, ...]:
         return self.model.meta.config.structures
+
+    @property
+    def is_2_5d(self) -> bool:
+        return self.model.meta.config.mode == "2.5d"
 
     def predict(
         self,
@@ -46,19 +74,26 @@ class Predictor:
         tile: Sequence[int] | None = None,
         tta: bool = False,
         overlap: Sequence[int] | int | None = None,
+        slide: bool = False,
+        z_centre: int | None = None,
     ) -> np.ndarray:
-        """Prediction in z-score units, float32, shape ``(len(structures), *stack.shape)``.
+        """Prediction in z-score units, float32, shape ``(len(structures), *stack.shape)``
+        (2.5D: ``(len(structures), 1, y, x)`` unless ``slide``).
 
-        ``tile`` (z, y, x, in the model's voxels) forces tiled prediction with that tile
-        size; without it the stack is tiled only when it exceeds the tile the device's
-        free memory allows (`tiling.default_tile`). ``tta`` averages the predictions of
-        the four y/x flips (4x the time, slightly smoother).
+        ``tile`` (z, y, x, in the model's voxels; 2.5D: (y, x)) forces tiled prediction
+        with that tile size (2.5D: a (z, y, x) tile's z is ignored); without it the stack
+        is tiled only when it exceeds the tile the device's free memory allows
+        (`tiling.default_tile`). ``tta`` averages the
+        predictions of the four y/x flips (4x the time, slightly smoother). ``slide``
+        and ``z_centre`` (a plane of ``stack``) only apply to 2.5D models.
         """
         if stack.ndim != 3:
             raise ValueError(
                 f"expected a (z, y, x) brightfield stack, got shape {stack.shape}; "
                 "pass one channel of one time point and position"
             )
+        if z_centre is not None and not 0 <= z_centre < stack.shape[0]:
+            raise ValueError(f"z_centre {z_centre} is outside the stack's {stack.shape[0]} planes")
         x = self.model.meta.norm(stack)
         t = torch.from_numpy(x)[None, None].to(self.device)
         scale = self._scale(voxel_size_um)
@@ -66,10 +101,43 @@ class Predictor:
             if scale is not None:
                 size = [max(1, round(n * s)) for n, s in zip(stack.shape, scale)]
                 t = F.interpolate(t, size=size, mode="trilinear", align_corners=False)
-            y = predict_volume(self.model.net, t, tile=tile, overlap=overlap, tta=tta, device=self.device)
+            if self.is_2_5d:
+                y = self._predict_2_5d(t, stack.shape[0], tile, overlap, tta, slide, z_centre)
+            else:
+                y = predict_volume(self.net, t, tile=tile, overlap=overlap, tta=tta, device=self.device)
             if scale is not None:
-                y = F.interpolate(y, size=list(stack.shape), mode="trilinear", align_corners=False)
+                out = [y.shape[2] if self.is_2_5d and not slide else stack.shape[0], *stack.shape[1:]]
+                y = F.interpolate(y, size=out, mode="trilinear", align_corners=False)
         return y[0].float().cpu().numpy()
+
+    def _predict_2_5d(
+        self,
+        t: torch.Tensor,
+        n_planes: int,
+        tile: Sequence[int] | None,
+        overlap: Sequence[int] | int | None,
+        tta: bool,
+        slide: bool,
+        z_centre: int | None,
+    ) -> torch.Tensor:
+        """(1, S, 1 or Z, Y, X) from the (1, 1, Z, Y, X) normalised (resampled) stack ``t``."""
+        cfg = self.model.meta.config
+        nz = t.shape[2]
+        if tile is not None and len(tile) == 3:
+            tile = tuple(tile)[1:]  # a (z, y, x) tile: a 2.5D model tiles in y, x only
+        if slide:
+            centres = list(range(nz))
+        else:
+            # z_centre is a plane of the original stack; map it onto the resampled one
+            c = nz // 2 if z_centre is None else min(nz - 1, int(z_centre * nz / n_planes))
+            centres = [c]
+        planes = []
+        for c in centres:
+            window = t[0, :, torch.from_numpy(window_indices(nz, cfg.z_window, c)).to(t.device)]
+            window = window.reshape(1, cfg.net_in_channels, *t.shape[-2:])  # (1, C*z_window, Y, X)
+            planes.append(predict_volume(self.model.net, window, tile=tile, overlap=overlap, tta=tta,
+                                         device=self.device))
+        return torch.stack(planes, dim=2)
 
     def _scale(self, voxel_size_um: Sequence[float] | None) -> tuple[float, ...] | None:
         """Per-axis zoom from the data's voxels to the model's, or None if they match."""

@@ -15,10 +15,14 @@ and the volume is first padded exactly as the network pads a whole volume.
 The default tile comes from a simple estimate of activation memory per voxel and the
 free memory of the device; an out-of-memory error halves the tile and starts again.
 Optional test-time augmentation averages the predictions of the y/x-flipped inputs.
+
+Everything works on 3D volumes ``(1, C, Z, Y, X)`` and, for 2.5D networks, on 2D
+images ``(1, C, Y, X)`` alike: tiles, overlaps and windows then have two axes.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -26,8 +30,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .model import pad_to_multiple
 
 #: Bytes of activations per input voxel per channel-at-full-resolution: float32 (4) times
 #: the tensors alive at once (conv input and output, BatchNorm output, skip copy, concat).
@@ -60,6 +65,11 @@ def _config(net: nn.Module) -> tuple[int, int]:
     return int(getattr(cfg, "depth", 2)), int(getattr(cfg, "base_channels", 8))
 
 
+def spatial_dims(net: nn.Module) -> int:
+    """3 for a 3D network, 2 for a 2.5D one (its convolutions are 2D)."""
+    return int(getattr(getattr(net, "config", None), "spatial_dims", 3))
+
+
 def multiple_of(net: nn.Module) -> int:
     """Spatial multiple the network down-samples by: tiles align to it."""
     return int(getattr(net, "multiple", 2 ** _config(net)[0]))
@@ -68,11 +78,13 @@ def multiple_of(net: nn.Module) -> int:
 def bytes_per_voxel(net: nn.Module) -> float:
     """Estimated activation bytes per input voxel: widths summed over levels.
 
-    Level ``i`` has ``base * 2**i`` channels on ``1 / 8**i`` of the voxels; encoder and
-    decoder both keep it, hence the sum over levels times a constant factor.
+    Level ``i`` has ``base * 2**i`` channels on ``1 / 8**i`` of the voxels (``1 / 4**i``
+    of the pixels for a 2D network); encoder and decoder both keep it, hence the sum
+    over levels times a constant factor.
     """
     depth, base = _config(net)
-    channels = sum(base * 2**i / 8**i for i in range(depth + 1))
+    shrink = 2 ** spatial_dims(net)
+    channels = sum(base * 2**i / shrink**i for i in range(depth + 1))
     return channels * ACTIVATION_FACTOR
 
 
@@ -136,13 +148,17 @@ def default_tile(
     Keeps the whole z range unless even a `min_tile` square in y/x would not fit (stacks
     are thin and z context matters most), then a square in y/x; every size is a
     multiple of the network's down-sampling factor, at least `min_tile` (or the volume)
-    and no larger than the (padded) volume.
+    and no larger than the (padded) volume. A 2-axis ``shape`` (y, x) (2.5D networks)
+    gets the largest such square.
     """
     m = multiple_of(net)
     free = free_memory_bytes(device) if free_bytes is None else free_bytes
-    budget = max(free * MEMORY_FRACTION / bytes_per_voxel(net), float(m**3))
+    budget = max(free * MEMORY_FRACTION / bytes_per_voxel(net), float(m ** len(shape)))
     padded = [_round_up(int(n), m) for n in shape]
     floor = [min(n, min_tile(net)) for n in padded]
+    if len(shape) == 2:
+        side = _round_down(int(math.sqrt(budget)), m)
+        return (min(padded[0], max(floor[0], side)), min(padded[1], max(floor[1], side)))  # type: ignore[return-value]
     z = min(padded[0], max(floor[0], _round_down(int(budget / (floor[1] * floor[2])), m)))
     side = _round_down(int(math.sqrt(budget / z)), m)
     return (z, min(padded[1], max(floor[1], side)), min(padded[2], max(floor[2], side)))
@@ -195,12 +211,7 @@ def _window(length: int, overlap_lo: int, overlap_hi: int) -> torch.Tensor:
 
 def _pad_like_net(x: torch.Tensor, m: int) -> torch.Tensor:
     """Pad to a multiple of ``m`` exactly as `UNet3D.forward` pads a whole volume."""
-    size = x.shape[-3:]
-    pad = [(-s) % m for s in size]
-    if not any(pad):
-        return x
-    mode = "reflect" if all(p < s for p, s in zip(pad, size)) else "replicate"
-    return F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), mode=mode)
+    return pad_to_multiple(x, m)
 
 
 def _forward(net: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
@@ -229,19 +240,23 @@ def predict_tiled(
     Tiles run on ``device`` (default: ``x``'s); the blend is accumulated on the CPU so
     the device only ever holds one tile. Returns (1, S, Z, Y, X) on ``x``'s device.
     ``tile`` is rounded up to the network's multiple; ``overlap`` defaults to the
-    network's `default_overlap`, at most half a tile.
+    network's `default_overlap`, at most half a tile. For a 2.5D network ``x`` is
+    (1, C, Y, X), ``tile`` and ``overlap`` have two axes, and the result is (1, S, Y, X).
     """
-    if x.ndim != 5 or x.shape[0] != 1:
-        raise ValueError(f"expected a (1, C, Z, Y, X) tensor, got shape {tuple(x.shape)}")
+    if x.ndim not in (4, 5) or x.shape[0] != 1:
+        raise ValueError(f"expected a (1, C, Z, Y, X) or (1, C, Y, X) tensor, got shape {tuple(x.shape)}")
+    nd = x.ndim - 2
+    if len(tile) != nd:
+        raise ValueError(f"tile {tuple(tile)} needs {nd} sizes for a {nd}-axis input")
     device = torch.device(device) if device is not None else x.device
     m = multiple_of(net)
-    size = tuple(x.shape[-3:])
+    size = tuple(x.shape[2:])
     xp = _pad_like_net(x, m).cpu()
-    padded = tuple(xp.shape[-3:])
+    padded = tuple(xp.shape[2:])
     t = tuple(min(_round_up(max(1, int(v)), m), n) for v, n in zip(tile, padded))
     if overlap is None:
         overlap = default_overlap(net)
-    ov = (overlap,) * 3 if isinstance(overlap, int) else tuple(int(o) for o in overlap)
+    ov = (overlap,) * nd if isinstance(overlap, int) else tuple(int(o) for o in overlap)
     if any(o > ti // 2 and ti < n for o, ti, n in zip(ov, t, padded)):
         log.warning(
             "tile %s is less than twice the overlap %s: voxels near tile edges lose context "
@@ -251,33 +266,36 @@ def predict_tiled(
     starts = [tile_starts(n, ti, o, m) for n, ti, o in zip(padded, t, ov)]
     out: torch.Tensor | None = None
     weight = torch.zeros(padded, dtype=torch.float32)
-    for z0 in starts[0]:
-        for y0 in starts[1]:
-            for x0 in starts[2]:
-                lo = (z0, y0, x0)
-                sl = tuple(slice(a, a + ti) for a, ti in zip(lo, t))
-                with torch.inference_mode():
-                    pred = _forward(net, xp[(..., *sl)].to(device), tta)[0].float().cpu()
-                if out is None:
-                    out = torch.zeros((pred.shape[0], *padded), dtype=torch.float32)
-                ws = [
-                    _window(ti, o if a > 0 else 0, o if a + ti < n else 0)
-                    for a, ti, o, n in zip(lo, t, ov, padded)
-                ]
-                w = ws[0][:, None, None] * ws[1][None, :, None] * ws[2][None, None, :]
-                out[(slice(None), *sl)] += pred * w
-                weight[sl] += w
+    for lo in itertools.product(*starts):
+        sl = tuple(slice(a, a + ti) for a, ti in zip(lo, t))
+        with torch.inference_mode():
+            pred = _forward(net, xp[(..., *sl)].to(device), tta)[0].float().cpu()
+        if out is None:
+            out = torch.zeros((pred.shape[0], *padded), dtype=torch.float32)
+        ws = [
+            _window(ti, o if a > 0 else 0, o if a + ti < n else 0)
+            for a, ti, o, n in zip(lo, t, ov, padded)
+        ]
+        w = ws[0]
+        for wi in ws[1:]:
+            w = w[..., None] * wi  # outer product over the axes
+        out[(slice(None), *sl)] += pred * w
+        weight[sl] += w
     assert out is not None
     out /= weight
-    return out[None, :, : size[0], : size[1], : size[2]].to(x.device)
+    return out[(None, slice(None), *(slice(0, s) for s in size))].to(x.device)
 
 
 def halve(tile: Sequence[int], multiple: int, floor: Sequence[int] | None = None) -> Tile | None:
     """Next smaller tile after an out-of-memory error, or None when it is at ``floor``.
 
     Halves y and x first (where tiles are largest); z only once y/x are at the floor.
-    ``floor`` (z, y, x) defaults to ``multiple`` on every axis.
+    ``floor`` (z, y, x) defaults to ``multiple`` on every axis. A 2-axis tile (y, x)
+    halves both.
     """
+    if len(tile) == 2:
+        smaller = halve((1, *tile), multiple, None if floor is None else (1, *floor))
+        return None if smaller is None or smaller[0] != 1 else smaller[1:]  # type: ignore[return-value]
     z, y, x = (int(v) for v in tile)
     fz, fy, fx = (int(f) for f in floor) if floor is not None else (multiple,) * 3
     if y > fy or x > fx:
@@ -295,7 +313,8 @@ def predict_volume(
     tta: bool = False,
     device: str | torch.device | None = None,
 ) -> torch.Tensor:
-    """Prediction for a whole (1, C, Z, Y, X) volume, tiled only when it must be.
+    """Prediction for a whole (1, C, Z, Y, X) volume (2.5D: (1, C, Y, X) image), tiled
+    only when it must be.
 
     Without ``tile`` the tile is `default_tile` for the device; a volume that fits in it
     is predicted in one pass (bit-identical to ``net(x)``). Out of memory halves the
@@ -305,8 +324,8 @@ def predict_volume(
     """
     device = torch.device(device) if device is not None else x.device
     m = multiple_of(net)
-    size = tuple(x.shape[-3:])
-    current = (int(tile[0]), int(tile[1]), int(tile[2])) if tile is not None else default_tile(net, size, device)
+    size = tuple(x.shape[2:])
+    current = tuple(int(v) for v in tile) if tile is not None else default_tile(net, size, device)
     while True:
         try:
             if all(_round_up(n, m) <= t for n, t in zip(size, current)):

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     _connect_args(p)
     p.add_argument("--model", default=None, help="model .safetensors (default: the bundled model)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    p.add_argument("--exact", action="store_true",
+                   help="predict in plain fp32 (default: the fast path, bf16 where the hardware has it)")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("view", help="open the live window on a running daemon")
@@ -158,7 +160,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     eps = wire.endpoints(args.connect, args.port)
     return run_worker(eps["stacks"], eps["results"], args.model, args.device,
-                      parent_pid=args.parent_pid, keys=args.keys)
+                      parent_pid=args.parent_pid, keys=args.keys, exact=args.exact)
 
 
 def cmd_view(args: argparse.Namespace) -> int:

@@ -72,6 +72,11 @@ def read_stack(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     with tifffile.TiffFile(path) as tif:
         array = tif.asarray()
         info = read_info(tif)
+    # tifffile drops length-1 axes (one structure, one plane); livestain's own header
+    # knows the real shape, so a (1, 1, y, x) prediction reads back as written
+    shape = info.get("shape")
+    if isinstance(shape, list) and int(np.prod(shape)) == array.size and array.ndim != len(shape):
+        array = array.reshape(shape)
     return array, info
 
 

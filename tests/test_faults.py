@@ -241,6 +241,7 @@ class _SlowPredictor:
     """Stands in for a model that takes far longer than the acquisition interval."""
 
     structures = ("dna",)
+    device = "cpu"
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
