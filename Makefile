@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[test,export]"
+	# real transmitted-light + Hoechst test images (BSD-3); --no-deps: its extras are not needed
+	$(BIN)/python -m pip install --quiet --no-deps ndev-sampledata
 	touch $@
 
 clean:
