@@ -414,14 +414,13 @@ def test_draws_are_rate_bounded(qtbot) -> None:
     calls = []
     original = w._draw
     w._draw = lambda: (calls.append(time.monotonic()), original())[1]  # type: ignore[method-assign]
-    t0 = time.monotonic()
     for seq in range(20):  # a burst of data: many ingests, few draws
         w.ingest(stack_header(seq=seq), make_stack())
         qtbot.wait(10)
     qtbot.wait(300)
-    elapsed = time.monotonic() - t0
-    assert 1 <= len(calls) <= elapsed * 5 + 1 and len(calls) < 20
-    assert all(b - a >= 0.18 for a, b in zip(calls, calls[1:]))  # at most 5 per second
+    assert 1 <= len(calls) < 20
+    # the limiter spaces draws at least 1/5 s apart (a loaded machine only spaces them more)
+    assert all(b - a >= 0.18 for a, b in zip(calls, calls[1:]))
 
 
 # -- status panel and control socket -------------------------------------------------------
@@ -504,9 +503,12 @@ def test_reattaches_after_daemon_restart(window: LiveWindow, qtbot) -> None:
         qtbot.waitUntil(lambda: panel.text("run") == "run-A", timeout=5000)
         daemon.close()
         qtbot.waitUntil(lambda: "not answering" in panel.text("connection"), timeout=5000)
-        t0 = time.monotonic()
-        qtbot.wait(200)
-        assert time.monotonic() - t0 < 1.0  # the GUI kept running while nobody answered
+        ticks = []
+        timer = QtCore.QTimer()
+        timer.timeout.connect(lambda: ticks.append(1))
+        timer.start(20)
+        qtbot.waitUntil(lambda: len(ticks) >= 5, timeout=5000)  # the GUI keeps running
+        timer.stop()
         window.pause()  # a command while the daemon is gone fails cleanly
         qtbot.waitUntil(lambda: "failed" in window.command_label.text(), timeout=3000)
         assert not window.pause_button.isEnabled()
@@ -656,15 +658,13 @@ def test_run_viewer_screenshots_once_a_prediction_arrives(qapp, tmp_path: pathli
     thread.start()
     shot = tmp_path / "shot.png"
     try:
-        t0 = time.monotonic()
-        code = run_viewer(endpoint, screenshot=shot, screenshot_after_s=10.0,
+        code = run_viewer(endpoint, screenshot=shot, screenshot_after_s=30.0,
                           control_endpoint=f"tcp://127.0.0.1:{control_port}")
-        elapsed = time.monotonic() - t0
     finally:
         stop.set()
         thread.join(5)
         daemon.close()
-    assert code == 0 and elapsed < 10.0  # saved on the prediction, not on the timeout
+    assert code == 0  # saved on the prediction (the blue square below), not on the timeout
     assert "status" in daemon.commands
     image = QtGui.QImage(str(shot))
     assert not image.isNull() and image.width() > 100
@@ -680,5 +680,6 @@ def test_run_viewer_without_daemon_saves_after_timeout(qapp, tmp_path: pathlib.P
         f"tcp://127.0.0.1:{free_port()}", screenshot=shot,
         screenshot_after_s=0.3, wait_for_prediction=False,
     )
+    waited = time.monotonic() - t0
     assert code == 0 and shot.exists()
-    assert 0.3 <= time.monotonic() - t0 < 5.0
+    assert waited >= 0.3  # it waited for the timeout before saving an empty window
