@@ -480,6 +480,7 @@ class Daemon:
         self.sockets.offer(header, array)
 
     def _on_prediction(self, header: wire.StackHeader, array: np.ndarray) -> None:
+        received_at = time.time()
         record = self.records.get(header.source_seq if header.source_seq is not None else -1)
         if header.run_id != self.run_id or record is None:
             self.sockets.counts.malformed_results += 1
@@ -493,9 +494,15 @@ class Daemon:
             "source_path": str(record.raw_path),
             "latency_s": round(time.time() - record.completed_at, 3),  # complete -> received
             "caught_up_from_disk": late,
+            "stack_completed_at": record.completed_at,
+            "prediction_received_at": received_at,
             "versions": {"livestain": __version__, "torch_worker": header.model_extra.get("torch", "")
                          if header.model_extra else ""},
         }
+        # viewers first: a prediction can be made again, so unlike raw data it need not
+        # wait for the disk (saves the ~30 ms write + fsync from the drawn latency)
+        header.path = str(pred_path)
+        self.sockets.publish(header, array)
         try:
             write_stack(pred_path, array, voxel_size_um=header.voxel_size_um, info=info,
                         channel_names=header.structures)
@@ -509,8 +516,6 @@ class Daemon:
             self.summary.predicted_late += 1
         else:
             self.summary.latencies_s.append(record.latency_s)
-        header.path = str(pred_path)
-        self.sockets.publish(header, array)
         self.report(
             f"[t {record.t + 1}/{self._n_t} p {record.p + 1}/{self._n_p}] predicted "
             f"{','.join(header.structures)} in {header.inference_s:.2f} s, "

@@ -112,6 +112,7 @@ class Worker:
         return self.counts
 
     def handle(self, header: wire.StackHeader, stack) -> None:  # noqa: ANN001
+        received_at = time.time()
         t0 = time.perf_counter()
         try:
             pred = self.predictor.predict(stack, header.voxel_size_um)
@@ -138,6 +139,8 @@ class Worker:
             inference_s=time.perf_counter() - t0,
             torch=torch.__version__,
             device=self.predictor.device,
+            stack_sent_at=header.sent_at,  # with received_at: the transport time
+            received_at=received_at,
         )
         try:
             self.push.send_multipart(wire.encode(out, pred), copy=False)
