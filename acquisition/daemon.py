@@ -59,11 +59,12 @@ class StackRecord:
     raw_path: Path
     completed_at: float
     header: wire.StackHeader | None = None
-    state: str = "queued"  # queued | sent | late | predicted | not_streamed
+    state: str = "queued"  # queued | sent | late | predicted
     sent_at: float = 0.0
     predicted_path: Path | None = None
     latency_s: float | None = None
     caught_up: bool = False
+    holder: str = ""  # the worker that has it, while "sent"
 
 
 @dataclass
@@ -80,6 +81,7 @@ class RunSummary:
     stopped_early: bool = False
     error: str | None = None
     not_predicted: int = 0
+    unreadable: int = 0
 
     @property
     def mean_latency_s(self) -> float:
@@ -136,7 +138,8 @@ class Daemon:
     on_tick : callable
         Called every turn of the loop (worker supervision).
     on_hung_worker : callable
-        Called when a sent stack got no prediction within ``policies.resend_after_s``.
+        Called with the names of the workers holding stacks that got no prediction
+        within ``policies.resend_after_s``.
     extra_status : callable
         More fields for the status reply (worker health).
     keys : path
@@ -154,7 +157,7 @@ class Daemon:
         resume: bool = False,
         free_space: Callable[[Path], int] = disk_free_bytes,
         on_tick: Callable[[], None] = lambda: None,
-        on_hung_worker: Callable[[], None] = lambda: None,
+        on_hung_worker: Callable[[list[str]], None] = lambda holders: None,
         extra_status: Callable[[], dict[str, Any]] = dict,
         keys: str | Path | None = None,
     ) -> None:
@@ -169,20 +172,24 @@ class Daemon:
         self.on_tick = on_tick
         self.on_hung_worker = on_hung_worker
         self.extra_status = extra_status
+        # stacks not yet predicted; predicted ones leave, so the loop's scans stay short
+        # on a run of days
         self.records: dict[int, StackRecord] = {}
+        self._predicted: set[int] = set()
+        self._done: set[tuple[int, int, str]] = set()
         self._snap_counts = install_snap_retries(core, policies.snap_retries, report)
         # sockets first: a refused bind (busy port, no keys) must leave no dataset behind
         self.sockets = DaemonSockets(endpoints, backlog=policies.live_backlog, keys=keys)
         try:
             self.run_id, self._first_t = self._open_dataset(resume)
+            self.journal = Journal(self.out_dir)
+            self._seq = self.journal.next_seq()
+            self.summary = RunSummary(self.run_id, self.out_dir)
+            self._load_previous_records()
+            self.journal.note("resume" if resume else "start")
         except BaseException:
             self.sockets.close()
             raise
-        self.journal = Journal(self.out_dir)
-        self._seq = self.journal.next_seq()
-        self.summary = RunSummary(self.run_id, self.out_dir)
-        self._load_previous_records()
-        self.journal.note("resume" if resume else "start")
         self.assembler = StackAssembler.for_sequence(sequence)
         self.frames: queue.Queue[tuple[useq.MDAEvent, np.ndarray, float]] = queue.Queue()
         self._n_t = sequence.sizes.get("t", 1) or 1
@@ -192,6 +199,10 @@ class Daemon:
         self._paused = False
         self._malformed_commands = 0
         self._last_tp: tuple[int | None, int | None] = (None, None)
+        self._pixel_size_um = float(core.getPixelSizeUm() or 1.0)  # before the MDA starts
+        self._ledgers: dict[tuple[int, int, str], dict | None] = {}
+        self._last_ledger: dict | None = None
+        self._n_structures = 3  # until a prediction says otherwise
         self.started_at = time.time()
 
     # -- dataset ----------------------------------------------------------------------
@@ -207,6 +218,7 @@ class Daemon:
             run = json.loads(marker.read_text())
             for partial in self.out_dir.rglob("*.partial"):
                 partial.unlink()  # a write cut short by the crash; the stack is re-acquired
+            self._done = self._done_keys()
             return run["run_id"], self._first_incomplete_t()
         if marker.exists():
             raise FileExistsError(
@@ -225,42 +237,43 @@ class Daemon:
         marker.write_text(json.dumps(info, indent=2))
         return run_id, 0
 
-    def _first_incomplete_t(self) -> int:
-        """First time point not completely on disk for every position and channel."""
+    def _done_keys(self) -> set[tuple[int, int, str]]:
+        """(t, p, channel) of every stack already on disk (a recorded gap is final)."""
         journal = Journal(self.out_dir)
         try:
-            done: dict[int, set] = {}
-            for row in journal.rows():
-                if row.gaps == 0 and Path(row.raw_path).exists():
-                    done.setdefault(row.t, set()).add((row.p, row.channel))
+            return {(r.t, r.p, r.channel) for r in journal.rows() if Path(r.raw_path).exists()}
         finally:
             journal.close()
-        n_per_t = len({(e.index.get("p", 0), e.channel.config if e.channel else "")
-                       for e in self.sequence.iter_events() if e.index.get("t", 0) == 0})
-        t = 0
-        while len(done.get(t, ())) >= n_per_t:
-            t += 1
-        return t
+
+    @staticmethod
+    def _key(event: useq.MDAEvent) -> tuple[int, int, str]:
+        return (event.index.get("t", 0), event.index.get("p", 0),
+                event.channel.config if event.channel else "")
+
+    def _first_incomplete_t(self) -> int:
+        """First time point with a stack not yet on disk (for the console line)."""
+        pending = [self._key(e)[0] for e in self.sequence.iter_events() if self._key(e) not in self._done]
+        return min(pending) if pending else self.sequence.sizes.get("t", 1) or 1
 
     def _load_previous_records(self) -> None:
         """Resuming: stacks acquired before the crash but never predicted are caught up."""
         for row in self.journal.rows():
-            if row.t >= self._first_t:
-                continue  # that time point is acquired again
-            rec = StackRecord(row.seq, row.t, row.p, Path(row.raw_path), time.time())
             if row.predicted_path and Path(row.predicted_path).exists():
-                rec.state, rec.predicted_path = "predicted", Path(row.predicted_path)
-            elif row.channel in self.stream_channels and rec.raw_path.exists():
+                self._predicted.add(row.seq)
+            elif row.channel in self.stream_channels and Path(row.raw_path).exists():
+                rec = StackRecord(row.seq, row.t, row.p, Path(row.raw_path), time.time())
                 rec.state = "late"
-            else:
-                rec.state = "not_streamed"
-            self.records[row.seq] = rec
+                self.records[row.seq] = rec
 
     def _events(self) -> Iterable[useq.MDAEvent]:
-        """The plan, from the first incomplete time point, with its clock shifted to now."""
-        if self._first_t == 0:
+        """The plan less every stack already on disk, its clock shifted to now.
+
+        Skipping by (t, p, channel) rather than by time point means a resumed run never
+        acquires a stack twice, so nothing on disk is ever replaced.
+        """
+        if not self._done:
             return self.sequence
-        events = [e for e in self.sequence.iter_events() if e.index.get("t", 0) >= self._first_t]
+        events = [e for e in self.sequence.iter_events() if self._key(e) not in self._done]
         offset = min((e.min_start_time or 0.0) for e in events) if events else 0.0
         return [
             e.model_copy(update={"min_start_time": (e.min_start_time or 0.0) - offset})
@@ -271,6 +284,13 @@ class Daemon:
     # -- MDA thread: enqueue only ---------------------------------------------------
     def _on_frame(self, image: np.ndarray, event: useq.MDAEvent, meta: dict) -> None:
         self.frames.put((event, image, time.time()))
+        # what the core knew when the frame was taken, read here on the MDA thread so the
+        # daemon loop never talks to the hardware while the runner does
+        px = meta.get("pixel_size_um") if isinstance(meta, dict) else None
+        if px:
+            self._pixel_size_um = float(px)
+        if event.index.get("z", 0) == self.assembler.n_z - 1:
+            self._ledgers[self._key(event)] = self._read_dose_ledger()
 
     def _on_finished(self, *_: Any) -> None:
         self._mda_done.set()
@@ -309,9 +329,7 @@ class Daemon:
             self.sockets.close()
             self.journal.note("end")
             self.journal.close()
-        self.summary.not_predicted = sum(
-            r.state in ("queued", "sent", "late") for r in self.records.values()
-        )
+        self.summary.not_predicted = len(self.records) + self.summary.unreadable
         return self.summary
 
     def _halt_acquisition(self) -> None:
@@ -349,12 +367,15 @@ class Daemon:
         raw_path, _ = stack_paths(self.out_dir, stack.t, stack.p, stack.channel)
         header = self._stack_header(seq, stack, raw_path)
         info = header.model_dump(by_alias=True) | {"gaps": stack.gaps, "exposure_ms": stack.exposure_ms}
-        if (ledger := self._dose_ledger()) is not None:
-            info["dose_ledger"] = ledger
+        if (ledger := self._ledgers.pop(stack.key, None)) is not None:
+            info["dose_ledger"] = self._last_ledger = ledger
         self._check_disk()
         try:
             write_stack(raw_path, stack.planes, voxel_size_um=header.voxel_size_um, info=info,
-                        channel_names=[stack.channel], plane_positions_um=np.nan_to_num(stack.positions_um))
+                        channel_names=[stack.channel],
+                        # planes of a gap, or axes the plan leaves alone, have no position:
+                        # better none in the file than a made-up 0
+                        plane_positions_um=None if np.isnan(stack.positions_um).any() else stack.positions_um)
         except OSError as e:
             raise RunStopped(
                 f"could not write {raw_path}: {e.strerror or e}. Earlier stacks are intact; "
@@ -365,8 +386,6 @@ class Daemon:
         self._last_tp = (stack.t, stack.p)
         if stack.gaps:
             self.summary.incomplete += 1
-        rec = StackRecord(seq, stack.t, stack.p, raw_path, time.time(), header)
-        self.records[seq] = rec
         gaps = f", missing planes {stack.gaps}" if stack.gaps else ""
         self.report(
             f"[t {stack.t + 1}/{self._n_t} p {stack.p + 1}/{self._n_p}] acquired "
@@ -375,12 +394,11 @@ class Daemon:
         )
         self.sockets.publish(header, stack.planes)
         if stack.channel in self.stream_channels:
+            self.records[seq] = StackRecord(seq, stack.t, stack.p, raw_path, time.time(), header)
             self._mark_late(self.sockets.offer(header, stack.planes))
-        else:
-            rec.state = "not_streamed"
 
     def _stack_header(self, seq: int, stack: Stack, raw_path: Path) -> wire.StackHeader:
-        px = float(self.core.getPixelSizeUm() or 1.0)
+        px = self._pixel_size_um
         z = stack.positions_um[:, 2]
         dz = float(np.nanmean(np.diff(z))) if len(z) > 1 and np.isfinite(z).sum() > 1 else 1.0
         return wire.StackHeader(
@@ -399,7 +417,7 @@ class Daemon:
             path=str(raw_path),
         )
 
-    def _dose_ledger(self) -> dict | None:
+    def _read_dose_ledger(self) -> dict | None:
         """The camera's light-dose ledger (the simulated scope has one), else None."""
         cam = self.core.getCameraDevice()
         try:
@@ -412,9 +430,9 @@ class Daemon:
     def _light_dose(self) -> dict[str, Any]:
         """Fluorescence light used so far, and what the same run with fluorescence would use."""
         planes = self.assembler.n_z
-        structures = 3
+        structures = self._n_structures
         avoided = self.summary.acquired * planes * structures * self.policies.equivalent_fluorescence_exposure_ms
-        ledger = self._dose_ledger()
+        ledger = self._last_ledger
         used = None
         if ledger is not None:
             used = sum(p.get("fluorescence_dose", 0.0) for p in ledger.get("positions", {}).values())
@@ -435,31 +453,38 @@ class Daemon:
             )
 
     # -- stack states -----------------------------------------------------------------
-    def _mark_sent(self, seqs: list[int]) -> None:
+    def _mark_sent(self, handed: list[tuple[int, str]]) -> None:
         now = time.time()
-        for seq in seqs:
-            rec = self.records[seq]
-            rec.state, rec.sent_at = "sent", now
+        for seq, worker in handed:
+            rec = self.records.get(seq)
+            if rec is not None:  # None: predicted meanwhile by the worker it went to first
+                rec.state, rec.sent_at, rec.holder = "sent", now, worker
 
     def _mark_late(self, seqs: list[int]) -> None:
         for seq in seqs:
             self.records[seq].state = "late"
             log.info("workers behind: stack seq %d will be predicted from disk later", seq)
 
-    def requeue_in_flight(self) -> None:
-        """A worker died: whatever it held is lost in transit; predict it again from disk."""
-        self._mark_late([r.seq for r in self.records.values() if r.state == "sent"])
+    def requeue_in_flight(self, worker: str | None = None) -> None:
+        """A worker died: what it held is lost in transit; predict it again from disk.
+
+        ``worker`` is its name (``host:pid``); None re-queues every stack in flight.
+        """
+        self._mark_late([r.seq for r in self.records.values()
+                         if r.state == "sent" and (worker is None or r.holder == worker)])
 
     def _catch_up(self) -> None:
         """When workers have nothing newer to do, feed them the oldest late stack from disk."""
         now = time.time()
-        stale = [r.seq for r in self.records.values()
+        stale = [r for r in self.records.values()
                  if r.state == "sent" and now - r.sent_at > self.policies.resend_after_s]
         if stale:
+            holders = sorted({r.holder for r in stale})
             self.report(f"no prediction for {len(stale)} stack(s) after "
-                        f"{self.policies.resend_after_s:.0f} s: worker presumed hung, re-sending")
-            self._mark_late(stale)
-            self.on_hung_worker()
+                        f"{self.policies.resend_after_s:.0f} s from {', '.join(holders)}: "
+                        f"presumed hung, re-sending")
+            self._mark_late([r.seq for r in stale])
+            self.on_hung_worker(holders)
         if self.sockets.backlog or any(r.state == "sent" for r in self.records.values()):
             return
         late = [r for r in self.records.values() if r.state == "late"]
@@ -472,22 +497,24 @@ class Daemon:
                 {k: v for k, v in info.items() if k not in ("gaps", "exposure_ms")}
             )
         except (OSError, ValueError) as e:
-            log.error("cannot re-read %s for a late prediction: %s", rec.raw_path, e)
-            rec.state = "not_streamed"
+            self.report(f"cannot re-read {rec.raw_path} to predict it ({e}); it stays unpredicted")
+            del self.records[rec.seq]
+            self.summary.unreadable += 1
             return
         rec.state, rec.caught_up = "queued", True
         rec.header = header
-        self.sockets.offer(header, array)
+        self._mark_late(self.sockets.offer(header, array))
 
     def _on_prediction(self, header: wire.StackHeader, array: np.ndarray) -> None:
         received_at = time.time()
-        record = self.records.get(header.source_seq if header.source_seq is not None else -1)
+        seq = header.source_seq if header.source_seq is not None else -1
+        if header.run_id == self.run_id and seq in self._predicted:
+            return  # a duplicate (a re-sent stack, or a second worker): the first stands
+        record = self.records.get(seq)
         if header.run_id != self.run_id or record is None:
             self.sockets.counts.malformed_results += 1
-            log.warning("dropped a prediction for an unknown stack (run %s seq %s)", header.run_id, header.source_seq)
+            log.warning("dropped a prediction for an unknown stack (run %s seq %s)", header.run_id, seq)
             return
-        if record.state == "predicted":
-            return  # a duplicate (a re-sent stack, or a second worker): the first stands
         late = record.caught_up or record.state == "late"  # re-read from disk, not live
         _, pred_path = stack_paths(self.out_dir, record.t, record.p, "")
         info = header.model_dump(by_alias=True) | {
@@ -508,8 +535,12 @@ class Daemon:
                         channel_names=header.structures)
         except OSError as e:
             raise RunStopped(f"could not write prediction {pred_path}: {e.strerror or e}") from None
+        self._n_structures = len(header.structures)
         record.state, record.predicted_path = "predicted", pred_path
         record.latency_s = time.time() - record.completed_at
+        self._predicted.add(record.seq)
+        del self.records[record.seq]
+        self.sockets.discard(record.seq)
         self.journal.prediction_written(record.seq, pred_path, record.latency_s)
         self.summary.predicted += 1
         if late:
@@ -524,7 +555,7 @@ class Daemon:
         )
 
     def _outstanding(self) -> int:
-        return sum(r.state in ("queued", "sent", "late") for r in self.records.values())
+        return len(self.records)
 
     def _drain_predictions(self) -> None:
         """After the plan: wait (bounded) for predictions of every streamed stack."""

@@ -55,7 +55,8 @@ class DaemonSockets:
         self.endpoints = eps
         host = eps["control"].split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
         self.security = ServerSecurity(self.ctx, host, keys)
-        self.stacks = self._bind(zmq.ROUTER, eps["stacks"], sndhwm=4)
+        self.stacks = self._bind(zmq.ROUTER, eps["stacks"], sndhwm=4, router_mandatory=True)
+        self.sent_to: dict[bytes, int] = {}  # stacks handed to each worker identity
         # workers waiting for a stack, by ZeroMQ identity -> (name, last ready time)
         self.idle: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
         self.workers_seen: dict[str, float] = {}
@@ -70,9 +71,12 @@ class DaemonSockets:
         self.poller.register(self.stacks, zmq.POLLIN)
         self.poller.register(self.control, zmq.POLLIN)
 
-    def _bind(self, kind: int, endpoint: str, sndhwm: int = 0, rcvhwm: int = 0) -> zmq.Socket:
+    def _bind(self, kind: int, endpoint: str, sndhwm: int = 0, rcvhwm: int = 0,
+              router_mandatory: bool = False) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        if router_mandatory:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.security.apply(sock)
         if sndhwm:
             sock.setsockopt(zmq.SNDHWM, sndhwm)
@@ -101,7 +105,12 @@ class DaemonSockets:
         return dropped
 
     def receive_ready(self) -> None:
-        """Note every worker that asked for work (a ready message is also a heartbeat)."""
+        """Note every worker that asked for work (a ready message is also a heartbeat).
+
+        A ready message that was already queued when this worker's last stack left
+        (its ``received`` count is behind what was sent to it) is only a heartbeat: a
+        busy worker must not be handed a second stack.
+        """
         while True:
             try:
                 frames = self.stacks.recv_multipart(flags=zmq.NOBLOCK)
@@ -110,33 +119,49 @@ class DaemonSockets:
             identity, rest = frames[0], frames[1:]
             try:
                 body = wire.decode_ready(rest)
-            except wire.WireError as e:
+                received = int(body.get("received", 0))
+            except (wire.WireError, TypeError, ValueError) as e:
                 self.counts.malformed_results += 1
                 log.warning("dropped malformed message on stacks socket: %s", e)
                 continue
-            name = str(body.get("worker", "?"))
+            name = str(body.get("worker", "?"))[:200]
             now = time.monotonic()
-            self.idle[identity] = (name, now)
             self.workers_seen[name] = now
+            if received >= self.sent_to.get(identity, 0):
+                self.idle[identity] = (name, now)
 
-    def pump(self) -> list[int]:
-        """Give each idle worker one stack, the newest first; returns the seqs handed over."""
+    def pump(self) -> list[tuple[int, str]]:
+        """Give each idle worker one stack, the newest first.
+
+        Returns ``(seq, worker name)`` of each stack handed over. A worker that has
+        gone since it asked is skipped (ROUTER_MANDATORY reports it) and the stack
+        stays for the next one.
+        """
         now = time.monotonic()
         for identity in [i for i, (_, at) in self.idle.items() if now - at > self.READY_EXPIRES_S]:
             del self.idle[identity]  # it stopped asking: gone or busy elsewhere
         sent = []
         while self.backlog and self.idle:
-            identity, _ = self.idle.popitem(last=False)
+            identity, (name, _) = self.idle.popitem(last=False)
             header, array = self.backlog[-1]
             try:
                 self.stacks.send_multipart([identity, b"", *wire.encode(header, array)],
                                            copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
                 break
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EHOSTUNREACH:
+                    continue  # that worker is gone; try the next one
+                raise
             self.backlog.pop()
+            self.sent_to[identity] = self.sent_to.get(identity, 0) + 1
             self.counts.sent += 1
-            sent.append(header.seq)
+            sent.append((header.seq, name))
         return sent
+
+    def discard(self, seq: int) -> None:
+        """Drop a stack from the backlog (it was predicted meanwhile, e.g. by its first worker)."""
+        self.backlog = deque(item for item in self.backlog if item[0].seq != seq)
 
     def worker_heartbeats(self) -> dict[str, float]:
         """Seconds since each worker last asked for work (absent: never seen)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +28,8 @@ class WorkerSupervisor:
     args : list[str]
         Arguments after ``livestain``.
     on_restart : callable
-        Called after each restart (the daemon re-queues in-flight stacks).
+        Called after each restart with the dead worker's name (``host:pid``), so the
+        daemon re-queues what that worker held.
     report : callable
         One human-readable line per crash/restart.
     """
@@ -38,7 +40,7 @@ class WorkerSupervisor:
     def __init__(
         self,
         args: list[str],
-        on_restart: Callable[[], None] = lambda: None,
+        on_restart: Callable[[str], None] = lambda name: None,
         report: Callable[[str], None] = print,
     ) -> None:
         self.args = args
@@ -84,13 +86,20 @@ class WorkerSupervisor:
         if now >= self._restart_at:
             self._restart_at = None
             self.restarts += 1
+            dead = self.name
             self.start()
             log.info("worker restarted (pid %s, restart #%d)", self.pid, self.restarts)
-            self.on_restart()
+            self.on_restart(dead)
 
-    def kill_hung(self) -> None:
-        """The daemon saw no prediction for too long: kill the worker; `check` restarts it."""
-        if self.alive and self.proc is not None:
+    @property
+    def name(self) -> str:
+        """The name the worker gives itself on the wire (``host:pid``)."""
+        return f"{socket.gethostname()}:{self.pid}"
+
+    def kill_hung(self, holders: list[str]) -> None:
+        """Stacks held by these workers got no prediction: kill ours if it is one of them
+        (`check` then restarts it); workers on other hosts are theirs to look after."""
+        if self.alive and self.proc is not None and self.name in holders:
             self.report(f"worker (pid {self.proc.pid}) is not answering: killing it")
             self.proc.kill()
 

@@ -1,7 +1,7 @@
 """The inference worker: stacks in, predictions out, on its own process (or host).
 
-``livestain worker`` connects to a daemon's ``stacks`` socket (PULL) and ``results``
-socket (PUSH); it binds nothing, so any number of workers can share one daemon. Each
+``livestain worker`` connects to a daemon's ``stacks`` socket (DEALER: it asks for one
+stack at a time) and ``results`` socket (PUSH); it binds nothing, so any number of workers can share one daemon. Each
 stack is decoded without copying (a read-only view on the ZeroMQ frame), predicted by
 `Predictor`, and sent back with a header that names the source stack. Malformed
 messages are logged, counted and dropped; the worker never dies of bad input.
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class WorkerCounts:
+    received: int = 0
     predicted: int = 0
     malformed: int = 0
 
@@ -92,11 +93,13 @@ class Worker:
                 log.warning("daemon (pid %d) is gone; worker exits", parent_pid)
                 break
             if time.monotonic() - last_ready > self.READY_EVERY_S:
-                self.pull.send_multipart(wire.encode_ready(self.name, self.predictor.model.name))
+                self.pull.send_multipart(
+                    wire.encode_ready(self.name, self.predictor.model.name, self.counts.received))
                 last_ready = time.monotonic()
             if not self.pull.poll(200):
                 continue
             frames = self.pull.recv_multipart(copy=False)
+            self.counts.received += 1
             last_ready = 0.0  # ask for the next one right after this one
             try:
                 if len(frames) != 3 or frames[0].bytes != b"":

@@ -64,7 +64,21 @@ def write_stack(
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(partial, path)
+    _fsync_dir(path.parent)  # the rename itself must survive a power cut
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open folders; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_stack(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:

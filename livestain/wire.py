@@ -33,13 +33,16 @@ Headers (``kind``):
     channels, ``source_seq`` is the ``seq`` of the stack it was predicted from.
 
 Failure semantics: a receiver that gets a message it cannot decode (`decode` raises
-`WireError`) logs one line, counts it and drops it; it never crashes. Senders never
-block on a slow peer (non-blocking sends with bounded high-water marks).
+`WireError`) logs one line, counts it and drops it; it never crashes. The daemon never
+blocks on a slow peer (non-blocking sends with bounded high-water marks); a worker
+waits up to 10 s for the daemon to take a prediction, then drops it (the daemon will
+ask again for that stack).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any, Literal
 
@@ -59,6 +62,8 @@ PORT_OFFSETS = {"stacks": 0, "results": 1, "display": 2, "control": 3}
 
 #: Largest payload a receiver accepts (4 GiB), so a corrupt header cannot ask for more.
 MAX_PAYLOAD_BYTES = 4 * 1024**3
+#: Largest size of any one dimension.
+MAX_DIMENSION = 1 << 20
 
 
 class WireError(ValueError):
@@ -122,7 +127,7 @@ class StackHeader(BaseModel):
     t: int = Field(ge=0)
     p: int = Field(0, ge=0)
     channel: str = ""
-    shape: list[int]
+    shape: list[int] = Field(min_length=1, max_length=4)
     dtype: str
     voxel_size_um: list[float] = Field(min_length=3, max_length=3)
     position_um: list[float] = Field(default_factory=lambda: [0.0, 0.0, 0.0])
@@ -143,7 +148,7 @@ class StackHeader(BaseModel):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {DTYPES}")
         want = 3 if self.kind == "stack" else 4
-        if len(self.shape) != want or any(n <= 0 for n in self.shape):
+        if len(self.shape) != want or any(not 0 < n <= MAX_DIMENSION for n in self.shape):
             raise ValueError(f"a {self.kind} needs {want} positive dimensions, got {self.shape}")
         if self.kind == "prediction":
             if len(self.structures) != self.shape[0]:
@@ -158,7 +163,8 @@ class StackHeader(BaseModel):
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        # Python ints: a hostile shape must not wrap around to a small number
+        return math.prod(int(n) for n in self.shape) * np.dtype(self.dtype).itemsize
 
     def to_json(self) -> bytes:
         return self.model_dump_json(by_alias=True).encode()
@@ -204,21 +210,29 @@ def decode(frames: list[Any]) -> tuple[StackHeader, np.ndarray]:
     if nbytes != header.nbytes:
         raise WireError(f"payload has {nbytes} bytes, header says {header.nbytes}")
     dtype = np.dtype(header.dtype).newbyteorder("<")
-    array = np.frombuffer(buffer, dtype=dtype).reshape(header.shape)
+    try:
+        array = np.frombuffer(buffer, dtype=dtype).reshape(header.shape)
+    except (ValueError, OverflowError) as e:  # belt and braces: the checks above should catch it
+        raise WireError(f"payload does not fit the header: {e}") from None
     array.setflags(write=False)  # a view on the frame: consumers must copy to modify
     return header, array
 
 
 # -- work requests ----------------------------------------------------------------------
 
-def encode_ready(worker: str, model: str = "") -> list[bytes]:
+def encode_ready(worker: str, model: str = "", received: int = 0) -> list[bytes]:
     """A worker's request for one stack (and its heartbeat): DEALER frames ``[b"", ready]``."""
-    msg = {"schema": SCHEMA, "kind": "ready", "worker": worker, "model": model}
+    msg = {"schema": SCHEMA, "kind": "ready", "worker": worker, "model": model, "received": received}
     return [b"", json.dumps(msg).encode()]
 
 
 def decode_ready(frames: list[Any]) -> dict[str, Any]:
-    """The body of a ``ready`` message as the daemon's ROUTER sees it, minus the identity."""
+    """The body of a ``ready`` message as the daemon's ROUTER sees it, minus the identity.
+
+    ``received`` counts the stacks the worker has received so far: a ready message
+    sent before the worker got its last stack (still queued when that stack left)
+    is then recognised as stale and counts only as a heartbeat.
+    """
     if len(frames) != 2 or getattr(frames[0], "bytes", frames[0]) != b"":
         raise WireError("a ready message is [empty delimiter, JSON body]")
     return _decode_control([frames[1], b""], "ready")

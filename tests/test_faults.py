@@ -286,10 +286,28 @@ def test_a_hung_worker_is_detected_and_its_stacks_sent_again(tmp_path, base_port
     core = build_simulated_core(SimulatedScope())
     daemon = Daemon(core, demo_sequence(2, 0.0), tmp_path / "run", eps,
                     Policies(drain_timeout_s=3.0, resend_after_s=1.0), report=lambda line: None,
-                    on_hung_worker=lambda: hung.append(time.monotonic()))
+                    on_hung_worker=lambda holders: hung.extend(holders))
     try:
         summary = daemon.run()
     finally:
         sink.close(0)
-    assert hung, "the hung worker was never reported"
+    assert hung and set(hung) == {"hung-worker"}, "the hung worker was never named"
     assert summary.acquired == 2 and summary.predicted == 0 and summary.not_predicted == 2
+
+
+def test_resume_never_overwrites_a_stack_already_on_disk(tmp_path, base_port) -> None:
+    # t=0 gets a recorded gap (plane 5 fails three times); then the run "crashes" at t=2
+    first = _daemon(tmp_path, base_port, SimulatedScope(failing_snaps={5, 6, 7}), 2)
+    first.run()
+    raw0 = tmp_path / "run" / "p000" / "t0000_brightfield.ome.tif"
+    before = raw0.read_bytes()
+    assert read_stack(raw0)[1]["gaps"] == [5]
+    core = build_simulated_core(SimulatedScope())
+    resumed = Daemon(core, demo_sequence(4, 0.0), tmp_path / "run", wire.endpoints(base_port=base_port),
+                     Policies(drain_timeout_s=0.5), report=lambda line: None, resume=True)
+    summary = resumed.run()
+    assert summary.acquired == 2  # only t=2 and t=3: the gap at t=0 is final, not re-shot
+    assert raw0.read_bytes() == before
+    infos = [read_stack(p)[1] for p in sorted((tmp_path / "run" / "p000").glob("*_brightfield.ome.tif"))]
+    assert [i["t"] for i in infos] == [0, 1, 2, 3]
+    assert len({i["seq"] for i in infos}) == 4 and len({i["run_id"] for i in infos}) == 1

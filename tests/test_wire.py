@@ -71,6 +71,9 @@ GOOD = _header().model_dump(by_alias=True)
         (_frames(GOOD, b"\0" * 239), "payload has 239 bytes"),
         (_frames({k: v for k, v in GOOD.items() if k != "run_id"}, b"\0" * 240), "run_id"),
         (_frames(GOOD | {"shape": [100000, 100000, 100000]}, b""), "exceeds"),
+        (_frames(GOOD | {"shape": [2**32, 2**32, 1]}, b""), "positive dimensions"),
+        (_frames(GOOD | {"shape": [2**70, 1, 1]}, b""), "positive dimensions"),
+        (_frames(GOOD | {"shape": [2**19, 2**19, 2**19]}, b""), "exceeds"),
     ],
 )
 def test_malformed_messages_raise_wire_error_with_reason(frames, reason) -> None:

@@ -63,18 +63,24 @@ def test_newest_stack_goes_first_and_one_at_a_time(base_port) -> None:
             daemon.offer(header, np.full((1, 2, 2), seq, np.uint8))
         assert daemon.pump() == []  # nobody asked yet: nothing leaves
         got = []
-        for _ in range(2):
-            dealer.send_multipart(wire.encode_ready("w1"))
+
+        def ask(received: int) -> list:
+            dealer.send_multipart(wire.encode_ready("w1", received=received))
             for _ in range(100):
                 if daemon.stacks.poll(50):
                     break
             daemon.receive_ready()
-            sent = daemon.pump()
-            assert len(sent) == 1  # one ready, one stack
+            return daemon.pump()
+
+        for received in range(2):
+            sent = ask(received)
+            assert [name for _, name in sent] == ["w1"]  # one ready, one stack
             frames = dealer.recv_multipart(copy=False)
             header, _ = wire.decode(frames[1:])
             got.append(header.seq)
         assert got == [2, 1]  # newest first
+        # a ready sent before the worker got its last stack is a heartbeat, not a request
+        assert ask(received=1) == [] and len(daemon.backlog) == 1
         assert "w1" in daemon.worker_heartbeats()
     finally:
         dealer.close(0)

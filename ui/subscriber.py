@@ -2,8 +2,9 @@
 
 The viewer redraws at a few Hz while the daemon may publish faster, so each poll
 drains everything queued and keeps only the newest stack and newest prediction of each
-stage position. A small receive high-water mark lets ZeroMQ drop old frames instead of
-queueing them, so a slow viewer never holds memory or lags behind the microscope.
+stage position. A small receive high-water mark bounds what queues up (past it ZeroMQ drops the
+newest arrivals until the viewer drains the queue), so a slow viewer never holds much
+memory or lags far behind the microscope.
 
 The socket only connects, and ZeroMQ keeps retrying the connection in the background
 (every `RECONNECT_MS`), so a daemon that restarts on the same port is picked up again
@@ -82,7 +83,7 @@ class DisplaySubscriber:
         """
         latest: dict[str, tuple[StackHeader, np.ndarray]] = {}
         dropped = self._drain(latest, key=lambda h: h.kind)
-        # Copy out of the frames, which ZeroMQ may reuse once they are released.
+        # Copies that own their memory, for callers that keep or modify them.
         out = {k: Message(h, np.array(a, copy=True)) for k, (h, a) in latest.items()}
         return out.get("stack"), out.get("prediction"), dropped
 
