@@ -31,12 +31,14 @@ class PercentileNorm:
     min_range: float = 1e-3
 
     def __call__(self, stack: np.ndarray) -> np.ndarray:
-        x = np.asarray(stack, dtype=np.float32)
+        x = np.array(stack, dtype=np.float32)  # always a copy: normalised in place below
         # percentiles of a strided subsample: same answer, a fraction of the time
         sample = x.reshape(-1)[:: max(1, x.size // 1_000_000)]
         lo, med, hi = np.percentile(sample, (self.p_low, 50.0, self.p_high))
         scale = max(float(hi - lo), self.min_range * max(abs(float(med)), 1.0))
-        return (x - np.float32(med)) / np.float32(scale)
+        x -= np.float32(med)
+        x /= np.float32(scale)
+        return x
 
     def to_dict(self) -> dict:
         return {"method": "percentile", **asdict(self)}
