@@ -611,15 +611,18 @@ class Daemon:
             self._malformed_commands += 1
             self.sockets.control.send_multipart(wire.encode_reply(False, error=str(e)))
             return
-        if command == "pause":
-            self._paused = True
-            self.core.mda.toggle_pause(True)
-        elif command == "resume":
-            self._paused = False
-            self.core.mda.toggle_pause(False)
-        elif command == "stop":
-            self.request_stop()
-        self.sockets.control.send_multipart(wire.encode_reply(True, **self.status()))
+        try:
+            if command in ("pause", "resume"):
+                self.core.mda.set_paused(command == "pause")
+                self._paused = command == "pause"
+                self.journal.note(f"{command}d by the control socket")
+            elif command == "stop":
+                self.request_stop()
+            reply = wire.encode_reply(True, **self.status())
+        except Exception as e:  # a command must never take the run down
+            log.exception("control command %r failed", command)
+            reply = wire.encode_reply(False, error=f"{command} failed: {e}")
+        self.sockets.control.send_multipart(reply)
 
     def request_stop(self) -> None:
         """Stop after the current frame (control socket and signal handlers call this)."""

@@ -91,6 +91,21 @@ def test_status_and_stop_over_the_control_socket(tmp_path, base_port) -> None:
         after = json.loads(_run(["status", "--json", "--port", str(base_port)], timeout=30).stdout)
         assert after["run_id"] == status["run_id"] and after["state"] == "acquiring"
         assert after["stacks_acquired"] > status["stacks_acquired"]
+        # pause holds acquisition, resume lets it go on
+        assert _run(["pause", "--port", str(base_port)], timeout=30).returncode == 0
+        paused = json.loads(_run(["status", "--json", "--port", str(base_port)], timeout=30).stdout)
+        assert paused["state"] == "paused"
+        time.sleep(1.5)  # 3 intervals: nothing may be acquired meanwhile
+        still = json.loads(_run(["status", "--json", "--port", str(base_port)], timeout=30).stdout)
+        assert still["stacks_acquired"] <= paused["stacks_acquired"] + 1  # at most the stack under way
+        assert _run(["resume", "--port", str(base_port)], timeout=30).returncode == 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            going = json.loads(_run(["status", "--json", "--port", str(base_port)], timeout=30).stdout)
+            if going["state"] == "acquiring" and going["stacks_acquired"] > still["stacks_acquired"]:
+                break
+            time.sleep(0.3)
+        assert going["stacks_acquired"] > still["stacks_acquired"]
         assert _run(["stop", "--port", str(base_port)], timeout=30).returncode == 0
         stdout, stderr = daemon.communicate(timeout=120)
     finally:
