@@ -470,8 +470,11 @@ class Daemon:
 
         ``worker`` is its name (``host:pid``); None re-queues every stack in flight.
         """
-        self._mark_late([r.seq for r in self.records.values()
-                         if r.state == "sent" and (worker is None or r.holder == worker)])
+        lost = [r.seq for r in self.records.values()
+                if r.state == "sent" and (worker is None or r.holder == worker)]
+        for seq in lost:
+            self.sockets.release(seq)  # its reader is dead: the segment may be reused
+        self._mark_late(lost)
 
     def _catch_up(self) -> None:
         """When workers have nothing newer to do, feed them the oldest late stack from disk."""
@@ -541,6 +544,7 @@ class Daemon:
         self._predicted.add(record.seq)
         del self.records[record.seq]
         self.sockets.discard(record.seq)
+        self.sockets.release(record.seq)
         self.journal.prediction_written(record.seq, pred_path, record.latency_s)
         self.summary.predicted += 1
         if late:

@@ -11,6 +11,7 @@ absent or slow simply miss messages.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import zmq
 
 from livestain import wire
 from livestain.security import ServerSecurity
+from livestain.shm import MIN_SHM_BYTES, ShmPool
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class DaemonSockets:
         backlog: int = 8,
         ctx: zmq.Context | None = None,
         keys: str | Path | None = None,
+        shm: bool = True,
     ) -> None:
         self.ctx = ctx or zmq.Context.instance()
         self.endpoints = eps
@@ -57,8 +60,11 @@ class DaemonSockets:
         self.security = ServerSecurity(self.ctx, host, keys)
         self.stacks = self._bind(zmq.ROUTER, eps["stacks"], sndhwm=4, router_mandatory=True)
         self.sent_to: dict[bytes, int] = {}  # stacks handed to each worker identity
+        self.hostname = socket.gethostname()
+        self.pool: ShmPool | None = ShmPool() if shm else None
         # workers waiting for a stack, by ZeroMQ identity -> (name, last ready time)
-        self.idle: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        # (name, last ready, on this host and offering shared memory)
+        self.idle: OrderedDict[bytes, tuple[str, float, bool]] = OrderedDict()
         self.workers_seen: dict[str, float] = {}
         self.results = self._bind(zmq.PULL, eps["results"], rcvhwm=16)
         self.display = self._bind(zmq.PUB, eps["display"], sndhwm=4)
@@ -128,7 +134,8 @@ class DaemonSockets:
             now = time.monotonic()
             self.workers_seen[name] = now
             if received >= self.sent_to.get(identity, 0):
-                self.idle[identity] = (name, now)
+                same_host = bool(self.pool) and body.get("shm_host") == self.hostname
+                self.idle[identity] = (name, now, same_host)
 
     def pump(self) -> list[tuple[int, str]]:
         """Give each idle worker one stack, the newest first.
@@ -138,18 +145,20 @@ class DaemonSockets:
         stays for the next one.
         """
         now = time.monotonic()
-        for identity in [i for i, (_, at) in self.idle.items() if now - at > self.READY_EXPIRES_S]:
+        for identity in [i for i, (_, at, _) in self.idle.items() if now - at > self.READY_EXPIRES_S]:
             del self.idle[identity]  # it stopped asking: gone or busy elsewhere
         sent = []
         while self.backlog and self.idle:
-            identity, (name, _) = self.idle.popitem(last=False)
+            identity, (name, _, same_host) = self.idle.popitem(last=False)
             header, array = self.backlog[-1]
+            frames = self._frames_for(header, array, same_host)
             try:
-                self.stacks.send_multipart([identity, b"", *wire.encode(header, array)],
-                                           copy=False, flags=zmq.NOBLOCK)
+                self.stacks.send_multipart([identity, b"", *frames], copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
                 break
             except zmq.ZMQError as e:
+                if self.pool is not None:
+                    self.pool.give_back(header.seq)
                 if e.errno == zmq.EHOSTUNREACH:
                     continue  # that worker is gone; try the next one
                 raise
@@ -158,6 +167,19 @@ class DaemonSockets:
             self.counts.sent += 1
             sent.append((header.seq, name))
         return sent
+
+    def _frames_for(self, header: wire.StackHeader, array: np.ndarray, same_host: bool) -> list:
+        """The pixels through shared memory for a big stack and a worker on this host."""
+        if same_host and self.pool is not None and array.nbytes >= MIN_SHM_BYTES:
+            name = self.pool.lend(header.seq, np.ascontiguousarray(array))
+            if name is not None:
+                return [header.model_copy(update={"shm": name}).to_json(), b""]
+        return wire.encode(header, array)
+
+    def release(self, seq: int) -> None:
+        """Stack ``seq`` came back predicted (or its worker died): its segment is free."""
+        if self.pool is not None:
+            self.pool.give_back(seq)
 
     def discard(self, seq: int) -> None:
         """Drop a stack from the backlog (it was predicted meanwhile, e.g. by its first worker)."""
@@ -199,3 +221,5 @@ class DaemonSockets:
                 sock.close(linger=0)
         if getattr(self, "security", None) is not None:
             self.security.close()
+        if getattr(self, "pool", None) is not None:
+            self.pool.close()

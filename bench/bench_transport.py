@@ -5,6 +5,8 @@ The daemon's real path: `livestain.wire.encode` -> PUSH ``send_multipart(copy=Fa
 (a zero-copy array view), then a one-byte acknowledgement back. Timed per stack from
 send to acknowledgement, over ``ipc://`` and ``tcp://127.0.0.1``; the baseline is
 ``np.copyto`` of the same buffer in one process (what any transport must at least do).
+``shared memory`` is the same-host fast path (`livestain.shm`): one copy into a pooled
+segment, the header over ZeroMQ, the worker maps the segment.
 
     .venv/bin/python bench/bench_transport.py [--sizes-mib 16,512] [--repeats 5]
 """
@@ -13,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +26,7 @@ import numpy as np
 import zmq
 
 from livestain import wire
+from livestain.shm import ShmPool, ShmReader
 
 
 def receiver(endpoint: str, ack_endpoint: str, n: int) -> None:
@@ -31,32 +35,49 @@ def receiver(endpoint: str, ack_endpoint: str, n: int) -> None:
     pull.connect(endpoint)
     ack = ctx.socket(zmq.PUSH)
     ack.connect(ack_endpoint)
+    reader = ShmReader()
     for _ in range(n):
         header, array = wire.decode(pull.recv_multipart(copy=False))
+        if header.shm:  # the worker's side of the same-host fast path
+            array = reader.view(header.shm, header.shape, header.dtype)
         ack.send(bytes([int(array.flat[-1]) & 0xFF]))
+        del array
+    reader.close()
     pull.close()
     ack.close()
     ctx.term()
 
 
-def transport_seconds(endpoint: str, ack_endpoint: str, array: np.ndarray, repeats: int) -> float:
+def transport_seconds(endpoint: str, ack_endpoint: str, array: np.ndarray, repeats: int,
+                      shm: bool = False) -> float:
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.bind(endpoint)
     ack = ctx.socket(zmq.PULL)
     ack.bind(ack_endpoint)
-    proc = mp.get_context("spawn").Process(target=receiver, args=(endpoint, ack_endpoint, repeats + 1))
-    proc.start()
+    # a separate interpreter, as a worker is (a multiprocessing child would share this
+    # process's shared-memory bookkeeping)
+    proc = subprocess.Popen([sys.executable, __file__, "--receiver", endpoint, ack_endpoint,
+                             str(repeats + 1)])
     header = wire.StackHeader(kind="stack", run_id="bench", seq=0, t=0, shape=list(array.shape),
                               dtype=str(array.dtype), voxel_size_um=[1, 1, 1])
+    pool = ShmPool() if shm else None
     times = []
     for i in range(repeats + 1):  # the first one also waits for the connection
         t0 = time.perf_counter()
-        push.send_multipart(wire.encode(header, array), copy=False)
+        if pool is not None:  # the daemon's side of the same-host fast path
+            name = pool.lend(i, array)
+            push.send_multipart([header.model_copy(update={"shm": name}).to_json(), b""])
+        else:
+            push.send_multipart(wire.encode(header, array), copy=False)
         ack.recv()
+        if pool is not None:
+            pool.give_back(i)
         if i:
             times.append(time.perf_counter() - t0)
-    proc.join()
+    proc.wait()
+    if pool is not None:
+        pool.close()
     push.close()
     ack.close()
     ctx.term()
@@ -75,6 +96,9 @@ def memcpy_seconds(array: np.ndarray, repeats: int) -> float:
 
 
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--receiver":
+        receiver(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes-mib", default="16,512")
     ap.add_argument("--repeats", type=int, default=5)
@@ -89,12 +113,13 @@ def main() -> None:
         array = np.ascontiguousarray(array)
         base = memcpy_seconds(array, args.repeats)
         rows.append({"size_mib": mib, "path": "memcpy", "seconds": base})
-        for name, ep, ack in (
-            ("ipc", f"ipc://{tmp}/stacks-{mib}", f"ipc://{tmp}/ack-{mib}"),
-            ("tcp loopback", f"tcp://127.0.0.1:{args.port}", f"tcp://127.0.0.1:{args.port + 1}"),
+        for name, ep, ack, shm in (
+            ("ipc", f"ipc://{tmp}/stacks-{mib}", f"ipc://{tmp}/ack-{mib}", False),
+            ("tcp loopback", f"tcp://127.0.0.1:{args.port}", f"tcp://127.0.0.1:{args.port + 1}", False),
+            ("shared memory", f"ipc://{tmp}/shm-{mib}", f"ipc://{tmp}/shm-ack-{mib}", True),
         ):
             rows.append({"size_mib": mib, "path": name,
-                         "seconds": transport_seconds(ep, ack, array, args.repeats)})
+                         "seconds": transport_seconds(ep, ack, array, args.repeats, shm)})
         for r in rows:
             if r["size_mib"] == mib:
                 r["gib_per_s"] = round(mib / 1024 / r["seconds"], 2)

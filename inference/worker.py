@@ -24,6 +24,7 @@ import zmq
 
 from livestain import wire
 from livestain.security import apply_client
+from livestain.shm import ShmReader
 
 from .predict import Predictor
 
@@ -58,9 +59,13 @@ class Worker:
         predictor: Predictor,
         ctx: zmq.Context | None = None,
         keys: str | None = None,
+        shm: bool = True,
     ) -> None:
         self.predictor = predictor
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.hostname = socket.gethostname()
+        self.name = f"{self.hostname}:{os.getpid()}"
+        # offer the same-host fast path; the daemon uses it only if it runs on this host
+        self.shm = ShmReader() if shm else None
         self.ctx = ctx or zmq.Context.instance()
         # DEALER: ask for one stack at a time (see livestain.wire, "Work distribution")
         self.pull = self.ctx.socket(zmq.DEALER)
@@ -93,8 +98,9 @@ class Worker:
                 log.warning("daemon (pid %d) is gone; worker exits", parent_pid)
                 break
             if time.monotonic() - last_ready > self.READY_EVERY_S:
-                self.pull.send_multipart(
-                    wire.encode_ready(self.name, self.predictor.model.name, self.counts.received))
+                self.pull.send_multipart(wire.encode_ready(
+                    self.name, self.predictor.model.name, self.counts.received,
+                    shm_host=self.hostname if self.shm is not None else ""))
                 last_ready = time.monotonic()
             if not self.pull.poll(200):
                 continue
@@ -107,7 +113,11 @@ class Worker:
                 header, stack = wire.decode(frames[1:])
                 if header.kind != "stack":
                     raise wire.WireError(f"expected a stack, got a {header.kind}")
-            except wire.WireError as e:
+                if header.shm:
+                    if self.shm is None:
+                        raise wire.WireError("a shared-memory stack, but this worker did not offer it")
+                    stack = self.shm.view(header.shm, header.shape, header.dtype)
+            except (wire.WireError, OSError, ValueError) as e:  # OSError: no such segment
                 self.counts.malformed += 1
                 log.warning("dropped malformed message #%d: %s", self.counts.malformed, e)
                 continue
@@ -155,6 +165,8 @@ class Worker:
     def close(self) -> None:
         self.pull.close(linger=0)
         self.push.close()
+        if self.shm is not None:
+            self.shm.close()
 
 
 def run_worker(

@@ -116,6 +116,10 @@ class StackHeader(BaseModel):
         Prediction only: seconds the worker spent predicting (pre/post-processing included).
     sent_at : float
         Unix time the message was sent.
+    shm : str
+        Same-host fast path (`livestain.shm`): the name of the shared-memory segment
+        holding the pixels; the payload frame is then empty. Only sent to a worker whose
+        ready message offered it from the daemon's own host.
     """
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
@@ -140,6 +144,7 @@ class StackHeader(BaseModel):
     worker: str = ""
     inference_s: float = 0.0
     sent_at: float = 0.0
+    shm: str = ""
 
     @model_validator(mode="after")
     def _check(self) -> StackHeader:
@@ -207,6 +212,10 @@ def decode(frames: list[Any]) -> tuple[StackHeader, np.ndarray]:
         raise WireError(f"invalid header field {where}: {first['msg']}") from None
     buffer = getattr(payload, "buffer", payload)
     nbytes = memoryview(buffer).nbytes
+    if header.shm:
+        if nbytes:
+            raise WireError("a shared-memory stack must carry an empty payload")
+        return header, np.empty(0, np.uint8)  # the pixels are in the segment (livestain.shm)
     if nbytes != header.nbytes:
         raise WireError(f"payload has {nbytes} bytes, header says {header.nbytes}")
     dtype = np.dtype(header.dtype).newbyteorder("<")
@@ -220,9 +229,15 @@ def decode(frames: list[Any]) -> tuple[StackHeader, np.ndarray]:
 
 # -- work requests ----------------------------------------------------------------------
 
-def encode_ready(worker: str, model: str = "", received: int = 0) -> list[bytes]:
-    """A worker's request for one stack (and its heartbeat): DEALER frames ``[b"", ready]``."""
-    msg = {"schema": SCHEMA, "kind": "ready", "worker": worker, "model": model, "received": received}
+def encode_ready(
+    worker: str, model: str = "", received: int = 0, shm_host: str = ""
+) -> list[bytes]:
+    """A worker's request for one stack (and its heartbeat): DEALER frames ``[b"", ready]``.
+
+    ``shm_host`` (the worker's host name) offers the shared-memory fast path.
+    """
+    msg = {"schema": SCHEMA, "kind": "ready", "worker": worker, "model": model,
+           "received": received, "shm_host": shm_host}
     return [b"", json.dumps(msg).encode()]
 
 

@@ -160,3 +160,47 @@ def test_several_workers_share_the_load(base_port) -> None:
     assert sorted(h.source_seq for h in results) == list(range(6))
     by_worker = {h.worker for h in results}
     assert by_worker == {"worker-0", "worker-1"}
+
+
+def test_big_stacks_to_a_worker_on_this_host_travel_through_shared_memory(base_port) -> None:
+    eps = wire.endpoints(base_port=base_port)
+    daemon = DaemonSockets(eps)
+    predictor = Predictor(None, "cpu")
+    worker = Worker(eps["stacks"], eps["results"], predictor)
+    thread = threading.Thread(target=worker.serve, kwargs={"max_stacks": 1}, daemon=True)
+    thread.start()
+    stack = np.random.default_rng(0).integers(2900, 3300, (16, 512, 512)).astype(np.uint16)  # 8 MiB
+    header = wire.StackHeader(kind="stack", run_id="r", seq=5, t=0, shape=list(stack.shape),
+                              dtype="uint16", voxel_size_um=[1.0, 0.325, 0.325])
+    try:
+        daemon.offer(header, stack)
+        result, handed = None, []
+        for _ in range(600):
+            daemon.receive_ready()
+            handed += daemon.pump()
+            if daemon.results.poll(100):
+                result = daemon.receive_result()
+                break
+        assert handed == [(5, worker.name)]
+        assert daemon.pool is not None and daemon.pool.lent == 1  # the pixels went by segment
+        daemon.release(5)
+        assert daemon.pool.lent == 0
+        thread.join(30)
+    finally:
+        worker.close()
+        daemon.close()
+    assert result is not None
+    out, pred = result
+    assert out.source_seq == 5 and pred.shape == (3, 16, 512, 512)
+    np.testing.assert_allclose(pred, predictor.predict(stack, [1.0, 0.325, 0.325]), atol=1e-5)
+
+
+def test_a_shared_memory_header_without_the_offer_is_refused() -> None:
+    header = wire.StackHeader(kind="stack", run_id="r", seq=0, t=0, shape=[1, 2, 2], dtype="uint8",
+                              voxel_size_um=[1, 1, 1], shm="psm_nonexistent")
+    decoded, array = wire.decode([header.to_json(), b""])
+    assert decoded.shm == "psm_nonexistent" and array.size == 0
+    import pytest
+
+    with pytest.raises(wire.WireError, match="empty payload"):
+        wire.decode([header.to_json(), b"\0" * 4])
