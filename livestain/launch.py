@@ -135,7 +135,9 @@ def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=p
     if opts.spawn_worker:
         supervisor.start()
     if opts.show_window:
-        _spawn(["view", *conn])  # independent: closing it never touches the run
+        viewer = _spawn(["view", *conn])  # independent: closing it never touches the run
+        # reap it once closed, so a days-long run leaves no zombie process behind
+        daemon.on_tick = lambda: (supervisor.check(), viewer.poll())
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 

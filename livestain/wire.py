@@ -64,6 +64,8 @@ PORT_OFFSETS = {"stacks": 0, "results": 1, "display": 2, "control": 3}
 MAX_PAYLOAD_BYTES = 4 * 1024**3
 #: Largest size of any one dimension.
 MAX_DIMENSION = 1 << 20
+#: Largest header: headers are copied into files, so a peer must not make them huge.
+MAX_HEADER_BYTES = 64 * 1024
 
 
 class WireError(ValueError):
@@ -198,6 +200,8 @@ def decode(frames: list[Any]) -> tuple[StackHeader, np.ndarray]:
         raise WireError(f"expected 2 frames (header, payload), got {len(frames)}")
     raw_header, payload = frames
     buf_header = getattr(raw_header, "bytes", raw_header)
+    if len(buf_header) > MAX_HEADER_BYTES:
+        raise WireError(f"header of {len(buf_header)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
         data = json.loads(buf_header)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

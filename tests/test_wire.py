@@ -74,6 +74,7 @@ GOOD = _header().model_dump(by_alias=True)
         (_frames(GOOD | {"shape": [2**32, 2**32, 1]}, b""), "positive dimensions"),
         (_frames(GOOD | {"shape": [2**70, 1, 1]}, b""), "positive dimensions"),
         (_frames(GOOD | {"shape": [2**19, 2**19, 2**19]}, b""), "exceeds"),
+        (_frames(GOOD | {"note": "x" * 70_000}, b"\0" * 240), "header of"),
     ],
 )
 def test_malformed_messages_raise_wire_error_with_reason(frames, reason) -> None:
