@@ -348,6 +348,7 @@ class Daemon:
             for stack in self.assembler.add(event, image, arrived):
                 self._finish_stack(stack)
         self.on_tick()
+        self._hold_pause()
         self._catch_up()
         self._mark_sent(self.sockets.pump())
         ready = dict(self.sockets.poller.poll(timeout_ms))
@@ -627,6 +628,18 @@ class Daemon:
             log.exception("control command %r failed", command)
             reply = wire.encode_reply(False, error=f"{command} failed: {e}")
         self.sockets.control.send_multipart(reply)
+
+    def _hold_pause(self) -> None:
+        """Keep the runner paused while the user wants it paused.
+
+        pymmcore-plus 0.18 can lose a pause: a ``set_paused(True)`` that lands between
+        the end of its wait for an event and the start of that event is overwritten by
+        the runner. Asking again while it is not paused is harmless (a pause already
+        pending is left as it is) and makes the pause stick.
+        """
+        mda = self.core.mda
+        if self._paused and not mda.is_paused() and mda.is_running() and not self._stop_requested:
+            mda.set_paused(True)
 
     def request_stop(self) -> None:
         """Stop after the current frame (control socket and signal handlers call this)."""

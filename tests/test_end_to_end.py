@@ -93,11 +93,22 @@ def test_status_and_stop_over_the_control_socket(tmp_path, base_port) -> None:
         assert after["stacks_acquired"] > status["stacks_acquired"]
         # pause holds acquisition, resume lets it go on
         assert _run(["pause", "--port", str(base_port)], timeout=30).returncode == 0
-        paused = json.loads(_run(["status", "--json", "--port", str(base_port)], timeout=30).stdout)
+
+        def acquired() -> dict:
+            return json.loads(_run(["status", "--json", "--port", str(base_port)], timeout=30).stdout)
+
+        paused = acquired()
         assert paused["state"] == "paused"
-        time.sleep(1.5)  # 3 intervals: nothing may be acquired meanwhile
-        still = json.loads(_run(["status", "--json", "--port", str(base_port)], timeout=30).stdout)
-        assert still["stacks_acquired"] <= paused["stacks_acquired"] + 1  # at most the stack under way
+        # frames already taken are still written; then the count must stop for good
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            before = acquired()
+            time.sleep(1.5)  # 3 intervals of the plan
+            still = acquired()
+            if still["stacks_acquired"] == before["stacks_acquired"]:
+                break
+        assert still["stacks_acquired"] == before["stacks_acquired"], "acquisition went on while paused"
+        assert still["state"] == "paused"
         assert _run(["resume", "--port", str(base_port)], timeout=30).returncode == 0
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
