@@ -20,6 +20,11 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 
+def spawn_cli(args: list[str]) -> subprocess.Popen:
+    """Start ``livestain ARGS`` as a child process with this interpreter."""
+    return subprocess.Popen([sys.executable, "-m", "livestain.cli", *args])
+
+
 class WorkerSupervisor:
     """Starts ``livestain worker ARGS`` and restarts it when it exits unexpectedly.
 
@@ -55,7 +60,7 @@ class WorkerSupervisor:
 
     def start(self) -> None:
         args = [*self.args, "--parent-pid", str(os.getpid())]
-        self.proc = subprocess.Popen([sys.executable, "-m", "livestain.cli", *args])
+        self.proc = spawn_cli(args)
         self._started_at = time.monotonic()
 
     @property

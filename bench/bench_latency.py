@@ -20,14 +20,11 @@ import argparse
 import json
 import sqlite3
 import statistics
-import tempfile
 from pathlib import Path
 
-from livestain import wire
-from livestain.acquisition.daemon import Daemon
+from _harness import simulated_run
+
 from livestain.acquisition.policies import Policies
-from livestain.acquisition.supervisor import WorkerSupervisor
-from livestain.devices.simulated import SimulatedScope, build_simulated_core
 from livestain.launch import demo_sequence
 from livestain.stackio import read_stack
 
@@ -53,13 +50,10 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=5720)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    out = Path(tempfile.mkdtemp(prefix="livestain-latency-")) / "run"
-    supervisor = WorkerSupervisor(["worker", "--port", str(args.port)], report=print)
-    daemon = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(args.timepoints, args.interval),
-                    out, wire.endpoints(base_port=args.port), Policies(drain_timeout_s=60),
-                    report=lambda line: None, on_tick=supervisor.check)
-    supervisor.on_restart = daemon.requeue_in_flight
-    supervisor.start()
+    daemon, supervisor = simulated_run(
+        "latency", demo_sequence(args.timepoints, args.interval), args.port, Policies(drain_timeout_s=60)
+    )
+    out = daemon.out_dir
     try:
         summary = daemon.run()
     finally:

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import os
 import threading
 import time
 from pathlib import Path
 
-from livestain import wire
-from livestain.acquisition.daemon import Daemon
+from _harness import simulated_run
+
 from livestain.acquisition.policies import Policies
-from livestain.acquisition.supervisor import WorkerSupervisor
-from livestain.devices.simulated import SimulatedScope, build_simulated_core
 from livestain.launch import demo_sequence
 
 
@@ -45,19 +43,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    import os
-
-    out = Path(tempfile.mkdtemp(prefix="livestain-soak-")) / "run"
-    eps = wire.endpoints(base_port=args.port)
-    supervisor = WorkerSupervisor(["worker", "--port", str(args.port)], report=print)
-    daemon = Daemon(
-        build_simulated_core(SimulatedScope()),
-        demo_sequence(timepoints=1_000_000, interval_s=0.0),
-        out, eps, Policies(drain_timeout_s=5.0, min_free_gb=0.5),
-        report=lambda line: None, on_tick=supervisor.check, extra_status=supervisor.status,
+    daemon, supervisor = simulated_run(
+        "soak", demo_sequence(timepoints=1_000_000, interval_s=0.0), args.port,
+        Policies(drain_timeout_s=5.0, min_free_gb=0.5),
     )
-    supervisor.on_restart = daemon.requeue_in_flight
-    supervisor.start()
+    out = daemon.out_dir
     samples: list[dict] = []
     t0 = time.monotonic()
 

@@ -6,14 +6,13 @@ is its output, so anyone can reproduce (or improve) the model ``livestain demo``
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 
 import torch
 
 from livestain.devices.pairs import simulate_pairs
 from livestain.inference.checkpoint import ModelMeta, save_checkpoint
+from livestain.inference.commands import Progress
 from livestain.inference.model import UNetConfig
 from livestain.inference.normalize import PercentileNorm
 from livestain.inference.train import TrainSettings, evaluate, train
@@ -31,19 +30,9 @@ def train_bundled(out: Path, steps: int = 600, seed: int = 0) -> dict:
     train_pairs = [(p.brightfield, p.targets) for p in simulate_pairs(TRAIN_TILES, seed=101)]
     val = list(simulate_pairs(VAL_TILES, seed=202))
     val_pairs = [(p.brightfield, p.targets) for p in val]
-    t0 = time.perf_counter()
-
-    def progress(step: int, loss: float) -> None:
-        done = step / steps
-        eta = (time.perf_counter() - t0) / done * (1 - done)
-        bar = "#" * int(30 * done)
-        sys.stdout.write(f"\r[{bar:<30}] step {step}/{steps} loss {loss:.3f} ETA {eta:4.0f}s")
-        sys.stdout.flush()
-
-    result = train(train_pairs, val_pairs, cfg, settings, PercentileNorm(), on_step=progress)
-    print()
+    result = train(train_pairs, val_pairs, cfg, settings, PercentileNorm(), on_step=Progress(steps))
     r = evaluate(result.net, val_pairs, PercentileNorm())
-    metrics = {s: round(v, 4) for s, v in zip(cfg.structures, r)}
+    metrics = {s: round(float(v), 4) for s, v in zip(cfg.structures, r)}
     meta = ModelMeta(
         config=cfg,
         norm=PercentileNorm(),

@@ -11,7 +11,6 @@ import logging
 import logging.handlers
 import os
 import signal
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,10 +83,6 @@ def demo_sequence(timepoints: int = 3, interval_s: float = 0.0, positions: int =
     )
 
 
-def _spawn(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "livestain.cli", *args])
-
-
 def _log_to_dataset(out_dir: Path) -> logging.Handler:
     """A rotating log file in the dataset folder: 10 MB x 5, survives a days-long run."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +98,7 @@ def _log_to_dataset(out_dir: Path) -> logging.Handler:
 def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=print):  # noqa: ANN001
     """Run ``sequence`` on ``core`` with a supervised worker (and a viewer); returns RunSummary."""
     from livestain.acquisition.daemon import Daemon
-    from livestain.acquisition.supervisor import WorkerSupervisor
+    from livestain.acquisition.supervisor import WorkerSupervisor, spawn_cli
 
     # per-stack lines go to the console through `report` and to the dataset's log file
     # through this logger, which does not propagate: the console shows each line once
@@ -135,7 +130,7 @@ def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=p
     if opts.spawn_worker:
         supervisor.start()
     if opts.show_window:
-        viewer = _spawn(["view", *conn])  # independent: closing it never touches the run
+        viewer = spawn_cli(["view", *conn])  # independent: closing it never touches the run
         # reap it once closed, so a days-long run leaves no zombie process behind
         daemon.on_tick = lambda: (supervisor.check(), viewer.poll())
 

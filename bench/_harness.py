@@ -1,0 +1,28 @@
+"""What the soak and latency benches share: a daemon on the simulated scope with a
+supervised worker process, as `livestain demo` runs it, minus the console."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import useq
+
+from livestain import wire
+from livestain.acquisition.daemon import Daemon
+from livestain.acquisition.policies import Policies
+from livestain.acquisition.supervisor import WorkerSupervisor
+from livestain.devices.simulated import SimulatedScope, build_simulated_core
+
+
+def simulated_run(name: str, sequence: useq.MDASequence, port: int,
+                  policies: Policies) -> tuple[Daemon, WorkerSupervisor]:
+    """A daemon writing to a fresh temporary folder and its (started) worker."""
+    out = Path(tempfile.mkdtemp(prefix=f"livestain-{name}-")) / "run"
+    supervisor = WorkerSupervisor(["worker", "--port", str(port)], report=print)
+    daemon = Daemon(build_simulated_core(SimulatedScope()), sequence, out,
+                    wire.endpoints(base_port=port), policies, report=lambda line: None,
+                    on_tick=supervisor.check, extra_status=supervisor.status)
+    supervisor.on_restart = daemon.requeue_in_flight
+    supervisor.start()
+    return daemon, supervisor
