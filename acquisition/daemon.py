@@ -37,6 +37,7 @@ from livestain import __version__, wire
 from livestain.security import apply_client
 from livestain.stackio import read_stack, write_stack
 
+from .doorbell import Doorbell
 from .journal import Journal
 from .policies import Policies
 from .retry import install_snap_retries
@@ -192,6 +193,8 @@ class Daemon:
             raise
         self.assembler = StackAssembler.for_sequence(sequence)
         self.frames: queue.Queue[tuple[useq.MDAEvent, np.ndarray, float]] = queue.Queue()
+        self._doorbell = Doorbell()  # rung per frame: the loop wakes from its poll at once
+        self.sockets.poller.register(self._doorbell, zmq.POLLIN)
         self._n_t = sequence.sizes.get("t", 1) or 1
         self._n_p = sequence.sizes.get("p", 1) or 1
         self._mda_done = threading.Event()
@@ -284,6 +287,7 @@ class Daemon:
     # -- MDA thread: enqueue only ---------------------------------------------------
     def _on_frame(self, image: np.ndarray, event: useq.MDAEvent, meta: dict) -> None:
         self.frames.put((event, image, time.time()))
+        self._doorbell.ring()
         # what the core knew when the frame was taken, read here on the MDA thread so the
         # daemon loop never talks to the hardware while the runner does
         px = meta.get("pixel_size_um") if isinstance(meta, dict) else None
@@ -327,6 +331,7 @@ class Daemon:
             mda.events.sequenceFinished.disconnect(self._on_finished)
             self._halt_acquisition()
             self.sockets.close()
+            self._doorbell.close()
             self.journal.note("end")
             self.journal.close()
         self.summary.not_predicted = len(self.records) + self.summary.unreadable
@@ -339,19 +344,16 @@ class Daemon:
 
     def _step(self, timeout_ms: int) -> None:
         """One turn of the loop: frames -> stacks, predictions in, control answered."""
-        deadline = time.monotonic() + 0.05
-        while time.monotonic() < deadline:
-            try:
-                event, image, arrived = self.frames.get_nowait()
-            except queue.Empty:
-                break
-            for stack in self.assembler.add(event, image, arrived):
-                self._finish_stack(stack)
+        self._take_frames()
         self.on_tick()
         self._hold_pause()
         self._catch_up()
         self._mark_sent(self.sockets.pump())
         ready = dict(self.sockets.poller.poll(timeout_ms))
+        if self._doorbell in ready or self._doorbell.fileno() in ready:
+            self._doorbell.clear()
+            self._take_frames()
+            self._mark_sent(self.sockets.pump())
         if self.sockets.stacks in ready:
             self.sockets.receive_ready()
             self._mark_sent(self.sockets.pump())
@@ -360,6 +362,17 @@ class Daemon:
                 self._on_prediction(*result)
         if self.sockets.control in ready:
             self._on_control()
+
+    def _take_frames(self) -> None:
+        """Frames waiting from the MDA thread -> stacks; finished stacks written and offered."""
+        deadline = time.monotonic() + 0.05  # bounded, so sockets are served during a burst
+        while time.monotonic() < deadline:
+            try:
+                event, image, arrived = self.frames.get_nowait()
+            except queue.Empty:
+                break
+            for stack in self.assembler.add(event, image, arrived):
+                self._finish_stack(stack)
 
     def _finish_stack(self, stack: Stack) -> None:
         """Write a finished stack to disk and journal it, then stream it (raw data first)."""
