@@ -20,6 +20,7 @@ are, so the worker and the daemon handle 2.5D models unchanged.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -56,6 +57,9 @@ class Predictor:
         self.model = model if isinstance(model, LoadedModel) else load_checkpoint(model, self.device)
         self.model.net.to(self.device).eval()
         self.net = self.model.net
+        #: seconds of the last `predict`: normalising and resampling in, the network, and
+        #: resampling back and copying out (the worker reports them per stack)
+        self.last_timing: dict[str, float] = {}
         if fast and not self.is_2_5d:
             self.net = FastNet(self.model.net, self.device, bf16=bf16)
 
@@ -94,6 +98,7 @@ class Predictor:
             )
         if z_centre is not None and not 0 <= z_centre < stack.shape[0]:
             raise ValueError(f"z_centre {z_centre} is outside the stack's {stack.shape[0]} planes")
+        t0 = time.perf_counter()
         x = self.model.meta.norm(stack)
         t = torch.from_numpy(x)[None, None].to(self.device)
         scale = self._scale(voxel_size_um)
@@ -101,14 +106,25 @@ class Predictor:
             if scale is not None:
                 size = [max(1, round(n * s)) for n, s in zip(stack.shape, scale)]
                 t = F.interpolate(t, size=size, mode="trilinear", align_corners=False)
+            t1 = self._clock()
             if self.is_2_5d:
                 y = self._predict_2_5d(t, stack.shape[0], tile, overlap, tta, slide, z_centre)
             else:
                 y = predict_volume(self.net, t, tile=tile, overlap=overlap, tta=tta, device=self.device)
+            t2 = self._clock()
             if scale is not None:
                 out = [y.shape[2] if self.is_2_5d and not slide else stack.shape[0], *stack.shape[1:]]
                 y = F.interpolate(y, size=out, mode="trilinear", align_corners=False)
-        return y[0].float().cpu().numpy()
+            result = y[0].float().cpu().numpy()
+        self.last_timing = {"preprocess_s": t1 - t0, "network_s": t2 - t1,
+                            "postprocess_s": time.perf_counter() - t2}
+        return result
+
+    def _clock(self) -> float:
+        """Now, after the device has finished what was queued (CUDA runs asynchronously)."""
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _predict_2_5d(
         self,

@@ -150,6 +150,7 @@ class Worker:
             model=self.predictor.model.name,
             worker=self.name,
             inference_s=time.perf_counter() - t0,
+            **{k: round(v, 6) for k, v in self.predictor.last_timing.items()},
             torch=torch.__version__,
             device=self.predictor.device,
             stack_sent_at=header.sent_at,  # with received_at: the transport time
