@@ -524,6 +524,8 @@ class Daemon:
 
     def _on_prediction(self, header: wire.StackHeader, array: np.ndarray) -> None:
         received_at = time.time()
+        # through shared memory: a view of a segment reused once this stack is released
+        in_segment, header.shm = bool(header.shm), ""
         seq = header.source_seq if header.source_seq is not None else -1
         if header.run_id == self.run_id and seq in self._predicted:
             return  # a duplicate (a re-sent stack, or a second worker): the first stands
@@ -546,7 +548,8 @@ class Daemon:
         # viewers first: a prediction can be made again, so unlike raw data it need not
         # wait for the disk (saves the ~30 ms write + fsync from the drawn latency)
         header.path = str(pred_path)
-        self.sockets.publish(header, array)
+        # a viewer may receive it after the segment is reused: give the display a copy
+        self.sockets.publish(header, np.array(array) if in_segment else array)
         try:
             write_stack(pred_path, array, voxel_size_um=header.voxel_size_um, info=info,
                         channel_names=header.structures)

@@ -62,9 +62,9 @@ class DaemonSockets:
         self.sent_to: dict[bytes, int] = {}  # stacks handed to each worker identity
         self.hostname = socket.gethostname()
         self.pool: ShmPool | None = ShmPool() if shm else None
-        # workers waiting for a stack, by ZeroMQ identity -> (name, last ready time)
-        # (name, last ready, on this host and offering shared memory)
-        self.idle: OrderedDict[bytes, tuple[str, float, bool]] = OrderedDict()
+        # workers waiting for a stack, by ZeroMQ identity -> (name, last ready time,
+        # structures it predicts if it is on this host and offers shared memory, else 0)
+        self.idle: OrderedDict[bytes, tuple[str, float, int]] = OrderedDict()
         self.workers_seen: dict[str, float] = {}
         self.results = self._bind(zmq.PULL, eps["results"], rcvhwm=16)
         self.display = self._bind(zmq.PUB, eps["display"], sndhwm=4)
@@ -135,7 +135,11 @@ class DaemonSockets:
             self.workers_seen[name] = now
             if received >= self.sent_to.get(identity, 0):
                 same_host = bool(self.pool) and body.get("shm_host") == self.hostname
-                self.idle[identity] = (name, now, same_host)
+                try:
+                    out_channels = min(max(int(body.get("out_channels", 1) or 1), 1), 64)
+                except (TypeError, ValueError):
+                    out_channels = 1
+                self.idle[identity] = (name, now, out_channels if same_host else 0)
 
     def pump(self) -> list[tuple[int, str]]:
         """Give each idle worker one stack, the newest first.
@@ -149,9 +153,9 @@ class DaemonSockets:
             del self.idle[identity]  # it stopped asking: gone or busy elsewhere
         sent = []
         while self.backlog and self.idle:
-            identity, (name, _, same_host) = self.idle.popitem(last=False)
+            identity, (name, _, shm_channels) = self.idle.popitem(last=False)
             header, array = self.backlog[-1]
-            frames = self._frames_for(header, array, same_host)
+            frames = self._frames_for(header, array, shm_channels)
             try:
                 self.stacks.send_multipart([identity, b"", *frames], copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
@@ -168,18 +172,28 @@ class DaemonSockets:
             sent.append((header.seq, name))
         return sent
 
-    def _frames_for(self, header: wire.StackHeader, array: np.ndarray, same_host: bool) -> list:
-        """The pixels through shared memory for a big stack and a worker on this host."""
-        if same_host and self.pool is not None and array.nbytes >= MIN_SHM_BYTES:
-            name = self.pool.lend(header.seq, np.ascontiguousarray(array))
-            if name is not None:
-                return [header.model_copy(update={"shm": name}).to_json(), b""]
-        return wire.encode(header, array)
+    def _frames_for(self, header: wire.StackHeader, array: np.ndarray, shm_channels: int) -> list:
+        """The pixels through shared memory for a big stack and a worker on this host
+        (``shm_channels``: the structures it predicts, 0 for a worker elsewhere), with a
+        segment lent for the float32 prediction too."""
+        if not shm_channels or self.pool is None:
+            return wire.encode(header, array)
+        update = {}
+        if array.nbytes >= MIN_SHM_BYTES and (name := self.pool.lend(header.seq, np.ascontiguousarray(array))):
+            update["shm"] = name
+        room_bytes = shm_channels * (array.nbytes // array.itemsize) * 4
+        if room_bytes >= MIN_SHM_BYTES and (room := self.pool.reserve(header.seq, room_bytes)):
+            update["result_shm"] = room
+        header = header.model_copy(update=update) if update else header
+        return [header.to_json(), b""] if header.shm else wire.encode(header, array)
 
-    def release(self, seq: int) -> None:
-        """Stack ``seq`` came back predicted (or its worker died): its segment is free."""
+    def release(self, seq: int, reuse: bool = True) -> None:
+        """Stack ``seq`` came back predicted (or was given up): its segments are free.
+
+        ``reuse=False`` when its worker may still write into them (presumed hung).
+        """
         if self.pool is not None:
-            self.pool.give_back(seq)
+            self.pool.give_back(seq, reuse)
 
     def discard(self, seq: int) -> None:
         """Drop a stack from the backlog (it was predicted meanwhile, e.g. by its first worker)."""
@@ -199,7 +213,11 @@ class DaemonSockets:
 
     # -- from workers -----------------------------------------------------------------
     def receive_result(self) -> tuple[wire.StackHeader, np.ndarray] | None:
-        """One prediction if a valid one is waiting; malformed ones are logged and dropped."""
+        """One prediction if a valid one is waiting; malformed ones are logged and dropped.
+
+        A prediction that came through shared memory is a read-only view of the daemon's
+        own segment (``header.shm`` names it), valid until `release` of its stack.
+        """
         try:
             frames = self.results.recv_multipart(copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -208,6 +226,13 @@ class DaemonSockets:
             header, array = wire.decode(frames)
             if header.kind != "prediction":
                 raise wire.WireError(f"expected a prediction on the results socket, got {header.kind}")
+            if header.shm:  # written into the segment lent with its stack
+                if self.pool is None or header.source_seq is None:
+                    raise wire.WireError("a shared-memory prediction, but no segment was lent")
+                try:
+                    array = self.pool.view(header.source_seq, header.shm, header.shape, header.dtype)
+                except ValueError as e:
+                    raise wire.WireError(str(e)) from None
         except wire.WireError as e:
             self.counts.malformed_results += 1
             log.warning("dropped malformed message on results socket: %s", e)

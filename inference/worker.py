@@ -19,6 +19,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import zmq
 
@@ -100,7 +101,8 @@ class Worker:
             if time.monotonic() - last_ready > self.READY_EVERY_S:
                 self.pull.send_multipart(wire.encode_ready(
                     self.name, self.predictor.model.name, self.counts.received,
-                    shm_host=self.hostname if self.shm is not None else ""))
+                    shm_host=self.hostname if self.shm is not None else "",
+                    out_channels=len(self.predictor.structures)))
                 last_ready = time.monotonic()
             if not self.pull.poll(200):
                 continue
@@ -150,18 +152,33 @@ class Worker:
             model=self.predictor.model.name,
             worker=self.name,
             inference_s=time.perf_counter() - t0,
-            **{k: round(v, 6) for k, v in self.predictor.last_timing.items()},
+            **{k: round(v, 6) for k, v in getattr(self.predictor, "last_timing", {}).items()},
             torch=torch.__version__,
             device=self.predictor.device,
             stack_sent_at=header.sent_at,  # with received_at: the transport time
             received_at=received_at,
         )
+        frames = self._into_segment(out, pred, header.result_shm) or wire.encode(out, pred)
         try:
-            self.push.send_multipart(wire.encode(out, pred), copy=False)
+            self.push.send_multipart(frames, copy=False)
         except zmq.Again:
             log.error("daemon not taking results; prediction of seq %d dropped", header.seq)
             return
         self.counts.predicted += 1
+
+    def _into_segment(self, out: wire.StackHeader, pred: np.ndarray, segment: str) -> list | None:
+        """Frames of a prediction written into the daemon's lent segment, or None when
+        there is none, or it is too small (then the pixels go over ZeroMQ)."""
+        if not segment or self.shm is None:
+            return None
+        sent_at = time.time()  # copying into the segment is this path's sending
+        try:
+            np.copyto(self.shm.writable(segment, list(pred.shape), "float32"), pred)
+        except (OSError, ValueError) as e:  # gone, or smaller than this prediction
+            log.info("prediction of seq %d goes over ZeroMQ: %s", out.source_seq, e)
+            return None
+        out.shm, out.sent_at = segment, sent_at
+        return [out.to_json(), b""]
 
     def close(self) -> None:
         self.pull.close(linger=0)

@@ -4,7 +4,10 @@ ZeroMQ moves about 1.3 GiB/s between two processes (the kernel copies every byte
 twice), about a tenth of a memcpy: fine for today's 2 MiB stacks, 0.4 s for a 512 MiB
 sCMOS stack. When a worker runs on the daemon's host, the daemon copies the stack once
 into a shared-memory segment and sends the header with the segment's name and an empty
-payload; the worker maps the segment and predicts from it without another copy.
+payload; the worker maps the segment and predicts from it without another copy. The
+prediction (a float32 channel per structure: six times the bytes of a uint16 stack with
+three structures) comes back the same way: the daemon lends a second segment with the
+stack, the worker writes its prediction into it and answers with the header alone.
 
 Segments are pooled and reused (creating and first-touching 512 MiB of fresh pages costs
 more than the copy), and a segment is only reused after its stack's prediction came back
@@ -29,7 +32,12 @@ _CREATED_HERE: set[str] = set()
 
 
 class ShmPool:
-    """Daemon side: reusable segments, each lent to one stack at a time.
+    """Daemon side: reusable segments, lent to one stack at a time.
+
+    A stack may hold two: its pixels (`lend`) and room for its prediction (`reserve`),
+    which the worker fills so the prediction comes back without crossing ZeroMQ
+    either. Both return to the pool together (`give_back`) once the prediction is in or
+    the stack is given up.
 
     Parameters
     ----------
@@ -37,45 +45,92 @@ class ShmPool:
         Segments in existence at most; past it, stacks go through ZeroMQ instead.
     """
 
-    def __init__(self, max_segments: int = 6) -> None:
+    def __init__(self, max_segments: int = 12) -> None:
         self.max_segments = max_segments
         self._free: list[shared_memory.SharedMemory] = []
-        self._lent: dict[int, shared_memory.SharedMemory] = {}
+        self._lent: dict[int, list[shared_memory.SharedMemory]] = {}
+        # stacks lent out twice (re-sent after a hang): the first worker may still
+        # write, so their segments are destroyed rather than reused
+        self._tainted: set[int] = set()
+        self._roles: dict[int, set[str]] = {}  # "pixels", "prediction": what each stack holds
 
     def lend(self, seq: int, array: np.ndarray) -> str | None:
         """Copy ``array`` into a segment lent to stack ``seq``; its name, or None if none is free."""
-        nbytes = array.nbytes
-        seg = next((s for s in self._free if s.size >= nbytes), None)
-        if seg is not None:
-            self._free.remove(seg)
-        elif len(self._free) + len(self._lent) < self.max_segments:
-            seg = _create(nbytes)
-        elif self._free:  # all free ones too small: replace the smallest
-            small = min(self._free, key=lambda s: s.size)
-            self._free.remove(small)
-            _destroy(small)
-            seg = _create(nbytes)
-        else:
+        seg = self._take(array.nbytes)
+        if seg is None:
             return None
         np.copyto(np.ndarray(array.shape, array.dtype, buffer=seg.buf), array)
-        self._lent[seq] = seg
+        self._attach(seq, seg, "pixels")
         return seg.name
 
-    def give_back(self, seq: int) -> None:
-        """Stack ``seq`` was predicted or given up: its segment may be reused."""
-        seg = self._lent.pop(seq, None)
-        if seg is not None:
-            self._free.append(seg)
+    def reserve(self, seq: int, nbytes: int) -> str | None:
+        """A segment of at least ``nbytes`` lent to stack ``seq`` for its prediction."""
+        seg = self._take(nbytes)
+        if seg is None:
+            return None
+        self._attach(seq, seg, "prediction")
+        return seg.name
+
+    def view(self, seq: int, name: str, shape: list[int], dtype: str) -> np.ndarray:
+        """A read-only view of segment ``name``, which must be lent to stack ``seq``.
+
+        Raises ValueError when it is not (a worker answering for another stack, or a
+        stale one) or when ``shape`` does not fit in it.
+        """
+        seg = next((s for s in self._lent.get(seq, []) if s.name == name), None)
+        if seg is None:
+            raise ValueError(f"shared segment {name!r} is not lent to stack {seq}")
+        return _array_on(seg, shape, dtype, writeable=False)
+
+    def give_back(self, seq: int, reuse: bool = True) -> None:
+        """Stack ``seq`` was predicted or given up: its segments may be reused.
+
+        ``reuse=False`` destroys them instead: for stacks whose worker may still be
+        alive and writing (a hung one).
+        """
+        segs = self._lent.pop(seq, [])
+        self._roles.pop(seq, None)
+        if reuse and seq not in self._tainted:
+            self._free.extend(segs)
+        else:
+            for seg in segs:
+                _destroy(seg)
+        self._tainted.discard(seq)
 
     @property
     def lent(self) -> int:
-        return len(self._lent)
+        """Segments lent out now."""
+        return sum(len(segs) for segs in self._lent.values())
 
     def close(self) -> None:
-        for seg in [*self._free, *self._lent.values()]:
+        for seg in [*self._free, *(s for segs in self._lent.values() for s in segs)]:
             _destroy(seg)
         self._free.clear()
         self._lent.clear()
+        self._roles.clear()
+
+    def _take(self, nbytes: int) -> shared_memory.SharedMemory | None:
+        """The smallest free segment that fits, a new one, or None at the limit."""
+        fits = [s for s in self._free if s.size >= nbytes]
+        if fits:
+            seg = min(fits, key=lambda s: s.size)
+            self._free.remove(seg)
+            return seg
+        if len(self._free) + self.lent < self.max_segments:
+            return _create(nbytes)
+        if self._free:  # all free ones too small: replace the smallest
+            small = min(self._free, key=lambda s: s.size)
+            self._free.remove(small)
+            _destroy(small)
+            return _create(nbytes)
+        return None
+
+    def _attach(self, seq: int, seg: shared_memory.SharedMemory, role: str) -> None:
+        roles = self._roles.setdefault(seq, set())
+        if role in roles:  # the stack is sent again while its first segments are out
+            self._tainted.add(seq)
+        roles.add(role)
+        self._lent.setdefault(seq, []).append(seg)
 
 
 def _create(nbytes: int) -> shared_memory.SharedMemory:
@@ -86,22 +141,47 @@ def _create(nbytes: int) -> shared_memory.SharedMemory:
 
 def _destroy(seg: shared_memory.SharedMemory) -> None:
     _CREATED_HERE.discard(seg.name)
+    _close(seg)
+    try:
+        seg.unlink()  # the name goes now; the memory when the last mapping closes
+    except FileNotFoundError:  # pragma: no cover - already gone
+        pass
+
+
+def _close(seg: shared_memory.SharedMemory) -> None:
+    """Unmap ``seg`` unless an array still views it (then it unmaps when collected)."""
     try:
         seg.close()
-        seg.unlink()
-    except (FileNotFoundError, BufferError):  # pragma: no cover - already gone / still viewed
+    except BufferError:
         pass
+
+
+def _array_on(seg: shared_memory.SharedMemory, shape: list[int], dtype: str, writeable: bool) -> np.ndarray:
+    """``shape``/``dtype`` (little-endian) over the start of ``seg``; ValueError if too big."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if n > seg.size:
+        raise ValueError(f"shared segment {seg.name} holds {seg.size} bytes, the header says {n}")
+    array = np.ndarray(shape, np.dtype(dtype).newbyteorder("<"), buffer=seg.buf)
+    array.flags.writeable = writeable
+    return array
 
 
 class ShmReader:
     """Worker side: maps segments by name (cached, since the daemon reuses them)."""
 
-    def __init__(self, max_cached: int = 8) -> None:
+    def __init__(self, max_cached: int = 16) -> None:
         self.max_cached = max_cached
         self._maps: dict[str, shared_memory.SharedMemory] = {}
 
     def view(self, name: str, shape: list[int], dtype: str) -> np.ndarray:
         """A read-only array view of a segment the daemon lent for one stack."""
+        return _array_on(self._map(name), shape, dtype, writeable=False)
+
+    def writable(self, name: str, shape: list[int], dtype: str) -> np.ndarray:
+        """A writable view of the segment the daemon lent for one stack's prediction."""
+        return _array_on(self._map(name), shape, dtype, writeable=True)
+
+    def _map(self, name: str) -> shared_memory.SharedMemory:
         seg = self._maps.get(name)
         if seg is None:
             seg = shared_memory.SharedMemory(name=name)
@@ -113,19 +193,11 @@ class ShmReader:
                 except (AttributeError, KeyError, ValueError):  # pragma: no cover
                     pass
             while len(self._maps) >= self.max_cached:
-                self._maps.pop(next(iter(self._maps))).close()
+                _close(self._maps.pop(next(iter(self._maps))))
             self._maps[name] = seg
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if n > seg.size:
-            raise ValueError(f"shared segment {name} holds {seg.size} bytes, the header says {n}")
-        array = np.ndarray(shape, np.dtype(dtype).newbyteorder("<"), buffer=seg.buf)
-        array.flags.writeable = False
-        return array
+        return seg
 
     def close(self) -> None:
         for seg in self._maps.values():
-            try:
-                seg.close()
-            except BufferError:  # pragma: no cover - a view is still alive
-                pass
+            _close(seg)
         self._maps.clear()

@@ -121,7 +121,12 @@ class StackHeader(BaseModel):
     shm : str
         Same-host fast path (`livestain.shm`): the name of the shared-memory segment
         holding the pixels; the payload frame is then empty. Only sent to a worker whose
-        ready message offered it from the daemon's own host.
+        ready message offered it from the daemon's own host. On a prediction: the
+        segment (the stack's ``result_shm``) the worker wrote the prediction into.
+    result_shm : str
+        Stack only, same-host fast path: a segment the daemon lends for this stack's
+        prediction; a worker whose prediction fits writes it there and replies with
+        ``shm`` set to this name and an empty payload.
     """
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
@@ -147,6 +152,7 @@ class StackHeader(BaseModel):
     inference_s: float = 0.0
     sent_at: float = 0.0
     shm: str = ""
+    result_shm: str = ""
 
     @model_validator(mode="after")
     def _check(self) -> StackHeader:
@@ -234,14 +240,16 @@ def decode(frames: list[Any]) -> tuple[StackHeader, np.ndarray]:
 # -- work requests ----------------------------------------------------------------------
 
 def encode_ready(
-    worker: str, model: str = "", received: int = 0, shm_host: str = ""
+    worker: str, model: str = "", received: int = 0, shm_host: str = "", out_channels: int = 0
 ) -> list[bytes]:
     """A worker's request for one stack (and its heartbeat): DEALER frames ``[b"", ready]``.
 
-    ``shm_host`` (the worker's host name) offers the shared-memory fast path.
+    ``shm_host`` (the worker's host name) offers the shared-memory fast path;
+    ``out_channels`` (the structures it predicts) sizes the segment the daemon lends
+    for each prediction on that path.
     """
     msg = {"schema": SCHEMA, "kind": "ready", "worker": worker, "model": model,
-           "received": received, "shm_host": shm_host}
+           "received": received, "shm_host": shm_host, "out_channels": out_channels}
     return [b"", json.dumps(msg).encode()]
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 import zmq
 
 from livestain import wire
 from livestain.acquisition.streaming import DaemonSockets
 from livestain.inference.predict import Predictor
 from livestain.inference.worker import Worker
+from livestain.shm import ShmPool, ShmReader
 
 
 def test_worker_predicts_stacks_and_drops_malformed_messages(base_port) -> None:
@@ -182,17 +184,18 @@ def test_big_stacks_to_a_worker_on_this_host_travel_through_shared_memory(base_p
                 result = daemon.receive_result()
                 break
         assert handed == [(5, worker.name)]
-        assert daemon.pool is not None and daemon.pool.lent == 1  # the pixels went by segment
+        # the pixels went by one segment, the prediction came back in a second one
+        assert daemon.pool is not None and daemon.pool.lent == 2
+        assert result is not None
+        out, pred = result
+        assert out.shm and out.source_seq == 5 and pred.shape == (3, 16, 512, 512)
+        np.testing.assert_allclose(pred, predictor.predict(stack, [1.0, 0.325, 0.325]), atol=1e-5)
         daemon.release(5)
         assert daemon.pool.lent == 0
         thread.join(30)
     finally:
         worker.close()
         daemon.close()
-    assert result is not None
-    out, pred = result
-    assert out.source_seq == 5 and pred.shape == (3, 16, 512, 512)
-    np.testing.assert_allclose(pred, predictor.predict(stack, [1.0, 0.325, 0.325]), atol=1e-5)
 
 
 def test_a_shared_memory_header_without_the_offer_is_refused() -> None:
@@ -204,3 +207,46 @@ def test_a_shared_memory_header_without_the_offer_is_refused() -> None:
 
     with pytest.raises(wire.WireError, match="empty payload"):
         wire.decode([header.to_json(), b"\0" * 4])
+
+
+def test_the_pool_lends_pixels_and_room_for_the_prediction_and_refuses_strangers() -> None:
+    pool = ShmPool(max_segments=4)
+    try:
+        stack = np.arange(2 * 3 * 4, dtype=np.uint16).reshape(2, 3, 4)
+        name = pool.lend(7, stack)
+        room = pool.reserve(7, 3 * stack.size * 4)
+        assert name and room and name != room and pool.lent == 2
+        reader = ShmReader()
+        np.testing.assert_array_equal(reader.view(name, [2, 3, 4], "uint16"), stack)
+        written = np.full((3, 2, 3, 4), 1.5, np.float32)
+        np.copyto(reader.writable(room, [3, 2, 3, 4], "float32"), written)
+        np.testing.assert_array_equal(pool.view(7, room, [3, 2, 3, 4], "float32"), written)
+        with pytest.raises(ValueError, match="not lent to stack 8"):
+            pool.view(8, room, [3, 2, 3, 4], "float32")  # another stack's answer
+        with pytest.raises(ValueError, match="holds"):
+            pool.view(7, room, [4, 2, 3, 4], "float32")  # bigger than the room lent
+        reader.close()
+        pool.give_back(7)
+        assert pool.lent == 0
+        # reused (no new segment) for the next stack of the same size
+        assert pool.lend(8, stack) in {name, room}
+    finally:
+        pool.close()
+
+
+def test_segments_of_a_re_sent_stack_are_destroyed_not_reused() -> None:
+    """A hung worker may wake and write into what it was lent: never into another stack's."""
+    from multiprocessing import shared_memory
+
+    pool = ShmPool(max_segments=6)
+    try:
+        stack = np.zeros((4, 64, 64), np.uint16)
+        first = pool.lend(3, stack)
+        again = pool.lend(3, stack)  # re-sent to a second worker after a hang
+        pool.give_back(3)
+        assert pool.lent == 0
+        for name in (first, again):
+            with pytest.raises(FileNotFoundError):
+                shared_memory.SharedMemory(name=name)
+    finally:
+        pool.close()
