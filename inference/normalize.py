@@ -31,14 +31,20 @@ class PercentileNorm:
     min_range: float = 1e-3
 
     def __call__(self, stack: np.ndarray) -> np.ndarray:
+        med, scale = self.statistics(stack)
         x = np.array(stack, dtype=np.float32)  # always a copy: normalised in place below
-        # percentiles of a strided subsample: same answer, a fraction of the time
-        sample = x.reshape(-1)[:: max(1, x.size // 1_000_000)]
-        lo, med, hi = np.percentile(sample, (self.p_low, 50.0, self.p_high))
-        scale = max(float(hi - lo), self.min_range * max(abs(float(med)), 1.0))
         x -= np.float32(med)
         x /= np.float32(scale)
         return x
+
+    def statistics(self, stack: np.ndarray) -> tuple[float, float]:
+        """(centre, scale) of ``stack``, as float32 values: ``x -> (x - centre) / scale``."""
+        flat = np.asarray(stack).reshape(-1)
+        # percentiles of a strided subsample: same answer, a fraction of the time
+        sample = flat[:: max(1, flat.size // 1_000_000)].astype(np.float32)
+        lo, med, hi = np.percentile(sample, (self.p_low, 50.0, self.p_high))
+        scale = max(float(hi - lo), self.min_range * max(abs(float(med)), 1.0))
+        return float(np.float32(med)), float(np.float32(scale))
 
     def to_dict(self) -> dict:
         return {"method": "percentile", **asdict(self)}

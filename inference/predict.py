@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .checkpoint import LoadedModel, load_checkpoint
 from .model import window_indices
 from .fast import FastNet
+from .staging import InputStaging
 from .tiling import predict_volume
 
 
@@ -57,6 +58,7 @@ class Predictor:
         self.model = model if isinstance(model, LoadedModel) else load_checkpoint(model, self.device)
         self.model.net.to(self.device).eval()
         self.net = self.model.net
+        self.staging = InputStaging(self.device, self.model.meta.norm)
         #: seconds of the last `predict`: normalising and resampling in, the network, and
         #: resampling back and copying out (the worker reports them per stack)
         self.last_timing: dict[str, float] = {}
@@ -80,9 +82,11 @@ class Predictor:
         overlap: Sequence[int] | int | None = None,
         slide: bool = False,
         z_centre: int | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Prediction in z-score units, float32, shape ``(len(structures), *stack.shape)``
-        (2.5D: ``(len(structures), 1, y, x)`` unless ``slide``).
+        (2.5D: ``(len(structures), 1, y, x)`` unless ``slide``); written into ``out``
+        (and returned) when given, e.g. a shared-memory segment, saving a copy.
 
         ``tile`` (z, y, x, in the model's voxels; 2.5D: (y, x)) forces tiled prediction
         with that tile size (2.5D: a (z, y, x) tile's z is ignored); without it the stack
@@ -99,8 +103,7 @@ class Predictor:
         if z_centre is not None and not 0 <= z_centre < stack.shape[0]:
             raise ValueError(f"z_centre {z_centre} is outside the stack's {stack.shape[0]} planes")
         t0 = time.perf_counter()
-        x = self.model.meta.norm(stack)
-        t = torch.from_numpy(x)[None, None].to(self.device)
+        t = self.staging(stack)  # normalised, on the device; reused by the next call
         scale = self._scale(voxel_size_um)
         with torch.inference_mode():
             if scale is not None:
@@ -113,9 +116,15 @@ class Predictor:
                 y = predict_volume(self.net, t, tile=tile, overlap=overlap, tta=tta, device=self.device)
             t2 = self._clock()
             if scale is not None:
-                out = [y.shape[2] if self.is_2_5d and not slide else stack.shape[0], *stack.shape[1:]]
-                y = F.interpolate(y, size=out, mode="trilinear", align_corners=False)
-            result = y[0].float().cpu().numpy()
+                back = [y.shape[2] if self.is_2_5d and not slide else stack.shape[0], *stack.shape[1:]]
+                y = F.interpolate(y, size=back, mode="trilinear", align_corners=False)
+            if out is not None:
+                if tuple(out.shape) != tuple(y.shape[1:]) or out.dtype != np.float32:
+                    raise ValueError(f"out must be float32 {tuple(y.shape[1:])}, got {out.dtype} {out.shape}")
+                torch.from_numpy(out).copy_(y[0])  # straight from the device into the caller's memory
+                result = out
+            else:
+                result = y[0].float().cpu().numpy()
         self.last_timing = {"preprocess_s": t1 - t0, "network_s": t2 - t1,
                             "postprocess_s": time.perf_counter() - t2}
         return result

@@ -129,8 +129,9 @@ class Worker:
     def handle(self, header: wire.StackHeader, stack) -> None:  # noqa: ANN001
         received_at = time.time()
         t0 = time.perf_counter()
+        segment = self._segment_for(header)
         try:
-            pred = self.predictor.predict(stack, header.voxel_size_um)
+            pred = self.predictor.predict(stack, header.voxel_size_um, out=segment)
         except (ValueError, RuntimeError) as e:
             log.error("could not predict stack seq %d (t=%d p=%d): %s", header.seq, header.t, header.p, e)
             return
@@ -158,7 +159,11 @@ class Worker:
             stack_sent_at=header.sent_at,  # with received_at: the transport time
             received_at=received_at,
         )
-        frames = self._into_segment(out, pred, header.result_shm) or wire.encode(out, pred)
+        if segment is not None:  # the pixels are in the daemon's segment already
+            out.shm = header.result_shm
+            frames = [out.to_json(), b""]
+        else:
+            frames = wire.encode(out, pred)
         try:
             self.push.send_multipart(frames, copy=False)
         except zmq.Again:
@@ -166,19 +171,19 @@ class Worker:
             return
         self.counts.predicted += 1
 
-    def _into_segment(self, out: wire.StackHeader, pred: np.ndarray, segment: str) -> list | None:
-        """Frames of a prediction written into the daemon's lent segment, or None when
-        there is none, or it is too small (then the pixels go over ZeroMQ)."""
-        if not segment or self.shm is None:
+    def _segment_for(self, header: wire.StackHeader) -> np.ndarray | None:
+        """The daemon's lent segment as this stack's prediction array, or None when there
+        is none or it is too small (then the prediction goes over ZeroMQ)."""
+        if not header.result_shm or self.shm is None:
             return None
-        sent_at = time.time()  # copying into the segment is this path's sending
+        shape = [len(self.predictor.structures), *header.shape]
+        if getattr(self.predictor, "is_2_5d", False):
+            shape[1] = 1  # a 2.5D model predicts one plane
         try:
-            np.copyto(self.shm.writable(segment, list(pred.shape), "float32"), pred)
+            return self.shm.writable(header.result_shm, shape, "float32")
         except (OSError, ValueError) as e:  # gone, or smaller than this prediction
-            log.info("prediction of seq %d goes over ZeroMQ: %s", out.source_seq, e)
+            log.info("prediction of seq %d goes over ZeroMQ: %s", header.seq, e)
             return None
-        out.shm, out.sent_at = segment, sent_at
-        return [out.to_json(), b""]
 
     def close(self) -> None:
         self.pull.close(linger=0)
