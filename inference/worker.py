@@ -160,7 +160,7 @@ class Worker:
             received_at=received_at,
         )
         if segment is not None:  # the pixels are in the daemon's segment already
-            out.shm = header.result_shm
+            out.shm, out.sent_at = header.result_shm, time.time()
             frames = [out.to_json(), b""]
         else:
             frames = wire.encode(out, pred)

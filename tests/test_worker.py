@@ -189,6 +189,7 @@ def test_big_stacks_to_a_worker_on_this_host_travel_through_shared_memory(base_p
         assert result is not None
         out, pred = result
         assert out.shm and out.source_seq == 5 and pred.shape == (3, 16, 512, 512)
+        assert out.sent_at >= out.model_extra["received_at"] > 0  # stage times stay meaningful
         np.testing.assert_allclose(pred, predictor.predict(stack, [1.0, 0.325, 0.325]), atol=1e-5)
         daemon.release(5)
         assert daemon.pool.lent == 0
