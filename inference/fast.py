@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -68,21 +70,48 @@ class FastNet(nn.Module):
         ``cpu`` or ``cuda[:n]``.
     bf16 : bool | None
         Use bf16 autocast; None decides by `bf16_supported`.
+    compile : bool
+        ``torch.compile`` the network (inductor). Off by default: on the development
+        CPU it was slower than eager (see README); the first stack of each shape pays
+        the compile, later runs load it from `compile_cache_dir`.
     """
 
-    def __init__(self, net: nn.Module, device: str = "cpu", bf16: bool | None = None) -> None:
+    def __init__(self, net: nn.Module, device: str = "cpu", bf16: bool | None = None,
+                 compile: bool = False) -> None:
         super().__init__()
         self.device = device
         self.bf16 = bf16_supported(device) if bf16 is None else bf16
         self.config = getattr(net, "config", None)
         self.multiple = getattr(net, "multiple", 1)
         self.net = fold_batchnorm(net).to(device).to(memory_format=torch.channels_last_3d)
+        if compile:
+            use_compile_cache()
+            # one graph per stack shape; a time-lapse repeats its shape, so it compiles once
+            self.net = torch.compile(self.net, dynamic=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device).contiguous(memory_format=torch.channels_last_3d)
         with torch.inference_mode(), autocast(self.device, self.bf16):
             y = self.net(x)
         return y.float().contiguous()
+
+
+def compile_cache_dir() -> Path:
+    """Where compiled kernels persist between runs: ``$TORCHINDUCTOR_CACHE_DIR`` if set,
+    else ``livestain/torch-compile`` in the user's cache folder."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "livestain" / "torch-compile"
+
+
+def use_compile_cache() -> Path:
+    """Point inductor's on-disk caches at `compile_cache_dir` (torch's default lives in
+    /tmp, which a reboot empties: the next run would compile again)."""
+    folder = compile_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return folder
 
 
 def max_abs_difference(net: nn.Module, fast: FastNet, x: torch.Tensor) -> float:

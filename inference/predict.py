@@ -51,9 +51,11 @@ class Predictor:
         device: str | None = None,
         fast: bool = False,
         bf16: bool | None = None,
+        compile: bool = False,
     ) -> None:
         """``fast`` predicts with `FastNet` (BatchNorm folded, channels-last, bf16 where
-        native unless ``bf16=False``): the live worker's path. 3D models only."""
+        native unless ``bf16=False``, ``torch.compile`` if ``compile``): the live
+        worker's path. 3D models only."""
         self.device = pick_device(device)
         self.model = model if isinstance(model, LoadedModel) else load_checkpoint(model, self.device)
         self.model.net.to(self.device).eval()
@@ -63,7 +65,7 @@ class Predictor:
         #: resampling back and copying out (the worker reports them per stack)
         self.last_timing: dict[str, float] = {}
         if fast and not self.is_2_5d:
-            self.net = FastNet(self.model.net, self.device, bf16=bf16)
+            self.net = FastNet(self.model.net, self.device, bf16=bf16, compile=compile)
 
     @property
     def structures(self) -> tuple[str, ...]:

@@ -201,13 +201,14 @@ def run_worker(
     parent_pid: int | None = None,
     keys: str | None = None,
     exact: bool = False,
+    compile: bool = False,
 ) -> int:
     """Entry point of ``livestain worker``; returns the process exit code.
 
     The live path is `FastNet` (bf16 where the hardware has it); ``exact`` keeps the
     plain fp32 network, e.g. to compare against offline ``livestain predict``.
     """
-    predictor = Predictor(model, device, fast=True, bf16=False if exact else None)
+    predictor = Predictor(model, device, fast=True, bf16=False if exact else None, compile=compile)
     worker = Worker(stacks_endpoint, results_endpoint, predictor, keys=keys)
 
     def _stop(signum: int, _frame: object) -> None:

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--exact", action="store_true",
                    help="predict in plain fp32 (default: the fast path, bf16 where the hardware has it)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network: the first stack of each size compiles (seconds "
+                        "to a minute), cached on disk for later runs; measure before relying on it")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("view", help="open the live window on a running daemon")
@@ -160,7 +163,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     eps = wire.endpoints(args.connect, args.port)
     return run_worker(eps["stacks"], eps["results"], args.model, args.device,
-                      parent_pid=args.parent_pid, keys=args.keys, exact=args.exact)
+                      parent_pid=args.parent_pid, keys=args.keys, exact=args.exact, compile=args.compile)
 
 
 def cmd_view(args: argparse.Namespace) -> int:

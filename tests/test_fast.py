@@ -36,3 +36,15 @@ def test_fast_net_fp32_matches_and_bf16_stays_close() -> None:
     with torch.inference_mode():
         scale = float(net(x).abs().max())
     assert max_abs_difference(net, FastNet(net, "cpu", bf16=True), x) < 0.05 * scale
+
+
+def test_compiled_fast_path_matches_eager_and_caches_where_told(tmp_path, monkeypatch) -> None:
+    """`livestain worker --compile`: same numbers as eager; kernels land in the cache folder."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    net = UNet3D(UNetConfig(depth=1, base_channels=4)).eval()
+    x = torch.randn(1, 1, 8, 16, 16)
+    eager = FastNet(net, "cpu", bf16=False)(x)
+    compiled = FastNet(net, "cpu", bf16=False, compile=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert any((tmp_path / "cache").iterdir())
