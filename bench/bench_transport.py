@@ -9,12 +9,15 @@ send to acknowledgement, over ``ipc://`` and ``tcp://127.0.0.1``; the baseline i
 segment, the header over ZeroMQ, the worker maps the segment.
 
     .venv/bin/python bench/bench_transport.py [--sizes-mib 16,512] [--repeats 5]
+
+`measure` returns the rows as plain dicts (``bench/run_all.py`` calls it too).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -95,6 +98,40 @@ def memcpy_seconds(array: np.ndarray, repeats: int) -> float:
     return statistics.median(times)
 
 
+def measure(sizes_mib: list[int] = (16, 512), repeats: int = 5, port: int = 5800) -> list[dict]:
+    """One row per size and path (``memcpy``, ``ipc``, ``tcp loopback``, ``shared memory``):
+    median seconds per stack, GiB/s and the fraction of the memcpy speed."""
+    rows = []
+    tmp = tempfile.mkdtemp(prefix="livestain-bench-")
+    for mib in (int(v) for v in sizes_mib):
+        n = mib * 1024 * 1024 // 2
+        array = np.arange(n, dtype=np.uint16).reshape(-1, 1024, 512)[: n // (1024 * 512)]
+        array = np.ascontiguousarray(array)
+        base = memcpy_seconds(array, repeats)
+        rows.append({"size_mib": mib, "path": "memcpy", "seconds": base})
+        for name, ep, ack, shm in (
+            ("ipc", f"ipc://{tmp}/stacks-{mib}", f"ipc://{tmp}/ack-{mib}", False),
+            ("tcp loopback", f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}", False),
+            ("shared memory", f"ipc://{tmp}/shm-{mib}", f"ipc://{tmp}/shm-ack-{mib}", True),
+        ):
+            rows.append({"size_mib": mib, "path": name,
+                         "seconds": transport_seconds(ep, ack, array, repeats, shm)})
+        for r in rows:
+            if r["size_mib"] == mib:
+                r["gib_per_s"] = round(mib / 1024 / r["seconds"], 2)
+                r["fraction_of_memcpy"] = round(base / r["seconds"], 3)
+        del array
+    shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'size':>8} {'path':<14}{'ms':>10}{'GiB/s':>8}{'x memcpy':>10}")
+    for r in rows:
+        print(f"{r['size_mib']:>5} MiB {r['path']:<14}{r['seconds'] * 1e3:>10.1f}{r['gib_per_s']:>8.2f}"
+              f"{r['fraction_of_memcpy']:>10.3f}")
+
+
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--receiver":
         receiver(sys.argv[2], sys.argv[3], int(sys.argv[4]))
@@ -105,29 +142,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=5800)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    rows = []
-    tmp = tempfile.mkdtemp(prefix="livestain-bench-")
-    for mib in (int(v) for v in args.sizes_mib.split(",")):
-        n = mib * 1024 * 1024 // 2
-        array = np.arange(n, dtype=np.uint16).reshape(-1, 1024, 512)[: n // (1024 * 512)]
-        array = np.ascontiguousarray(array)
-        base = memcpy_seconds(array, args.repeats)
-        rows.append({"size_mib": mib, "path": "memcpy", "seconds": base})
-        for name, ep, ack, shm in (
-            ("ipc", f"ipc://{tmp}/stacks-{mib}", f"ipc://{tmp}/ack-{mib}", False),
-            ("tcp loopback", f"tcp://127.0.0.1:{args.port}", f"tcp://127.0.0.1:{args.port + 1}", False),
-            ("shared memory", f"ipc://{tmp}/shm-{mib}", f"ipc://{tmp}/shm-ack-{mib}", True),
-        ):
-            rows.append({"size_mib": mib, "path": name,
-                         "seconds": transport_seconds(ep, ack, array, args.repeats, shm)})
-        for r in rows:
-            if r["size_mib"] == mib:
-                r["gib_per_s"] = round(mib / 1024 / r["seconds"], 2)
-                r["fraction_of_memcpy"] = round(base / r["seconds"], 3)
-    print(f"{'size':>8} {'path':<14}{'ms':>10}{'GiB/s':>8}{'x memcpy':>10}")
-    for r in rows:
-        print(f"{r['size_mib']:>5} MiB {r['path']:<14}{r['seconds'] * 1e3:>10.1f}{r['gib_per_s']:>8.2f}"
-              f"{r['fraction_of_memcpy']:>10.3f}")
+    rows = measure([int(v) for v in args.sizes_mib.split(",")], args.repeats, args.port)
+    print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

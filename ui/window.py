@@ -44,6 +44,10 @@ class LiveWindow(QtWidgets.QMainWindow):
 
     #: Emitted when the window is closed, so whoever runs the event loop can stop it.
     closed = QtCore.Signal()
+    #: Emitted once per live prediction, the first time it is drawn: its `StackHeader`
+    #: and the Unix time of that redraw (composited and handed to the views; Qt paints
+    #: it on its next turn). The status panel's latency is measured at the same moment.
+    prediction_drawn = QtCore.Signal(object, float)
 
     def __init__(
         self,
@@ -468,9 +472,11 @@ class LiveWindow(QtWidgets.QMainWindow):
         if self._last_drawn_pred.get(self._p) == pred.serial:
             return
         self._last_drawn_pred[self._p] = pred.serial
+        drawn_at = time.time()
         since = pred.header.acquired_end
         if since > 0:
-            self.panel.add_latency(time.time() - since)
+            self.panel.add_latency(drawn_at - since)
+        self.prediction_drawn.emit(pred.header, drawn_at)
 
     def _status_text(self) -> str:
         """What is shown (run/t/p/seq), receipt counts and the last draw time."""
