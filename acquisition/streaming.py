@@ -185,7 +185,10 @@ class DaemonSockets:
         if room_bytes >= MIN_SHM_BYTES and (room := self.pool.reserve(header.seq, room_bytes)):
             update["result_shm"] = room
         header = header.model_copy(update=update) if update else header
-        return [header.to_json(), b""] if header.shm else wire.encode(header, array)
+        if not header.shm:
+            return wire.encode(header, array)
+        header.sent_at = time.time()  # as wire.encode stamps it on the ZeroMQ path
+        return [header.to_json(), b""]
 
     def release(self, seq: int, reuse: bool = True) -> None:
         """Stack ``seq`` came back predicted (or was given up): its segments are free.
