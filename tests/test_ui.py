@@ -683,3 +683,25 @@ def test_run_viewer_without_daemon_saves_after_timeout(qapp, tmp_path: pathlib.P
     waited = time.monotonic() - t0
     assert code == 0 and shot.exists()
     assert waited >= 0.3  # it waited for the timeout before saving an empty window
+
+
+def test_a_prediction_wakes_the_window_without_its_poll_timer(window: LiveWindow, qtbot) -> None:
+    """The socket's notifier, not a timer, brings messages in (the drawn latency)."""
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    sub = DisplaySubscriber(f"tcp://127.0.0.1:{port}")
+    try:
+        publish_until(pub, sub, seq=0)  # joined; the queue is empty again
+        window.attach(sub)
+        window._poll_timer.stop()  # only the notifier can deliver now
+        for seq in (1, 2):  # two rounds: the edge-triggered descriptor re-arms after a drain
+            before = window.n_predictions
+            pub.send_multipart(encode(stack_header(seq=seq), make_stack()), copy=False)
+            pub.send_multipart(encode(pred_header(source_seq=seq), make_prediction()), copy=False)
+            qtbot.waitUntil(lambda: window.n_predictions > before, timeout=3000)
+        assert window.shown()[1].header.source_seq == 2
+    finally:
+        window.close()
+        sub.close()
+        pub.close(linger=0)

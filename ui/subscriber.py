@@ -113,6 +113,11 @@ class DisplaySubscriber:
         self.n_malformed += dropped
         return dropped
 
+    def fileno(self) -> int:
+        """ZeroMQ's notification descriptor of the socket: readable when messages *may*
+        have arrived (edge-triggered: drain with `poll` every time it fires)."""
+        return int(self._sock.getsockopt(zmq.FD))
+
     def close(self) -> None:
         """Close the socket (the shared context stays usable)."""
         self._sock.close(linger=0)
