@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from livestain.inference.checkpoint import bundled_model_path, load_checkpoint
-from livestain.inference.normalize import PercentileNorm
+from livestain.inference.normalize import PercentileNorm, integer_percentiles
 from livestain.inference.predict import Predictor
 from livestain.inference.staging import InputStaging
 
@@ -48,3 +48,14 @@ def test_prediction_written_into_a_callers_array_equals_the_returned_one() -> No
     assert set(predictor.last_timing) == {"preprocess_s", "network_s", "postprocess_s"}
     with pytest.raises(ValueError, match="out must be float32"):
         predictor.predict(stack, out=np.zeros((3, 8, 64, 32), np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_histogram_percentiles_equal_numpys(dtype) -> None:
+    rng = np.random.default_rng(3)
+    top = np.iinfo(dtype).max
+    cases = [rng.integers(0, top, n).astype(dtype) for n in (1, 2, 7, 1000, 4099)]
+    cases += [np.full(50, 9, dtype), rng.normal(100, 2, 3000).clip(0, top).astype(dtype)]
+    qs = (0.0, 0.5, 12.345, 50.0, 99.5, 100.0)
+    for values in cases:
+        assert integer_percentiles(values, qs) == list(np.percentile(values.astype(np.float64), qs))
