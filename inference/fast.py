@@ -36,6 +36,38 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     return net
 
 
+class OneDnnConv3d(nn.Conv3d):
+    """A Conv3d that always takes oneDNN's kernel for fp32 on the CPU.
+
+    PyTorch picks its slow reference convolution for fp32 whenever batch x channels x
+    depth x height of the input is at most 20480 (a rule made for 2D images): in a 3D
+    U-Net that is the first layer and every deeper level of a typical stack. Measured
+    here: 8 -> 16 channels on 8x128x128 takes 76 ms that way and 4.7 ms with oneDNN,
+    with the same result to 3e-6. Under autocast (bf16) PyTorch already uses oneDNN, and
+    the call goes the usual way.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.padding_mode != "zeros"
+                or isinstance(self.padding, str) or torch.is_autocast_enabled("cpu")):
+            return super().forward(x)
+        return torch.ops.aten.mkldnn_convolution(
+            x, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups
+        )
+
+
+def use_onednn_convolutions(net: nn.Module) -> nn.Module:
+    """Swap every Conv3d of ``net`` (in place) for `OneDnnConv3d` sharing its parameters,
+    where this torch has oneDNN; returns ``net``."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.aten, "mkldnn_convolution")):
+        return net
+    for module in net.modules():
+        for name, child in module.named_children():
+            if type(child) is nn.Conv3d:
+                child.__class__ = OneDnnConv3d  # same parameters and buffers, other forward
+    return net
+
+
 def bf16_supported(device: str) -> bool:
     """Whether bf16 arithmetic is native here (so autocast speeds things up)."""
     if device.startswith("cuda"):
@@ -84,6 +116,8 @@ class FastNet(nn.Module):
         self.config = getattr(net, "config", None)
         self.multiple = getattr(net, "multiple", 1)
         self.net = fold_batchnorm(net).to(device).to(memory_format=torch.channels_last_3d)
+        if not device.startswith("cuda") and not compile:  # inductor picks its own kernels
+            use_onednn_convolutions(self.net)
         if compile:
             use_compile_cache()
             # one graph per stack shape; a time-lapse repeats its shape, so it compiles once
