@@ -64,3 +64,25 @@ def test_prediction_file_has_named_channels(tmp_path) -> None:
         names = [c["Name"] for c in tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]["Channel"]]
     assert names == ["dna", "membrane", "mitochondria"]
     np.testing.assert_array_equal(read_stack(path)[0], arr)
+
+
+def test_the_doorbell_wakes_a_zmq_poll_from_another_thread_and_clears() -> None:
+    import threading
+
+    import zmq
+
+    from livestain.acquisition.doorbell import Doorbell
+
+    bell = Doorbell()
+    poller = zmq.Poller()
+    poller.register(bell, zmq.POLLIN)
+    try:
+        assert poller.poll(0) == []
+        ringer = threading.Thread(target=lambda: [bell.ring() for _ in range(3)])
+        ringer.start()
+        ringer.join()
+        assert dict(poller.poll(1000)).get(bell.fileno()) == zmq.POLLIN
+        bell.clear()  # one wake-up serves all three rings
+        assert poller.poll(0) == []
+    finally:
+        bell.close()
