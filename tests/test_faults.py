@@ -247,9 +247,13 @@ class _SlowPredictor:
         self.seconds = seconds
         self.model = type("M", (), {"name": "slow@test"})()
 
-    def predict(self, stack: np.ndarray, voxel_size_um=None) -> np.ndarray:
+    def predict(self, stack: np.ndarray, voxel_size_um=None, out: np.ndarray | None = None) -> np.ndarray:
         time.sleep(self.seconds)
-        return np.zeros((1, *stack.shape), np.float32)
+        pred = np.zeros((1, *stack.shape), np.float32)
+        if out is not None:
+            out[...] = pred
+            return out
+        return pred
 
 
 def test_a_worker_ten_times_slower_than_acquisition_never_delays_frames(tmp_path, base_port) -> None:
