@@ -286,15 +286,17 @@ class Daemon:
 
     # -- MDA thread: enqueue only ---------------------------------------------------
     def _on_frame(self, image: np.ndarray, event: useq.MDAEvent, meta: dict) -> None:
-        self.frames.put((event, image, time.time()))
-        self._doorbell.ring()
+        arrived = time.time()
         # what the core knew when the frame was taken, read here on the MDA thread so the
-        # daemon loop never talks to the hardware while the runner does
+        # daemon loop never talks to the hardware while the runner does; before the frame
+        # is queued, so the stack it completes finds them
         px = meta.get("pixel_size_um") if isinstance(meta, dict) else None
         if px:
             self._pixel_size_um = float(px)
         if event.index.get("z", 0) == self.assembler.n_z - 1:
             self._ledgers[self._key(event)] = self._read_dose_ledger()
+        self.frames.put((event, image, arrived))
+        self._doorbell.ring()
 
     def _on_finished(self, *_: Any) -> None:
         self._mda_done.set()
@@ -500,6 +502,8 @@ class Daemon:
             self.report(f"no prediction for {len(stale)} stack(s) after "
                         f"{self.policies.resend_after_s:.0f} s from {', '.join(holders)}: "
                         f"presumed hung, re-sending")
+            for r in stale:
+                self.sockets.taint(r.seq)  # the hung worker may still write into its segments
             self._mark_late([r.seq for r in stale])
             self.on_hung_worker(holders)
         if self.sockets.backlog or any(r.state == "sent" for r in self.records.values()):
@@ -515,6 +519,7 @@ class Daemon:
             )
         except (OSError, ValueError) as e:
             self.report(f"cannot re-read {rec.raw_path} to predict it ({e}); it stays unpredicted")
+            self.sockets.release(rec.seq, reuse=False)  # a hung worker may still hold its segments
             del self.records[rec.seq]
             self.summary.unreadable += 1
             return

@@ -155,14 +155,14 @@ class DaemonSockets:
         while self.backlog and self.idle:
             identity, (name, _, shm_channels) = self.idle.popitem(last=False)
             header, array = self.backlog[-1]
-            frames = self._frames_for(header, array, shm_channels)
+            frames, lent = self._frames_for(header, array, shm_channels)
             try:
                 self.stacks.send_multipart([identity, b"", *frames], copy=False, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                break
             except zmq.ZMQError as e:
-                if self.pool is not None:
-                    self.pool.give_back(header.seq)
+                if self.pool is not None and lent:
+                    self.pool.unlend(header.seq, lent)  # no worker saw them
+                if e.errno == zmq.EAGAIN:
+                    break
                 if e.errno == zmq.EHOSTUNREACH:
                     continue  # that worker is gone; try the next one
                 raise
@@ -172,23 +172,28 @@ class DaemonSockets:
             sent.append((header.seq, name))
         return sent
 
-    def _frames_for(self, header: wire.StackHeader, array: np.ndarray, shm_channels: int) -> list:
-        """The pixels through shared memory for a big stack and a worker on this host
+    def _frames_for(self, header: wire.StackHeader, array: np.ndarray,
+                    shm_channels: int) -> tuple[list, list[str]]:
+        """Frames for one stack, and the segments lent for them.
+
+        The pixels go through shared memory for a big stack and a worker on this host
         (``shm_channels``: the structures it predicts, 0 for a worker elsewhere), with a
-        segment lent for the float32 prediction too."""
+        segment lent for the float32 prediction too when that is big.
+        """
         if not shm_channels or self.pool is None:
-            return wire.encode(header, array)
+            return wire.encode(header, array), []
         update = {}
         if array.nbytes >= MIN_SHM_BYTES and (name := self.pool.lend(header.seq, np.ascontiguousarray(array))):
             update["shm"] = name
         room_bytes = shm_channels * (array.nbytes // array.itemsize) * 4
         if room_bytes >= MIN_SHM_BYTES and (room := self.pool.reserve(header.seq, room_bytes)):
             update["result_shm"] = room
+        lent = list(update.values())
         header = header.model_copy(update=update) if update else header
         if not header.shm:
-            return wire.encode(header, array)
+            return wire.encode(header, array), lent
         header.sent_at = time.time()  # as wire.encode stamps it on the ZeroMQ path
-        return [header.to_json(), b""]
+        return [header.to_json(), b""], lent
 
     def release(self, seq: int, reuse: bool = True) -> None:
         """Stack ``seq`` came back predicted (or was given up): its segments are free.
@@ -197,6 +202,11 @@ class DaemonSockets:
         """
         if self.pool is not None:
             self.pool.give_back(seq, reuse)
+
+    def taint(self, seq: int) -> None:
+        """Stack ``seq``'s worker is presumed hung: never reuse what it was lent."""
+        if self.pool is not None:
+            self.pool.taint(seq)
 
     def discard(self, seq: int) -> None:
         """Drop a stack from the backlog (it was predicted meanwhile, e.g. by its first worker)."""

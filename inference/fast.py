@@ -48,8 +48,9 @@ class OneDnnConv3d(nn.Conv3d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.padding_mode != "zeros"
-                or isinstance(self.padding, str) or torch.is_autocast_enabled("cpu")):
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 5
+                or self.padding_mode != "zeros" or isinstance(self.padding, str)
+                or torch.is_autocast_enabled("cpu") or not torch.backends.mkldnn.enabled):
             return super().forward(x)
         return torch.ops.aten.mkldnn_convolution(
             x, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups

@@ -104,6 +104,10 @@ class Predictor:
             )
         if z_centre is not None and not 0 <= z_centre < stack.shape[0]:
             raise ValueError(f"z_centre {z_centre} is outside the stack's {stack.shape[0]} planes")
+        if out is not None:
+            want = self.output_shape(stack.shape, slide)
+            if tuple(out.shape) != want or out.dtype != np.float32:
+                raise ValueError(f"out must be float32 {want}, got {out.dtype} {tuple(out.shape)}")
         t0 = time.perf_counter()
         t = self.staging(stack)  # normalised, on the device; reused by the next call
         scale = self._scale(voxel_size_um)
@@ -121,8 +125,6 @@ class Predictor:
                 back = [y.shape[2] if self.is_2_5d and not slide else stack.shape[0], *stack.shape[1:]]
                 y = F.interpolate(y, size=back, mode="trilinear", align_corners=False)
             if out is not None:
-                if tuple(out.shape) != tuple(y.shape[1:]) or out.dtype != np.float32:
-                    raise ValueError(f"out must be float32 {tuple(y.shape[1:])}, got {out.dtype} {out.shape}")
                 torch.from_numpy(out).copy_(y[0])  # straight from the device into the caller's memory
                 result = out
             else:
@@ -130,6 +132,11 @@ class Predictor:
         self.last_timing = {"preprocess_s": t1 - t0, "network_s": t2 - t1,
                             "postprocess_s": time.perf_counter() - t2}
         return result
+
+    def output_shape(self, stack_shape: Sequence[int], slide: bool = False) -> tuple[int, ...]:
+        """Shape of `predict`'s result for a ``(z, y, x)`` stack."""
+        z, y, x = (int(n) for n in stack_shape)
+        return (len(self.structures), 1 if self.is_2_5d and not slide else z, y, x)
 
     def _clock(self) -> float:
         """Now, after the device has finished what was queued (CUDA runs asynchronously)."""

@@ -124,6 +124,9 @@ class Worker:
                 log.warning("dropped malformed message #%d: %s", self.counts.malformed, e)
                 continue
             self.handle(header, stack)
+            del stack  # no view of a segment outlives its stack: trim may unmap it
+            if self.shm is not None:
+                self.shm.trim()
         return self.counts
 
     def handle(self, header: wire.StackHeader, stack) -> None:  # noqa: ANN001
@@ -176,9 +179,8 @@ class Worker:
         is none or it is too small (then the prediction goes over ZeroMQ)."""
         if not header.result_shm or self.shm is None:
             return None
-        shape = [len(self.predictor.structures), *header.shape]
-        if getattr(self.predictor, "is_2_5d", False):
-            shape[1] = 1  # a 2.5D model predicts one plane
+        output_shape = getattr(self.predictor, "output_shape", None)
+        shape = list(output_shape(header.shape)) if output_shape else [len(self.predictor.structures), *header.shape]
         try:
             return self.shm.writable(header.result_shm, shape, "float32")
         except (OSError, ValueError) as e:  # gone, or smaller than this prediction

@@ -17,6 +17,7 @@ more than the copy), and a segment is only reused after its stack's prediction c
 from __future__ import annotations
 
 import logging
+import os
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
@@ -53,9 +54,14 @@ class ShmPool:
         # write, so their segments are destroyed rather than reused
         self._tainted: set[int] = set()
         self._roles: dict[int, set[str]] = {}  # "pixels", "prediction": what each stack holds
+        # destroyed (unlinked) segments not yet unmapped: an array of this process may
+        # still view one (numpy holds no buffer export, so unmapping under a view would
+        # crash); they are unmapped at the next lend, after that view is gone
+        self._graveyard: list[shared_memory.SharedMemory] = []
 
     def lend(self, seq: int, array: np.ndarray) -> str | None:
         """Copy ``array`` into a segment lent to stack ``seq``; its name, or None if none is free."""
+        self._bury()
         seg = self._take(array.nbytes)
         if seg is None:
             return None
@@ -65,6 +71,7 @@ class ShmPool:
 
     def reserve(self, seq: int, nbytes: int) -> str | None:
         """A segment of at least ``nbytes`` lent to stack ``seq`` for its prediction."""
+        self._bury()
         seg = self._take(nbytes)
         if seg is None:
             return None
@@ -94,8 +101,25 @@ class ShmPool:
             self._free.extend(segs)
         else:
             for seg in segs:
-                _destroy(seg)
+                self._retire(seg)
         self._tainted.discard(seq)
+
+    def taint(self, seq: int) -> None:
+        """Stack ``seq``'s worker is presumed hung and may yet write into what it was
+        lent: destroy those segments when the stack is done instead of reusing them."""
+        if seq in self._lent:
+            self._tainted.add(seq)
+
+    def unlend(self, seq: int, names: list[str]) -> None:
+        """Take back segments lent to ``seq`` that no worker ever saw (the send failed)."""
+        held = self._lent.get(seq, [])
+        for seg in [s for s in held if s.name in names]:
+            held.remove(seg)
+            self._free.append(seg)
+        if not held:
+            self._lent.pop(seq, None)
+            self._roles.pop(seq, None)
+            self._tainted.discard(seq)
 
     @property
     def lent(self) -> int:
@@ -105,9 +129,24 @@ class ShmPool:
     def close(self) -> None:
         for seg in [*self._free, *(s for segs in self._lent.values() for s in segs)]:
             _destroy(seg)
+        self._bury()
         self._free.clear()
         self._lent.clear()
         self._roles.clear()
+
+    def _retire(self, seg: shared_memory.SharedMemory) -> None:
+        """Unlink now (the name is gone, no one new can map it); unmap later (`_bury`)."""
+        _CREATED_HERE.discard(seg.name)
+        try:
+            seg.unlink()
+        except FileNotFoundError:  # pragma: no cover - already gone
+            pass
+        self._graveyard.append(seg)
+
+    def _bury(self) -> None:
+        for seg in self._graveyard:
+            _close(seg)
+        self._graveyard.clear()
 
     def _take(self, nbytes: int) -> shared_memory.SharedMemory | None:
         """The smallest free segment that fits, a new one, or None at the limit."""
@@ -121,7 +160,7 @@ class ShmPool:
         if self._free:  # all free ones too small: replace the smallest
             small = min(self._free, key=lambda s: s.size)
             self._free.remove(small)
-            _destroy(small)
+            self._retire(small)
             return _create(nbytes)
         return None
 
@@ -133,8 +172,27 @@ class ShmPool:
         self._lent.setdefault(seq, []).append(seg)
 
 
-def _create(nbytes: int) -> shared_memory.SharedMemory:
-    seg = shared_memory.SharedMemory(create=True, size=nbytes)
+def _create(nbytes: int) -> shared_memory.SharedMemory | None:
+    """A new segment with its memory reserved now, or None when /dev/shm is full.
+
+    Reserving up front (``posix_fallocate``) matters: a sparse segment that cannot get
+    its pages later kills the process that first writes to them (SIGBUS), e.g. in a
+    container with Docker's default 64 MiB /dev/shm. Then the stack goes over ZeroMQ.
+    """
+    try:
+        seg = shared_memory.SharedMemory(create=True, size=nbytes)
+    except OSError as e:
+        log.warning("no shared memory for %d bytes (%s); using ZeroMQ", nbytes, e)
+        return None
+    fd = getattr(seg, "_fd", -1)
+    if fd >= 0 and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, seg.size)
+        except OSError as e:
+            log.warning("shared memory full, %d bytes not available (%s); using ZeroMQ", nbytes, e)
+            seg.close()
+            seg.unlink()
+            return None
     _CREATED_HERE.add(seg.name)
     return seg
 
@@ -149,11 +207,21 @@ def _destroy(seg: shared_memory.SharedMemory) -> None:
 
 
 def _close(seg: shared_memory.SharedMemory) -> None:
-    """Unmap ``seg`` unless an array still views it (then it unmaps when collected)."""
+    """Unmap ``seg``. Callers make sure no array views it any more: numpy views hold no
+    buffer export, so this would not fail but unmap the memory under them."""
     try:
         seg.close()
-    except BufferError:
+    except BufferError:  # pragma: no cover - an exported memoryview: it unmaps when collected
         pass
+
+
+def _unlinked(seg: shared_memory.SharedMemory) -> bool:
+    """Whether the segment's name is gone (its owner destroyed it); False if unknown."""
+    fd = getattr(seg, "_fd", -1)
+    try:
+        return fd >= 0 and os.fstat(fd).st_nlink == 0
+    except OSError:
+        return False
 
 
 def _array_on(seg: shared_memory.SharedMemory, shape: list[int], dtype: str, writeable: bool) -> np.ndarray:
@@ -167,9 +235,13 @@ def _array_on(seg: shared_memory.SharedMemory, shape: list[int], dtype: str, wri
 
 
 class ShmReader:
-    """Worker side: maps segments by name (cached, since the daemon reuses them)."""
+    """Worker side: maps segments by name (cached, since the daemon reuses them).
 
-    def __init__(self, max_cached: int = 16) -> None:
+    Mappings are only dropped in `trim`, which the worker calls between stacks, when
+    no array views any of them (unmapping under a view would crash the process).
+    """
+
+    def __init__(self, max_cached: int = 8) -> None:
         self.max_cached = max_cached
         self._maps: dict[str, shared_memory.SharedMemory] = {}
 
@@ -181,9 +253,19 @@ class ShmReader:
         """A writable view of the segment the daemon lent for one stack's prediction."""
         return _array_on(self._map(name), shape, dtype, writeable=True)
 
+    def trim(self) -> None:
+        """Unmap segments the daemon has destroyed, and the least recently used beyond
+        ``max_cached``. Only call when no array views a mapping."""
+        for name in [n for n, seg in self._maps.items() if _unlinked(seg)]:
+            _close(self._maps.pop(name))
+        while len(self._maps) > self.max_cached:
+            _close(self._maps.pop(next(iter(self._maps))))
+
     def _map(self, name: str) -> shared_memory.SharedMemory:
-        seg = self._maps.get(name)
-        if seg is None:
+        seg = self._maps.pop(name, None)
+        if seg is not None:
+            self._maps[name] = seg  # most recently used last
+        else:
             seg = shared_memory.SharedMemory(name=name)
             # the daemon owns the segment: this process must not unlink it at exit
             # (Python < 3.13 registers every attached segment with the resource tracker)
@@ -192,8 +274,6 @@ class ShmReader:
                     resource_tracker.unregister(seg._name, "shared_memory")  # type: ignore[attr-defined]
                 except (AttributeError, KeyError, ValueError):  # pragma: no cover
                     pass
-            while len(self._maps) >= self.max_cached:
-                _close(self._maps.pop(next(iter(self._maps))))
             self._maps[name] = seg
         return seg
 

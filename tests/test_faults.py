@@ -54,6 +54,7 @@ def _assert_dataset_complete(out: Path, n_t: int) -> None:
         raw, info = read_stack(out / "p000" / f"t{t:04d}_brightfield.ome.tif")
         pred, pinfo = read_stack(out / "p000" / f"t{t:04d}_prediction.ome.tif")
         assert raw.shape == (16, 256, 256) and info["t"] == t and info["gaps"] == []
+        assert "Brightfield" in str(info["dose_ledger"])  # the light it got, read before the stack closed
         assert pred.shape == (3, 16, 256, 256) and pinfo["t"] == t
         assert pinfo["source_seq"] == info["seq"]
 

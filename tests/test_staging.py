@@ -59,3 +59,19 @@ def test_histogram_percentiles_equal_numpys(dtype) -> None:
     qs = (0.0, 0.5, 12.345, 50.0, 99.5, 100.0)
     for values in cases:
         assert integer_percentiles(values, qs) == list(np.percentile(values.astype(np.float64), qs))
+
+
+def test_signed_16_bit_stacks_stay_signed() -> None:
+    stack = np.random.default_rng(4).integers(-500, 500, (6, 16, 16)).astype(np.int16)
+    np.testing.assert_array_equal(InputStaging("cpu", PercentileNorm())(stack)[0, 0].numpy(),
+                                  PercentileNorm()(stack))
+
+
+def test_staging_first_used_under_inference_mode_still_works_outside_it() -> None:
+    import torch
+
+    staging = InputStaging("cpu", PercentileNorm())
+    stack = np.random.default_rng(5).integers(0, 4000, (4, 16, 16)).astype(np.uint16)
+    with torch.inference_mode():
+        staging(stack)
+    np.testing.assert_array_equal(staging(stack)[0, 0].numpy(), PercentileNorm()(stack))

@@ -255,3 +255,56 @@ def test_segments_of_a_re_sent_stack_are_destroyed_not_reused() -> None:
                 shared_memory.SharedMemory(name=name)
     finally:
         pool.close()
+
+
+def test_segments_of_a_stack_whose_worker_hung_are_never_reused() -> None:
+    """Re-sent over ZeroMQ (nothing lent twice), the hung worker's room must still go."""
+    from multiprocessing import shared_memory
+
+    pool = ShmPool()
+    try:
+        room = pool.reserve(5, 8 << 20)
+        pool.taint(5)  # presumed hung: it may still write into `room`
+        pool.give_back(5)  # predicted at last, by another worker
+        assert pool.reserve(6, 8 << 20) != room
+        with pytest.raises(FileNotFoundError):
+            shared_memory.SharedMemory(name=room)
+    finally:
+        pool.close()
+
+
+def test_a_failed_send_gives_its_segments_back(base_port) -> None:
+    eps = wire.endpoints(base_port=base_port)
+    daemon = DaemonSockets(eps)
+    try:
+        stack = np.zeros((16, 512, 512), np.uint16)  # 8 MiB: pixels and room both by segment
+        header = wire.StackHeader(kind="stack", run_id="r", seq=1, t=0, shape=list(stack.shape),
+                                  dtype="uint16", voxel_size_um=[1, 1, 1])
+        daemon.offer(header, stack)
+        daemon.idle[b"gone"] = ("gone-worker", time.monotonic(), 3)  # asked, then vanished
+        assert daemon.pump() == []
+        assert daemon.pool is not None and daemon.pool.lent == 0
+        assert [h.seq for h, _ in daemon.backlog] == [1]  # still waiting for a live worker
+    finally:
+        daemon.close()
+
+
+def test_the_worker_unmaps_segments_only_between_stacks_and_drops_destroyed_ones() -> None:
+    pool = ShmPool(max_segments=20)
+    reader = ShmReader(max_cached=2)
+    try:
+        names = [pool.reserve(seq, 4096) for seq in range(4)]
+        views = [reader.writable(n, [1024], "float32") for n in names]  # more than max_cached
+        for i, v in enumerate(views):
+            v[:] = i  # all still mapped: nothing was unmapped under a live view
+        del views, v
+        reader.trim()
+        assert list(reader._maps) == names[2:]  # the least recently used went
+        reader.view(names[2], [1024], "float32")  # a hit makes it the most recent
+        pool.taint(3)
+        pool.give_back(3)  # destroyed by its owner
+        reader.trim()
+        assert list(reader._maps) == [names[2]]
+    finally:
+        reader.close()
+        pool.close()
