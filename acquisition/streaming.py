@@ -242,6 +242,12 @@ class DaemonSockets:
             if header.shm:  # written into the segment lent with its stack
                 if self.pool is None or header.source_seq is None:
                     raise wire.WireError("a shared-memory prediction, but no segment was lent")
+                if not self.pool.holds(header.source_seq):
+                    # its stack is done (predicted by another worker) or given up: a late
+                    # duplicate from a worker that was presumed hung, not a malformed message
+                    log.info("dropped a late prediction of stack seq %d from %s",
+                             header.source_seq, header.worker)
+                    return None
                 try:
                     array = self.pool.view(header.source_seq, header.shm, header.shape, header.dtype)
                 except ValueError as e:

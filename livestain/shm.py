@@ -121,6 +121,10 @@ class ShmPool:
             self._roles.pop(seq, None)
             self._tainted.discard(seq)
 
+    def holds(self, seq: int) -> bool:
+        """Whether stack ``seq`` has segments lent now."""
+        return bool(self._lent.get(seq))
+
     @property
     def lent(self) -> int:
         """Segments lent out now."""

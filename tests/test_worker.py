@@ -308,3 +308,30 @@ def test_the_worker_unmaps_segments_only_between_stacks_and_drops_destroyed_ones
     finally:
         reader.close()
         pool.close()
+
+
+def test_a_late_answer_for_a_finished_stack_is_dropped_but_not_called_malformed(base_port) -> None:
+    eps = wire.endpoints(base_port=base_port)
+    daemon = DaemonSockets(eps)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(eps["results"])
+    try:
+        assert daemon.pool is not None
+        room = daemon.pool.reserve(4, 3 * 8 * 4)
+        daemon.release(4)  # predicted meanwhile by another worker
+        late = wire.StackHeader(kind="prediction", run_id="r", seq=4, t=0, shape=[3, 1, 2, 4],
+                                dtype="float32", voxel_size_um=[1, 1, 1], structures=["a", "b", "c"],
+                                source_seq=4, shm=room)
+        push.send_multipart([late.to_json(), b""])
+        assert daemon.results.poll(5000)
+        assert daemon.receive_result() is None
+        assert daemon.counts.malformed_results == 0
+        foreign = late.model_copy(update={"source_seq": 9, "seq": 9, "shm": "psm_not_ours"})
+        daemon.pool.reserve(9, 64)
+        push.send_multipart([foreign.to_json(), b""])  # a segment never lent to stack 9
+        assert daemon.results.poll(5000)
+        assert daemon.receive_result() is None
+        assert daemon.counts.malformed_results == 1
+    finally:
+        push.close(linger=0)
+        daemon.close()
