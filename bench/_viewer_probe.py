@@ -1,9 +1,9 @@
 """The real live viewer, offscreen, noting when each live prediction is first drawn.
 
-Used by ``bench/bench_latency.py`` for the "drawn" stage: it builds `LiveWindow` the way
-``livestain view`` does (display subscriber polled at 10 Hz, draws rate-limited, control
-client polling the daemon's status), runs Qt's event loop on the offscreen platform, and
-appends one JSON line per live prediction drawn to ``OUT``::
+Used by ``bench/bench_latency.py`` for the "drawn" stage: it runs `run_viewer`, the
+same code as ``livestain view`` (display subscriber woken as messages arrive, draws
+rate-limited, control client polling the daemon's status), on Qt's offscreen platform,
+and appends one JSON line per live prediction drawn to ``OUT``::
 
     {"run_id", "source_seq", "t", "p", "acquired_end", "published_at", "drawn_at", "draw_s"}
 
@@ -27,12 +27,9 @@ from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from PySide6 import QtCore, QtWidgets  # noqa: E402
+from PySide6 import QtCore  # noqa: E402
 
-from livestain.ui.app import control_endpoint_for  # noqa: E402
-from livestain.ui.control_client import ControlClient  # noqa: E402
-from livestain.ui.qtcheck import guard_if_needed  # noqa: E402
-from livestain.ui.subscriber import DisplaySubscriber  # noqa: E402
+from livestain.ui.app import run_viewer  # noqa: E402
 from livestain.ui.window import LiveWindow  # noqa: E402
 from livestain.wire import StackHeader  # noqa: E402
 
@@ -45,47 +42,24 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=None)
     args = ap.parse_args()
 
-    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
-    guard_if_needed()
-    subscriber = DisplaySubscriber(args.endpoint)
-    window = LiveWindow(confirm_stop=False)
-    window.attach(subscriber)
-    control_ep = control_endpoint_for(args.endpoint)
-    control = ControlClient(control_ep) if control_ep else None
-    if control is not None:
-        window.attach_control(control)
-    out = args.out.open("a", buffering=1)
+    with args.out.open("a", buffering=1) as out:
 
-    def drawn(header: StackHeader, drawn_at: float) -> None:
-        out.write(json.dumps({
-            "run_id": header.run_id, "source_seq": header.source_seq, "t": header.t, "p": header.p,
-            "acquired_end": header.acquired_end, "published_at": header.sent_at,
-            "drawn_at": drawn_at, "draw_s": window.last_draw_s,
-        }) + "\n")
+        def note_draws(window: LiveWindow) -> None:
+            def drawn(header: StackHeader, drawn_at: float) -> None:
+                out.write(json.dumps({
+                    "run_id": header.run_id, "source_seq": header.source_seq, "t": header.t,
+                    "p": header.p, "acquired_end": header.acquired_end, "published_at": header.sent_at,
+                    "drawn_at": drawn_at, "draw_s": window.last_draw_s,
+                }) + "\n")
 
-    window.prediction_drawn.connect(drawn)
-    loop = QtCore.QEventLoop()
-    window.closed.connect(loop.quit)
-    signal.signal(signal.SIGTERM, lambda *_: window.close())
-    signal.signal(signal.SIGINT, lambda *_: window.close())
-    idle = QtCore.QTimer()  # lets the interpreter run the signal handlers
-    idle.timeout.connect(lambda: None)
-    idle.start(200)
-    if args.seconds is not None:
-        QtCore.QTimer.singleShot(int(args.seconds * 1000), window.close)
-    if args.ready is not None:
-        QtCore.QTimer.singleShot(0, lambda: args.ready.write_text(str(os.getpid())))
-    window.show()
-    try:
-        loop.exec()
-    finally:
-        idle.stop()
-        subscriber.close()
-        if control is not None:
-            control.stop()
-        out.close()
-        window.deleteLater()
-        app.processEvents()
+            window.prediction_drawn.connect(drawn)
+            signal.signal(signal.SIGTERM, lambda *_: window.close())
+            if args.seconds is not None:
+                QtCore.QTimer.singleShot(int(args.seconds * 1000), window.close)
+            if args.ready is not None:  # runs once the event loop (and the window) is up
+                QtCore.QTimer.singleShot(0, lambda: args.ready.write_text(str(os.getpid())))
+
+        run_viewer(args.endpoint, confirm_stop=False, on_window=note_draws)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ Reports seconds per stack, voxels per second, achieved FLOP/s (convolution
 multiply-adds counted with hooks, x2) and that as a fraction of this machine's measured
 matrix-multiply peak of the same dtype, plus the speed-up over the reference.
 
-Small stacks flatter bf16: for fp32 on the CPU, PyTorch runs a Conv3d on its slow
-native kernel instead of oneDNN when batch x channels x depth x height <= 20480 (a 2D
-heuristic applied to 5D input), e.g. every 8-channel layer of a 16x128x128 stack. The
-reference and fp32 rows then show that kernel, not oneDNN; 32x256x256 is mostly past it.
+Small stacks flatter the fast path against the reference: for fp32 on the CPU, PyTorch
+runs a Conv3d on its slow native kernel instead of oneDNN when batch x channels x depth
+x height <= 20480 (a 2D heuristic applied to 5D input), e.g. every 8-channel layer of a
+16x128x128 stack. The reference (fnet's way) takes that kernel; the fast fp32 path
+forces oneDNN (`OneDnnConv3d`). At 32x256x256 most reference layers are past it.
 
 With CUDA, the same three paths also run on the GPU (input already on the device, timed
 to ``torch.cuda.synchronize``), against the GPU's own measured matmul peak.

@@ -18,7 +18,7 @@ path, not of a model of it:
     write pred   received -> prediction on disk (journal)
     written      last plane acquired -> prediction on disk
     display      received by the daemon -> drawn by the viewer (the daemon publishes
-                 before writing; the viewer polls at 10 Hz and draws at most at 10 Hz)
+                 before writing; the viewer wakes as messages arrive, draws at most at 10 Hz)
     drawn        last plane acquired -> prediction drawn
 
 "Overhead beyond inference" is the median over stacks of (written - inference) and of

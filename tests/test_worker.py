@@ -90,25 +90,30 @@ def test_newest_stack_goes_first_and_one_at_a_time(base_port) -> None:
         daemon.close()
 
 
-def test_daemon_counts_and_drops_malformed_results(base_port) -> None:
+@pytest.fixture
+def daemon_and_results_push(base_port):  # noqa: ANN201
+    """Daemon sockets and a PUSH connected to their results socket, as a worker's is."""
     eps = wire.endpoints(base_port=base_port)
     daemon = DaemonSockets(eps)
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.connect(eps["results"])
-    try:
-        bad_kind = wire.StackHeader(kind="stack", run_id="r", seq=0, t=0, shape=[1, 2, 2],
-                                    dtype="uint8", voxel_size_um=[1, 1, 1])
-        push.send_multipart([b"garbage", b""])
-        push.send_multipart(wire.encode(bad_kind, np.zeros((1, 2, 2), np.uint8)))
-        got = []
-        for _ in range(100):
-            if daemon.results.poll(50):
-                got.append(daemon.receive_result())
-            if daemon.counts.malformed_results == 2:
-                break
-    finally:
-        push.close(0)
-        daemon.close()
+    yield daemon, push
+    push.close(linger=0)
+    daemon.close()
+
+
+def test_daemon_counts_and_drops_malformed_results(daemon_and_results_push) -> None:
+    daemon, push = daemon_and_results_push
+    bad_kind = wire.StackHeader(kind="stack", run_id="r", seq=0, t=0, shape=[1, 2, 2],
+                                dtype="uint8", voxel_size_um=[1, 1, 1])
+    push.send_multipart([b"garbage", b""])
+    push.send_multipart(wire.encode(bad_kind, np.zeros((1, 2, 2), np.uint8)))
+    got = []
+    for _ in range(100):
+        if daemon.results.poll(50):
+            got.append(daemon.receive_result())
+        if daemon.counts.malformed_results == 2:
+            break
     assert got == [None, None]
     assert daemon.counts.malformed_results == 2
 
@@ -310,28 +315,22 @@ def test_the_worker_unmaps_segments_only_between_stacks_and_drops_destroyed_ones
         pool.close()
 
 
-def test_a_late_answer_for_a_finished_stack_is_dropped_but_not_called_malformed(base_port) -> None:
-    eps = wire.endpoints(base_port=base_port)
-    daemon = DaemonSockets(eps)
-    push = zmq.Context.instance().socket(zmq.PUSH)
-    push.connect(eps["results"])
-    try:
-        assert daemon.pool is not None
-        room = daemon.pool.reserve(4, 3 * 8 * 4)
-        daemon.release(4)  # predicted meanwhile by another worker
-        late = wire.StackHeader(kind="prediction", run_id="r", seq=4, t=0, shape=[3, 1, 2, 4],
-                                dtype="float32", voxel_size_um=[1, 1, 1], structures=["a", "b", "c"],
-                                source_seq=4, shm=room)
-        push.send_multipart([late.to_json(), b""])
-        assert daemon.results.poll(5000)
-        assert daemon.receive_result() is None
-        assert daemon.counts.malformed_results == 0
-        foreign = late.model_copy(update={"source_seq": 9, "seq": 9, "shm": "psm_not_ours"})
-        daemon.pool.reserve(9, 64)
-        push.send_multipart([foreign.to_json(), b""])  # a segment never lent to stack 9
-        assert daemon.results.poll(5000)
-        assert daemon.receive_result() is None
-        assert daemon.counts.malformed_results == 1
-    finally:
-        push.close(linger=0)
-        daemon.close()
+def test_a_late_answer_for_a_finished_stack_is_dropped_but_not_called_malformed(
+        daemon_and_results_push) -> None:
+    daemon, push = daemon_and_results_push
+    assert daemon.pool is not None
+    room = daemon.pool.reserve(4, 3 * 8 * 4)
+    daemon.release(4)  # predicted meanwhile by another worker
+    late = wire.StackHeader(kind="prediction", run_id="r", seq=4, t=0, shape=[3, 1, 2, 4],
+                            dtype="float32", voxel_size_um=[1, 1, 1], structures=["a", "b", "c"],
+                            source_seq=4, shm=room)
+    push.send_multipart([late.to_json(), b""])
+    assert daemon.results.poll(5000)
+    assert daemon.receive_result() is None
+    assert daemon.counts.malformed_results == 0
+    foreign = late.model_copy(update={"source_seq": 9, "seq": 9, "shm": "psm_not_ours"})
+    daemon.pool.reserve(9, 64)
+    push.send_multipart([foreign.to_json(), b""])  # a segment never lent to stack 9
+    assert daemon.results.poll(5000)
+    assert daemon.receive_result() is None
+    assert daemon.counts.malformed_results == 1

@@ -40,6 +40,7 @@ def run_viewer(
     history_timepoints: int = DEFAULT_TIMEPOINTS,
     history_mb: float = DEFAULT_MAX_MB,
     confirm_stop: bool = True,
+    on_window: Callable[[LiveWindow], object] | None = None,
 ) -> int:
     """Show the live viewer for ``display_endpoint``; return the exit status (0).
 
@@ -51,6 +52,8 @@ def run_viewer(
     ``control_endpoint`` defaults to the daemon's control port beside the display port
     (`control_endpoint_for`); pass "" to show no status and offer no controls.
     History keeps ``history_timepoints`` time points per position within ``history_mb``.
+    ``on_window`` is called with the window, attached, before it is shown (e.g. to
+    connect to its signals).
     """
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
     assert isinstance(app, QtWidgets.QApplication)
@@ -64,6 +67,8 @@ def run_viewer(
     control = ControlClient(control_endpoint, keys=keys) if control_endpoint else None
     if control is not None:
         window.attach_control(control)
+    if on_window is not None:
+        on_window(window)
     loop = QtCore.QEventLoop()
     window.closed.connect(loop.quit)
     timers: list[QtCore.QTimer] = []
