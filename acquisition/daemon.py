@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import secrets
 import shutil
@@ -37,9 +38,11 @@ from livestain import __version__, wire
 from livestain.security import apply_client
 from livestain.stackio import read_stack, write_stack
 
+from .dataset_lock import LOCK_NAME, DatasetLock
 from .doorbell import Doorbell
 from .journal import Journal
 from .policies import Policies
+from .preflight import check_plan, check_plan_against_core
 from .retry import install_snap_retries
 from .stacks import Stack, StackAssembler
 from .streaming import DaemonSockets
@@ -145,6 +148,9 @@ class Daemon:
         More fields for the status reply (worker health).
     keys : path
         CURVE key folder (`livestain.security`); required to listen beyond loopback.
+    provenance : dict
+        What made the predictions (``{"model": {...}}``), recorded in ``run.json``; a
+        resumed run that changes it appends the change there.
     """
 
     def __init__(
@@ -161,8 +167,15 @@ class Daemon:
         on_hung_worker: Callable[[list[str]], None] = lambda holders: None,
         extra_status: Callable[[], dict[str, Any]] = dict,
         keys: str | Path | None = None,
+        provenance: dict[str, Any] | None = None,
     ) -> None:
         _check_axis_order(sequence)
+        # a bad plan fails here, in seconds, before any folder or socket exists
+        check_plan(sequence, (policies or Policies()).stream_channels)
+        check_plan_against_core(sequence, core)
+        self.provenance = provenance or {}
+        self._lock: DatasetLock | None = None
+        self._mda_error: BaseException | None = None
         self.core = core
         self.sequence = sequence
         self.out_dir = Path(out_dir)
@@ -190,6 +203,7 @@ class Daemon:
             self.journal.note("resume" if resume else "start")
         except BaseException:
             self.sockets.close()
+            self._release_lock()
             raise
         self.assembler = StackAssembler.for_sequence(sequence)
         self.frames: queue.Queue[tuple[useq.MDAEvent, np.ndarray, float]] = queue.Queue()
@@ -206,6 +220,7 @@ class Daemon:
         self._ledgers: dict[tuple[int, int, str], dict | None] = {}
         self._last_ledger: dict | None = None
         self._n_structures = 3  # until a prediction says otherwise
+        self._resend_after_s = policies.resend_after_s  # shortened while draining
         self.started_at = time.time()
 
     # -- dataset ----------------------------------------------------------------------
@@ -218,17 +233,21 @@ class Daemon:
                     f"Nothing to resume in {self.out_dir}: it holds no run.json. "
                     f"Start a new run without --resume."
                 )
+            self._take_lock()  # before anything is read: another daemon may be writing
             run = json.loads(marker.read_text())
             for partial in self.out_dir.rglob("*.partial"):
                 partial.unlink()  # a write cut short by the crash; the stack is re-acquired
             self._done = self._done_keys()
+            self._record_provenance_change(run, marker)
             return run["run_id"], self._first_incomplete_t()
         if marker.exists():
             raise FileExistsError(
                 f"{self.out_dir} already holds a livestain run ({marker}); nothing was "
                 f"overwritten. Choose another --out folder, or add --resume to continue it."
             )
+        _refuse_foreign_folder(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
         run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
         info = {
             "run_id": run_id,
@@ -236,9 +255,37 @@ class Daemon:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "sequence": self.sequence.model_dump(mode="json", exclude_unset=True),
             "policies": self.policies.model_dump(mode="json"),
-        }
-        marker.write_text(json.dumps(info, indent=2))
+        } | self.provenance
+        _write_json_atomically(marker, info)
         return run_id, 0
+
+    def _next_seq_on_disk(self) -> int:
+        journal = Journal(self.out_dir)
+        try:
+            return journal.next_seq()
+        finally:
+            journal.close()
+
+    def _take_lock(self) -> None:
+        port = self.sockets.endpoints["control"].rsplit(":", 1)[-1]
+        self._lock = DatasetLock(self.out_dir, {"port": int(port) - wire.PORT_OFFSETS["control"]}).acquire()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _record_provenance_change(self, run: dict[str, Any], marker: Path) -> None:
+        """Resuming with another model: say so, and keep the change in ``run.json``."""
+        new = self.provenance.get("model")
+        old = run.get("model")
+        if new is None or old is None or new.get("name") == old.get("name"):
+            return
+        changes = run.setdefault("model_changes", [])
+        changes.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": old, "to": new,
+                        "from_seq": self._next_seq_on_disk()})
+        run["model"] = new
+        _write_json_atomically(marker, run)
 
     def _done_keys(self) -> set[tuple[int, int, str]]:
         """(t, p, channel) of every stack already on disk (a recorded gap is final)."""
@@ -317,15 +364,22 @@ class Daemon:
             if isinstance(events, list) and not events:
                 self._mda_done.set()
             else:
-                self.core.run_mda(events)
+                threading.Thread(target=self._run_mda, args=(events,), name="livestain-mda",
+                                 daemon=True).start()
             while not (self._mda_done.is_set() and self.frames.empty()):
                 self._step(timeout_ms=20)
             for stack in self.assembler.flush():
                 self._finish_stack(stack)
             self._drain_predictions()
+            if self._mda_error is not None:
+                raise RunStopped(
+                    f"the microscope failed during the plan ({type(self._mda_error).__name__}: "
+                    f"{self._mda_error}). Every stack acquired before is saved (and predicted); "
+                    f"fix the hardware or the plan, then continue with --resume."
+                )
         except RunStopped as e:
             self.summary.error = str(e)
-            self.journal.note(f"stopped: {e}")
+            self._note(f"stopped: {e}")
             self.report(f"STOPPED: {e}")
             self._halt_acquisition()
         finally:
@@ -334,10 +388,34 @@ class Daemon:
             self._halt_acquisition()
             self.sockets.close()
             self._doorbell.close()
-            self.journal.note("end")
+            self._note("end")
             self.journal.close()
+            self._release_lock()
         self.summary.not_predicted = len(self.records) + self.summary.unreadable
         return self.summary
+
+    def _note(self, what: str) -> None:
+        """Journal a run event; on a full disk the event is logged instead of ending the run
+        a second time (and hiding why it stopped)."""
+        try:
+            self.journal.note(what)
+        except OSError as e:
+            log.warning("%s (event not journaled: %s)", what, e)
+
+    def _run_mda(self, events: Iterable[useq.MDAEvent]) -> None:
+        """The MDA thread: pymmcore-plus's runner, with its failure kept for the summary.
+
+        ``core.run_mda`` would let an exception (a preset the scope lacks, a stage
+        error) end the thread with a traceback and the run "complete"; a failing MDA
+        must never look like a success.
+        """
+        try:
+            self.core.mda.run(events)
+        except Exception as e:  # any hardware or plan error ends the plan; the loop reports it
+            self._mda_error = e
+            log.error("the MDA stopped with an error: %s", e, exc_info=True)
+        finally:
+            self._mda_done.set()
 
     def _halt_acquisition(self) -> None:
         if not self._mda_done.is_set():
@@ -385,7 +463,7 @@ class Daemon:
         info = header.model_dump(by_alias=True) | {"gaps": stack.gaps, "exposure_ms": stack.exposure_ms}
         if (ledger := self._ledgers.pop(stack.key, None)) is not None:
             info["dose_ledger"] = self._last_ledger = ledger
-        self._check_disk()
+        self._check_disk(stack.planes.nbytes + self._prediction_bytes(stack.planes.shape))
         try:
             write_stack(raw_path, stack.planes, voxel_size_um=header.voxel_size_um, info=info,
                         channel_names=[stack.channel],
@@ -397,7 +475,11 @@ class Daemon:
                 f"could not write {raw_path}: {e.strerror or e}. Earlier stacks are intact; "
                 f"fix the disk and continue with --resume."
             ) from None
-        self.journal.stack_written(seq, stack.t, stack.p, stack.channel, raw_path, len(stack.gaps))
+        try:
+            self.journal.stack_written(seq, stack.t, stack.p, stack.channel, raw_path, len(stack.gaps))
+        except OSError as e:
+            raise RunStopped(f"{e}. {raw_path.name} and earlier stacks are intact; free some "
+                             f"space and continue with --resume.") from None
         self.summary.acquired += 1
         self._last_tp = (stack.t, stack.p)
         if stack.gaps:
@@ -459,11 +541,26 @@ class Daemon:
                           f"{self.policies.equivalent_fluorescence_exposure_ms:g} ms per stack"),
         }
 
-    def _check_disk(self) -> None:
+    def _prediction_bytes(self, shape: tuple[int, ...]) -> int:
+        """Disk a stack's prediction will take: float32, one channel per structure."""
+        return int(np.prod(shape)) * 4 * self._n_structures if self.stream_channels else 0
+
+    #: Room kept for the journal, log and file headers beyond the stack and its prediction.
+    RESERVE_BYTES = 16 * 1024**2
+
+    def _check_disk(self, needed_bytes: int = 0) -> None:
+        """Stop cleanly unless this stack, its prediction and the safety margin all fit.
+
+        With ``min_free_gb: 0`` the check still reserves the stack and its (float32,
+        several structures: ~6x larger) prediction, so a full disk stops the run here
+        rather than in the middle of a write.
+        """
         free = self.free_space(self.out_dir)
-        if free < self.policies.min_free_bytes:
+        needed = self.policies.min_free_bytes + needed_bytes + self.RESERVE_BYTES
+        if free < needed:
             raise RunStopped(
-                f"only {free / 1e6:.0f} MB free on the disk of {self.out_dir}, below the "
+                f"only {free / 1e6:.0f} MB free on the disk of {self.out_dir}: the next stack and "
+                f"its prediction need {(needed_bytes + self.RESERVE_BYTES) / 1e6:.0f} MB beyond the "
                 f"{self.policies.min_free_bytes / 1e6:.0f} MB safety margin (policies.min_free_gb). "
                 f"Every stack so far is saved; free some space and continue with --resume."
             )
@@ -496,11 +593,11 @@ class Daemon:
         """When workers have nothing newer to do, feed them the oldest late stack from disk."""
         now = time.time()
         stale = [r for r in self.records.values()
-                 if r.state == "sent" and now - r.sent_at > self.policies.resend_after_s]
+                 if r.state == "sent" and now - r.sent_at > self._resend_after_s]
         if stale:
             holders = sorted({r.holder for r in stale})
             self.report(f"no prediction for {len(stale)} stack(s) after "
-                        f"{self.policies.resend_after_s:.0f} s from {', '.join(holders)}: "
+                        f"{self._resend_after_s:.0f} s from {', '.join(holders)}: "
                         f"presumed hung, re-sending")
             for r in stale:
                 self.sockets.taint(r.seq)  # the hung worker may still write into its segments
@@ -559,7 +656,9 @@ class Daemon:
             write_stack(pred_path, array, voxel_size_um=header.voxel_size_um, info=info,
                         channel_names=header.structures)
         except OSError as e:
-            raise RunStopped(f"could not write prediction {pred_path}: {e.strerror or e}") from None
+            raise RunStopped(f"could not write prediction {pred_path}: {e.strerror or e}. Raw "
+                             f"stacks are intact; free some space and continue with --resume "
+                             f"(it predicts what is missing).") from None
         self._n_structures = len(header.structures)
         record.state, record.predicted_path = "predicted", pred_path
         record.latency_s = time.time() - record.completed_at
@@ -567,7 +666,11 @@ class Daemon:
         del self.records[record.seq]
         self.sockets.discard(record.seq)
         self.sockets.release(record.seq)
-        self.journal.prediction_written(record.seq, pred_path, record.latency_s)
+        try:
+            self.journal.prediction_written(record.seq, pred_path, record.latency_s)
+        except OSError as e:
+            raise RunStopped(f"{e}. Raw stacks and predictions so far are intact; free some "
+                             f"space and continue with --resume.") from None
         self.summary.predicted += 1
         if late:
             self.summary.predicted_late += 1
@@ -589,6 +692,9 @@ class Daemon:
         drain = self.policies.drain_timeout_s
         timeout = min(drain, 15.0) if self._stop_requested else drain
         deadline = time.monotonic() + timeout
+        # a stack held by a worker that never answers is re-sent within the drain, not
+        # after it: resend_after_s (300 s) is longer than the drain (120 s)
+        self._resend_after_s = min(self.policies.resend_after_s, timeout / 2)
         while time.monotonic() < deadline and self._outstanding():
             self._step(timeout_ms=100)
         if n := self._outstanding():
@@ -641,8 +747,10 @@ class Daemon:
             if command in ("pause", "resume"):
                 self.core.mda.set_paused(command == "pause")
                 self._paused = command == "pause"
-                self.journal.note(f"{command}d by the control socket")
+                self._note(f"{command}d by the control socket")
+                self.report(f"{'paused' if command == 'pause' else 'resumed'} by `livestain {command}`")
             elif command == "stop":
+                self.report("stop requested by `livestain stop`: finishing the current frame")
                 self.request_stop()
             reply = wire.encode_reply(True, **self.status())
         except Exception as e:  # a command must never take the run down
@@ -665,10 +773,36 @@ class Daemon:
     def request_stop(self) -> None:
         """Stop after the current frame (control socket and signal handlers call this)."""
         if not self._stop_requested:
-            self.journal.note("stop requested")
+            self._note("stop requested")
         self._stop_requested = True
         self.summary.stopped_early = True
         self.core.mda.cancel()
+
+
+def _refuse_foreign_folder(out_dir: Path) -> None:
+    """A new run writes into a new or empty folder, never into someone else's files.
+
+    ``out:`` pointing at a training dataset used to be accepted, and the run's stacks
+    then broke that dataset for ``livestain train``.
+    """
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"--out {out_dir} is a file, not a folder; choose a folder for the run")
+    entries = sorted(e.name for e in out_dir.iterdir()
+                     if not e.name.startswith(".") and e.name != LOCK_NAME)
+    if entries:
+        shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
+        raise FileExistsError(
+            f"--out {out_dir} already holds other files ({shown}) and no livestain run; nothing "
+            f"was written. Each run needs a new or empty folder: choose another out folder."
+        )
+
+
+def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2))
+    os.replace(partial, path)
 
 
 def _check_axis_order(sequence: useq.MDASequence) -> None:

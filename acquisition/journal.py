@@ -34,6 +34,10 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+class JournalWriteError(OSError):
+    """The journal could not record a change (full disk, I/O error): the run must stop."""
+
+
 @dataclass(frozen=True)
 class JournalRow:
     """One stack as the journal knows it."""
@@ -59,22 +63,29 @@ class Journal:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
 
+    def _write(self, sql: str, params: tuple) -> None:
+        """One committed change; SQLite's failures (a full disk) become `JournalWriteError`."""
+        try:
+            self.db.execute(sql, params)
+        except sqlite3.Error as e:
+            raise JournalWriteError(f"could not record the run's progress in {self.path}: {e}") from None
+
     def stack_written(self, seq: int, t: int, p: int, channel: str, raw_path: Path, gaps: int) -> None:
-        self.db.execute(
+        self._write(
             "INSERT OR REPLACE INTO stacks (seq, t, p, channel, raw_path, gaps, acquired_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (seq, t, p, channel, str(raw_path), gaps, time.time()),
         )
 
     def prediction_written(self, seq: int, path: Path, latency_s: float) -> None:
-        self.db.execute(
+        self._write(
             "UPDATE stacks SET predicted_path = ?, predicted_at = ?, latency_s = ? WHERE seq = ?",
             (str(path), time.time(), latency_s, seq),
         )
 
     def note(self, what: str) -> None:
         """A run event worth keeping (start, resume, stop reason)."""
-        self.db.execute("INSERT INTO events (at, what) VALUES (?, ?)", (time.time(), what))
+        self._write("INSERT INTO events (at, what) VALUES (?, ?)", (time.time(), what))
 
     def rows(self) -> list[JournalRow]:
         cur = self.db.execute(

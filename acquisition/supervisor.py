@@ -9,6 +9,7 @@ flight from disk, so nothing is lost.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -20,9 +21,49 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 
-def spawn_cli(args: list[str]) -> subprocess.Popen:
+#: Runs the CLI with the current folder taken off ``sys.path``. ``python -m`` (and
+#: ``-c``) put the current folder first on the path, so a folder named ``livestain`` in
+#: it (a clone's parent folder, say) would shadow the installed package and the child
+#: would crash-loop on an ImportError. ``-P`` does the same but only from Python 3.11.
+_CLI_BOOTSTRAP = (
+    "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+    "from livestain.cli import main; sys.exit(main())"
+)
+
+
+def cli_command(args: list[str]) -> list[str]:
+    """The argv that runs ``livestain ARGS`` with this interpreter, whatever the current folder."""
+    return [sys.executable, "-c", _CLI_BOOTSTRAP, *args]
+
+
+def spawn_cli(args: list[str], **popen_kwargs: object) -> subprocess.Popen:
     """Start ``livestain ARGS`` as a child process with this interpreter."""
-    return subprocess.Popen([sys.executable, "-m", "livestain.cli", *args])
+    return subprocess.Popen(cli_command(args), **popen_kwargs)  # type: ignore[call-overload]
+
+
+def check_worker_model(model: str | None, device: str | None, timeout_s: float = 300.0) -> dict:
+    """Load the worker's model as the worker will, in a child process, before the run starts.
+
+    An unusable model (missing, truncated, from another tool) or device (``cuda``
+    without a GPU) used to be noticed only by the worker, which then crash-looped
+    through the whole run with nothing predicted. A child process keeps torch out of
+    the daemon. Returns the model's description (name, structures, voxel size); raises
+    ValueError with the worker's own one-line explanation.
+    """
+    args = ["worker", "--check-model"]
+    if model:
+        args += ["--model", str(model)]
+    if device:
+        args += ["--device", device]
+    try:
+        proc = subprocess.run(cli_command(args), capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"loading the model {model or '(bundled)'} took over {timeout_s:.0f} s") from None
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        why = lines[-1].removeprefix("livestain worker: ") if lines else f"exit code {proc.returncode}"
+        raise ValueError(f"the worker cannot use this model: {why}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 class WorkerSupervisor:

@@ -50,8 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a plan from a YAML run configuration")
     p.add_argument("config", type=Path)
-    p.add_argument("--headless", action="store_true")
+    p.add_argument("--headless", action="store_true", help="no window: one status line per stack")
     p.add_argument("--resume", action="store_true", help="continue the run's dataset after a crash")
+    p.add_argument("--out", type=Path, default=None, help="dataset folder (overrides `out:` of the config)")
+    p.add_argument("--model", default=None,
+                   help="model .safetensors (overrides `model:`; a resumed run keeps its own otherwise)")
+    p.add_argument("--device", default=None, help="torch device for the local worker (default: cuda if present, else cpu)")
+    p.add_argument("--connect", default=None, metavar="HOST", help="address to listen on (overrides `host:`)")
+    p.add_argument("--port", type=int, default=None, help="base port, uses 4 (overrides `port:`)")
+    p.add_argument("--keys", default=None, metavar="DIR", help="CURVE key folder (overrides `keys:`)")
 
     p = sub.add_parser("worker", help="start an inference worker that connects to a daemon")
     _connect_args(p)
@@ -63,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the network: the first stack of each size compiles (seconds "
                         "to a minute), cached on disk for later runs; measure before relying on it")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--check-model", action="store_true",
+                   help="load the model on the device as a worker would, print what it predicts, exit")
 
     p = sub.add_parser("view", help="open the live window on a running daemon")
     _connect_args(p)
@@ -148,10 +157,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from livestain.launch import exit_code, has_display, run_session
     from livestain.runconfig import load_run_config
 
-    cfg = load_run_config(args.config)
+    cfg = load_run_config(args.config, out=args.out, host=args.connect, port=args.port,
+                          keys=args.keys, model=args.model)
     core = cfg.build_core()
     opts = cfg.session_options(show_window=not args.headless and has_display())
     opts.resume = args.resume
+    opts.device = args.device
     summary = run_session(core, cfg.sequence(), opts)
     for line in summary.lines():
         print(line)
@@ -159,11 +170,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    if args.check_model:
+        return _check_model(args.model, args.device)
     from livestain.inference.worker import run_worker
 
     eps = wire.endpoints(args.connect, args.port)
     return run_worker(eps["stacks"], eps["results"], args.model, args.device,
                       parent_pid=args.parent_pid, keys=args.keys, exact=args.exact, compile=args.compile)
+
+
+def _check_model(model: str | None, device: str | None) -> int:
+    """``worker --check-model``: what the daemon runs before the first frame."""
+    from livestain.inference.predict import Predictor
+
+    try:
+        predictor = Predictor(model, device, fast=True)
+    except (ValueError, OSError):
+        raise
+    except Exception as e:  # e.g. a CUDA device asked for on a machine without one
+        raise ValueError(f"cannot load the model on device {device!r}: {e}") from None
+    meta = predictor.model.meta
+    print(json.dumps({"name": predictor.model.name, "structures": list(meta.config.structures),
+                      "voxel_size_um": list(meta.voxel_size_um), "device": predictor.device}))
+    return 0
 
 
 def cmd_view(args: argparse.Namespace) -> int:

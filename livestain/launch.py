@@ -7,6 +7,7 @@ acquisition down with it.
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import os
@@ -95,10 +96,66 @@ def _log_to_dataset(out_dir: Path) -> logging.Handler:
     return handler
 
 
+def _recorded_model(out_dir: Path) -> dict | None:
+    """The model a run recorded in its ``run.json`` (None for runs that predate the record)."""
+    try:
+        run = json.loads((out_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    model = run.get("model") if isinstance(run, dict) else None
+    return model if isinstance(model, dict) else None
+
+
+def choose_model(opts: SessionOptions, report) -> dict:  # noqa: ANN001
+    """Which model this session's worker uses, checked before the first frame.
+
+    A resumed run keeps the model it recorded unless ``--model`` says otherwise (it
+    used to switch silently to the bundled one mid-dataset), and says which it uses.
+    Returns ``{"path", "name", "structures"}`` as recorded in ``run.json``.
+    """
+    from livestain.acquisition.supervisor import check_worker_model
+
+    model = str(Path(opts.model).resolve()) if opts.model else None
+    recorded = _recorded_model(opts.out_dir) if opts.resume else None
+    if recorded is not None and model is None:
+        model = recorded.get("path")
+        report(f"resuming with the run's own model {recorded.get('name')} (from run.json; "
+               f"pass --model to change it)")
+    if not opts.spawn_worker:
+        return {"path": model, "name": Path(model).stem if model else "bundled", "structures": None}
+    checked = check_worker_model(model, opts.device)
+    info = {"path": model, "name": checked["name"], "structures": checked["structures"]}
+    if recorded is not None and recorded.get("name") != info["name"]:
+        why = "you passed --model" if opts.model else "the model file changed since the run started"
+        report(f"this run changes model from {recorded.get('name')} to {info['name']} ({why}); "
+               f"every prediction file names the model that made it")
+    return info
+
+
+def _quiet_runner_cancel() -> None:
+    """pymmcore-plus logs "MDA Canceled: <the whole plan>" as a warning on every stop
+    (twice on the console: its own handler and the root's); the daemon says it in one line."""
+    logger = logging.getLogger("pymmcore-plus")
+    if not any(isinstance(f, _DropRunnerCancel) for f in logger.filters):
+        logger.addFilter(_DropRunnerCancel())
+
+
+class _DropRunnerCancel(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MDA Canceled")
+
+
 def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=print):  # noqa: ANN001
     """Run ``sequence`` on ``core`` with a supervised worker (and a viewer); returns RunSummary."""
     from livestain.acquisition.daemon import Daemon
     from livestain.acquisition.supervisor import WorkerSupervisor, spawn_cli
+
+    from livestain.acquisition.preflight import check_plan, check_plan_against_core
+
+    _quiet_runner_cancel()
+    # the plan first: a misspelt preset is reported in a second, before the model loads
+    check_plan(sequence, opts.policies.stream_channels)
+    check_plan_against_core(sequence, core)
 
     # per-stack lines go to the console through `report` and to the dataset's log file
     # through this logger, which does not propagate: the console shows each line once
@@ -113,9 +170,10 @@ def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=p
     conn = ["--connect", opts.host, "--port", str(opts.base_port)]
     if opts.keys:
         conn += ["--keys", str(opts.keys)]
+    model = choose_model(opts, report_and_log)
     worker_args = ["worker", *conn]
-    if opts.model:
-        worker_args += ["--model", str(opts.model)]
+    if model["path"]:
+        worker_args += ["--model", model["path"]]
     if opts.device:
         worker_args += ["--device", opts.device]
     supervisor = WorkerSupervisor(worker_args, report=report_and_log)
@@ -123,7 +181,7 @@ def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=p
     daemon = Daemon(core, sequence, opts.out_dir, eps, report=report_and_log,
                     policies=opts.policies, resume=opts.resume, on_tick=supervisor.check,
                     on_hung_worker=supervisor.kill_hung, extra_status=supervisor.status,
-                    keys=opts.keys)
+                    keys=opts.keys, provenance={"model": model})
     file_log = _log_to_dataset(opts.out_dir)
     run_log.addHandler(file_log)
     supervisor.on_restart = daemon.requeue_in_flight
@@ -157,7 +215,7 @@ def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=p
 def exit_code(summary) -> int:  # noqa: ANN001
     """0: done with every stack predicted, or stopped by the user (stop, SIGTERM, Ctrl-C);
     1: done but some stacks not predicted (raw data safe on disk: `--resume` predicts
-    them); 3: the run was stopped by an error (disk, write)."""
+    them); 3: the run was stopped by an error (disk, write, the microscope)."""
     if summary.error:
         return 3
     if summary.stopped_early:

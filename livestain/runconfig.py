@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from livestain import wire
 from livestain.acquisition.policies import Policies
+from livestain.acquisition.preflight import check_plan, unknown_keys
 from livestain.launch import SessionOptions
 
 
@@ -82,13 +83,23 @@ class RunConfig(BaseModel):
             "must be `simulated`, `{replay: PATH}` or the path of a Micro-Manager .cfg file"
         )
 
+    def plan_data(self) -> dict[str, Any]:
+        """The plan as a mapping, read from its file when ``plan:`` is a path."""
+        if not isinstance(self.plan, str):
+            return self.plan
+        path = (self.base_dir / self.plan).resolve()
+        if not path.is_file():
+            raise ValueError(f"plan file {path} does not exist; fix `plan:` in the run config")
+        try:
+            data = yaml.safe_load(path.read_text())  # JSON is YAML too
+        except yaml.YAMLError as e:
+            raise ValueError(f"plan file {path} is not valid YAML or JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"plan file {path} must hold a mapping (time_plan:, z_plan:, channels: ...)")
+        return data
+
     def sequence(self) -> useq.MDASequence:
-        if isinstance(self.plan, str):
-            path = (self.base_dir / self.plan).resolve()
-            if not path.is_file():
-                raise ValueError(f"plan file {path} does not exist; fix `plan:` in the run config")
-            return useq.MDASequence.from_file(path)
-        return useq.MDASequence.model_validate(self.plan)
+        return useq.MDASequence.model_validate(self.plan_data())
 
     def build_core(self):  # noqa: ANN201
         if isinstance(self.microscope, dict):
@@ -111,7 +122,7 @@ class RunConfig(BaseModel):
             out_dir=(self.base_dir / self.out).resolve(),
             host=self.host,
             base_port=self.port,
-            model=self.model,
+            model=str((self.base_dir / self.model).resolve()) if self.model else None,
             spawn_worker=self.spawn_worker,
             show_window=show_window,
             policies=self.policies,
@@ -119,8 +130,14 @@ class RunConfig(BaseModel):
         )
 
 
-def load_run_config(path: str | Path) -> RunConfig:
-    """Read and validate a run config; errors name the field, the value and the fix."""
+def load_run_config(path: str | Path, **overrides: Any) -> RunConfig:
+    """Read and validate a run config; errors name the field, the value and the fix.
+
+    ``overrides`` (``out``, ``host``, ``port``, ``keys``, ``model``) replace the file's
+    settings where not None: the command line's ``--out``, ``--connect``, ``--port``,
+    ``--keys``, ``--model``. Paths given on the command line are relative to the current
+    folder, not to the config's.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"run config {path} does not exist")
@@ -130,12 +147,23 @@ def load_run_config(path: str | Path) -> RunConfig:
         raise ValueError(f"run config {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"run config {path} must be a mapping of settings (microscope:, out:, plan:)")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for key in ("out", "keys", "model"):
+        if key in given:
+            given[key] = str(Path(given[key]).resolve())  # absolute: base_dir must not apply
     try:
-        cfg = RunConfig.model_validate(data | {"base_dir": path.parent})
+        cfg = RunConfig.model_validate(data | given | {"base_dir": path.parent})
     except ValidationError as e:
         raise ValueError(f"run config {path}: {_first_error(e)}") from None
+    if unknown := unknown_keys(cfg.plan_data()):
+        raise ValueError(
+            f"run config {path}: plan has setting(s) that useq-schema does not know: "
+            f"{', '.join('plan.' + k for k in unknown)}. Check the spelling (see useq-schema's "
+            f"MDASequence: time_plan {{interval, loops}}, z_plan {{range, step}}, channels {{config, "
+            f"exposure}}, stage_positions {{x, y, z, name}})."
+        )
     try:
-        cfg.sequence()
+        check_plan(cfg.sequence(), cfg.policies.stream_channels)
     except ValidationError as e:
         raise ValueError(
             f"run config {path}: plan.{_first_error(e)} (see useq-schema's MDASequence)"

@@ -1,0 +1,319 @@
+"""Faults and bad input a new user hit when starting and running a run (issue 13).
+
+Each test failed on the code before its fix: exit code 0 with nothing predicted, data
+overwritten by a second daemon, a model switched silently, tracebacks on a full disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import useq
+import yaml
+
+from livestain import wire
+from livestain.acquisition.daemon import Daemon
+from livestain.acquisition.dataset_lock import DatasetBusy, DatasetLock
+from livestain.acquisition.policies import Policies
+from livestain.acquisition.preflight import PlanError
+from livestain.devices.simulated import SimulatedScope, build_simulated_core
+from livestain.inference.checkpoint import bundled_model_path
+from livestain.launch import demo_sequence, exit_code
+from livestain.runconfig import load_run_config
+from livestain.stackio import read_stack, write_stack
+
+CLI = [sys.executable, "-m", "livestain.cli"]
+#: The console script a user runs (its own folder, not the current one, is on sys.path).
+LIVESTAIN = Path(sys.executable).parent / "livestain"
+
+
+def _status(port: int) -> dict | None:
+    proc = subprocess.run([*CLI, "status", "--json", "--port", str(port)],
+                          capture_output=True, text=True, timeout=30)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def _wait_for(port: int, predicate, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        status = _status(port)
+        if status is not None and predicate(status):
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"daemon never reached the expected state; last status {status}")
+
+
+def _config(tmp_path: Path, plan: dict | None = None, **settings) -> Path:
+    data = {
+        "microscope": "simulated",
+        "out": str(tmp_path / "run"),
+        "plan": plan if plan is not None else {
+            "time_plan": {"interval": 0, "loops": 2},
+            "channels": [{"config": "Brightfield", "exposure": 10}],
+            "stage_positions": [{"x": 0, "y": 0, "z": 4}],
+            "z_plan": {"range": 15, "step": 1},
+        },
+    } | settings
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _with_plan(tmp_path: Path, **changes) -> Path:
+    plan = {
+        "time_plan": {"interval": 0, "loops": 2},
+        "channels": [{"config": "Brightfield", "exposure": 10}],
+        "stage_positions": [{"x": 0, "y": 0, "z": 4}],
+        "z_plan": {"range": 15, "step": 1},
+    } | changes
+    return _config(tmp_path, {k: v for k, v in plan.items() if v is not None})
+
+
+# -- the plan is checked before the first frame -------------------------------------------
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"time_plan": {"interval": -5, "loops": 3}}, "cannot be negative"),
+        ({"z_plan": {"range": 0, "step": 1}}, "positive range"),
+        ({"z_plan": {"range": -4, "step": 1}}, "positive range"),
+        ({"z_plan": {"range": 10, "step": 0}}, "step between planes must be positive"),
+        ({"z_plan": None}, "no z_plan"),
+        ({"z_plan": {"range": 4, "stepp": 1}}, "plan.z_plan.stepp"),
+        ({"time_plan": {"interval": 1, "loop": 3}}, "plan.time_plan.loop"),
+        ({"channels": [{"config": "Brightfield", "exposre": 10}]}, "plan.channels[0].exposre"),
+        ({"focus": True}, "plan.focus"),
+        ({"channels": [{"config": "Dna", "exposure": 10}]}, "predict nothing"),
+        ({"channels": None}, "names no channel"),
+    ],
+)
+def test_a_plan_that_cannot_run_as_meant_is_refused_with_the_fix(tmp_path, changes, expected) -> None:
+    with pytest.raises(ValueError) as err:
+        load_run_config(_with_plan(tmp_path, **changes))
+    assert expected in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_misspelt_brightfield_preset_stops_the_run_before_anything_is_written(tmp_path) -> None:
+    cfg = _with_plan(tmp_path, channels=[{"config": "BrightField", "exposure": 10}])
+    proc = subprocess.run([*CLI, "run", str(cfg), "--headless", "--port", "5990"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "(BrightField)" in proc.stderr and "Did you mean 'Brightfield'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_channel_preset_the_microscope_lacks_is_refused_before_the_first_frame(tmp_path, base_port) -> None:
+    plan = demo_sequence(2, 0.0).model_copy(update={"channels": (
+        useq.Channel(config="Brightfield"), useq.Channel(config="mitochondria"))})
+    with pytest.raises(PlanError, match="'mitochondria' is not a preset of config group 'Channel'") as err:
+        Daemon(build_simulated_core(SimulatedScope()), plan, tmp_path / "run",
+               wire.endpoints(base_port=base_port), report=lambda line: None)
+    assert "Did you mean 'Mitochondria'" in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failing_mda_is_an_error_not_a_success(tmp_path, base_port) -> None:
+    core = build_simulated_core(SimulatedScope())
+    engine = core.mda.engine
+    real_setup = engine.setup_event
+
+    def setup_event(event):  # noqa: ANN001, ANN202
+        if event.index.get("t", 0) == 1:
+            raise RuntimeError("XY stage did not answer")
+        return real_setup(event)
+
+    engine.setup_event = setup_event
+    daemon = Daemon(core, demo_sequence(3, 0.0), tmp_path / "run", wire.endpoints(base_port=base_port),
+                    Policies(drain_timeout_s=0.5), report=lambda line: None)
+    summary = daemon.run()
+    assert summary.error is not None and "XY stage did not answer" in summary.error
+    assert "--resume" in summary.error
+    assert exit_code(summary) == 3
+    assert summary.acquired == 1  # t=0 was acquired before the failure and is kept
+    raw, info = read_stack(tmp_path / "run" / "p000" / "t0000_brightfield.ome.tif")
+    assert raw.shape == (16, 256, 256) and info["t"] == 0
+
+
+# -- one writer per dataset ---------------------------------------------------------------
+def test_a_second_daemon_on_a_dataset_in_use_is_refused(tmp_path, base_port) -> None:
+    core = build_simulated_core(SimulatedScope())
+    first = Daemon(core, demo_sequence(2, 0.0), tmp_path / "run", wire.endpoints(base_port=base_port),
+                   Policies(drain_timeout_s=0.5), report=lambda line: None)
+    journal_before = (tmp_path / "run" / "run.json").read_bytes()
+    with pytest.raises(DatasetBusy, match="being written by a running livestain daemon") as err:
+        Daemon(build_simulated_core(SimulatedScope()), demo_sequence(2, 0.0), tmp_path / "run",
+               wire.endpoints(base_port=base_port + 4), Policies(drain_timeout_s=0.5),
+               report=lambda line: None, resume=True)
+    assert f"--port {base_port}" in str(err.value)  # where to stop or watch the other one
+    assert (tmp_path / "run" / "run.json").read_bytes() == journal_before
+    first.run()  # the first one finishes untouched and lets go of the dataset
+    resumed = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(2, 0.0), tmp_path / "run",
+                     wire.endpoints(base_port=base_port + 4), Policies(drain_timeout_s=0.5),
+                     report=lambda line: None, resume=True)
+    resumed.run()
+
+
+def test_kill_9_releases_the_dataset_lock(tmp_path) -> None:
+    code = ("import sys, time; from livestain.acquisition.dataset_lock import DatasetLock; "
+            "DatasetLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(DatasetBusy, match=f"process {holder.pid}"):
+            DatasetLock(tmp_path).acquire()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    DatasetLock(tmp_path).acquire().release()  # nothing to clean up after a crash
+
+
+# -- where a run may write ------------------------------------------------------------------
+def test_out_pointing_at_a_training_dataset_is_refused_and_the_dataset_untouched(tmp_path, base_port) -> None:
+    data = tmp_path / "training"
+    write_stack(data / "field000" / "brightfield.ome.tif", np.zeros((4, 8, 8), np.uint16),
+                voxel_size_um=(1, 0.3, 0.3), info={"kind": "brightfield"})
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    with pytest.raises(FileExistsError, match="already holds other files .*field000"):
+        Daemon(build_simulated_core(SimulatedScope()), demo_sequence(2, 0.0), data,
+               wire.endpoints(base_port=base_port), report=lambda line: None)
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+# -- a full disk ------------------------------------------------------------------------------
+class _FullDiskDB:
+    """An SQLite connection whose writes fail once ``ok_writes`` are used up."""
+
+    def __init__(self, db: sqlite3.Connection, ok_writes: int) -> None:
+        self.db, self.ok_writes = db, ok_writes
+
+    def execute(self, sql: str, *args):  # noqa: ANN002, ANN201
+        if sql.lstrip().upper().startswith(("INSERT", "UPDATE")):
+            if self.ok_writes <= 0:
+                raise sqlite3.OperationalError("database or disk is full")
+            self.ok_writes -= 1
+        return self.db.execute(sql, *args)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def test_a_full_disk_under_the_journal_stops_the_run_with_exit_3_and_keeps_everything(tmp_path, base_port) -> None:
+    daemon = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(4, 0.0), tmp_path / "run",
+                    wire.endpoints(base_port=base_port), Policies(min_free_gb=0, drain_timeout_s=0.5),
+                    report=lambda line: None)
+    daemon.journal.db = _FullDiskDB(daemon.journal.db, ok_writes=2)
+    summary = daemon.run()
+    assert summary.error is not None and "database or disk is full" in summary.error
+    assert "--resume" in summary.error
+    assert exit_code(summary) == 3
+    raws = sorted((tmp_path / "run" / "p000").glob("*_brightfield.ome.tif"))
+    assert [read_stack(p)[1]["t"] for p in raws] == [0, 1, 2]
+    assert not list((tmp_path / "run").rglob("*.partial"))
+
+
+def test_the_disk_check_reserves_room_for_the_prediction_too(tmp_path, base_port) -> None:
+    raw_bytes = 16 * 256 * 256 * 2  # one uint16 stack: 2 MB; its 3-structure float32 prediction: 12.6 MB
+    daemon = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(2, 0.0), tmp_path / "run",
+                    wire.endpoints(base_port=base_port), Policies(min_free_gb=0, drain_timeout_s=0.5),
+                    report=lambda line: None, free_space=lambda _p: 3 * raw_bytes)
+    summary = daemon.run()
+    assert summary.acquired == 0 and exit_code(summary) == 3
+    assert "its prediction need" in summary.error
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch) -> None:
+    import livestain.stackio as stackio
+
+    def imwrite(fh, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        fh.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stackio.tifffile, "imwrite", imwrite)
+    with pytest.raises(OSError, match="No space left"):
+        write_stack(tmp_path / "a.ome.tif", np.zeros((2, 4, 4), np.uint16), voxel_size_um=(1, 1, 1), info={})
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- the model is checked first, and a resumed run keeps its own ------------------------------
+def test_an_unusable_model_is_refused_before_the_first_frame(tmp_path, base_port) -> None:
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(bundled_model_path().read_bytes()[:5000])  # a truncated copy
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    proc = subprocess.run([*CLI, "demo", "--headless", "--timepoints", "2", "--out", str(out),
+                           "--port", str(base_port), "--model", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot use this model" in proc.stderr and str(bad) in proc.stderr
+    assert not out.exists()
+    assert time.monotonic() - t0 < 60  # no crash loop through a whole run
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_runs_model_and_workers_start_from_any_folder(tmp_path, base_port) -> None:
+    # started from a folder holding a directory named `livestain` (a clone's parent folder)
+    home = tmp_path / "home"
+    (home / "livestain").mkdir(parents=True)
+    model = tmp_path / "mine.safetensors"
+    shutil.copy(bundled_model_path(), model)
+    out = tmp_path / "run"
+    first = subprocess.run([str(LIVESTAIN), "demo", "--headless", "--timepoints", "2", "--interval", "0",
+                            "--out", str(out), "--port", str(base_port), "--model", str(model)],
+                           capture_output=True, text=True, timeout=300, cwd=home)
+    assert first.returncode == 0, first.stdout + first.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"]["path"] == str(model) and run["model"]["name"].startswith("mine@")
+    resumed = subprocess.run([str(LIVESTAIN), "demo", "--headless", "--timepoints", "4", "--interval", "0",
+                              "--out", str(out), "--port", str(base_port), "--resume"],
+                             capture_output=True, text=True, timeout=300, cwd=home)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming with the run's own model mine@" in resumed.stdout
+    models = [read_stack(out / "p000" / f"t{t:04d}_prediction.ome.tif")[1]["model"] for t in range(4)]
+    assert all(m.startswith("mine@") for m in models), models
+    assert "ImportError" not in first.stderr + resumed.stderr
+
+
+@pytest.mark.slow
+def test_a_live_run_pause_resume_stop_are_logged_and_a_second_daemon_is_refused(tmp_path, base_port) -> None:
+    out = tmp_path / "run"
+    demo = subprocess.Popen([*CLI, "demo", "--headless", "--timepoints", "50", "--interval", "1",
+                             "--out", str(out), "--port", str(base_port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(base_port, lambda s: s["stacks_predicted"] >= 1)
+        second = subprocess.run([*CLI, "demo", "--headless", "--timepoints", "50", "--out", str(out),
+                                 "--port", str(base_port + 4), "--resume"],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert "being written by a running livestain daemon" in second.stderr
+        assert f"livestain stop --port {base_port}" in second.stderr
+        for command in ("pause", "resume", "stop"):
+            reply = subprocess.run([*CLI, command, "--port", str(base_port)], capture_output=True,
+                                   text=True, timeout=30)
+            assert reply.returncode == 0, reply.stderr
+        stdout, stderr = demo.communicate(timeout=120)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.communicate()
+    assert demo.returncode == 0, stderr
+    log = (out / "livestain.log").read_text()
+    assert "paused by `livestain pause`" in log and "resumed by `livestain resume`" in log
+    assert "stop requested by `livestain stop`" in log
+    assert "MDA Canceled" not in stdout + stderr
+    # the refused second daemon wrote nothing: every stack has exactly one writer
+    seqs = [read_stack(p)[1]["seq"] for p in sorted((out / "p000").glob("*_brightfield.ome.tif"))]
+    assert seqs == list(range(len(seqs)))
