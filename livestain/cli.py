@@ -17,10 +17,25 @@ from livestain import __version__, wire
 USER_ERRORS = (OSError, FileExistsError, TimeoutError, ValueError)
 
 
+def port_number(text: str) -> int:
+    """A base port: the daemon uses it and the next three, all of them real TCP ports.
+
+    Without the check ``--port 70000`` bound a port 65536 lower without a word.
+    """
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1024 <= port <= 65532:
+        raise argparse.ArgumentTypeError(
+            f"{port} is outside 1024-65532 (the daemon uses this port and the next three)")
+    return port
+
+
 def _connect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect", default=wire.DEFAULT_HOST, metavar="HOST",
                    help="host of the daemon (default: %(default)s)")
-    p.add_argument("--port", type=int, default=wire.DEFAULT_BASE_PORT,
+    p.add_argument("--port", type=port_number, default=wire.DEFAULT_BASE_PORT,
                    help="daemon base port; it uses this and the next three (default: %(default)s)")
     p.add_argument("--keys", default=None, metavar="DIR",
                    help="CURVE key folder from `livestain keys` (needed beyond 127.0.0.1)")
@@ -57,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model .safetensors (overrides `model:`; a resumed run keeps its own otherwise)")
     p.add_argument("--device", default=None, help="torch device for the local worker (default: cuda if present, else cpu)")
     p.add_argument("--connect", default=None, metavar="HOST", help="address to listen on (overrides `host:`)")
-    p.add_argument("--port", type=int, default=None, help="base port, uses 4 (overrides `port:`)")
+    p.add_argument("--port", type=port_number, default=None, help="base port, uses 4 (overrides `port:`)")
     p.add_argument("--keys", default=None, metavar="DIR", help="CURVE key folder (overrides `keys:`)")
 
     p = sub.add_parser("worker", help="start an inference worker that connects to a daemon")
@@ -135,6 +150,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.timepoints < 1:
         raise ValueError("--timepoints must be at least 1")
+    if args.positions < 1:
+        raise ValueError("--positions must be at least 1")
+    if args.interval < 0:
+        raise ValueError("--interval cannot be negative: use 0 for time points back to back")
     show = not args.headless and has_display()
     if not args.headless and not show:
         print("no display found: running headless (status lines below)")

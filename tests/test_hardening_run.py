@@ -317,3 +317,25 @@ def test_a_live_run_pause_resume_stop_are_logged_and_a_second_daemon_is_refused(
     # the refused second daemon wrote nothing: every stack has exactly one writer
     seqs = [read_stack(p)[1]["seq"] for p in sorted((out / "p000").glob("*_brightfield.ome.tif"))]
     assert seqs == list(range(len(seqs)))
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["demo", "--port", "70000"], "outside 1024-65532"),
+        (["status", "--port", "80"], "outside 1024-65532"),
+        (["demo", "--positions", "0"], "--positions must be at least 1"),
+        (["demo", "--interval", "-1"], "--interval cannot be negative"),
+    ],
+)
+def test_demo_and_client_options_out_of_range_are_refused(argv, expected, capsys, tmp_path, monkeypatch) -> None:
+    from livestain.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own refusal
+        code = e.code
+    assert code == 2
+    assert expected in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no dataset folder was made
