@@ -7,5 +7,6 @@ number of viewers can come and go, freeze or crash while an acquisition runs.
 Modules: `app` (entry point), `window` (assembly and data flow), `views` (XY/XZ/YZ),
 `frames` + `render` (images, no Qt), `history` (bounded buffer), `subscriber` and
 `control_client` (sockets), `status_panel`, `structure_panel`, `control_bar` (side
-panel), `colors`, `qtcheck` (a Qt binding bug guard).
+panel), `colors`, `screenshot` (when ``--screenshot`` saves, or why not), `endpoints`
+(address checks), `qtcheck` (no display, a Qt binding bug guard).
 """

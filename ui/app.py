@@ -12,22 +12,23 @@ from __future__ import annotations
 import logging
 import pathlib
 import signal
-import time
 from collections.abc import Callable
 
 from PySide6 import QtCore, QtWidgets
 
 from livestain import wire
 from livestain.ui.control_client import ControlClient
+from livestain.ui.endpoints import check_endpoint
 from livestain.ui.history import DEFAULT_MAX_MB, DEFAULT_TIMEPOINTS, History
-from livestain.ui.qtcheck import guard_if_needed
+from livestain.ui.qtcheck import guard_if_needed, require_display
+from livestain.ui.screenshot import DAEMON_TIMEOUT_S, PAIR_WAIT_S, ScreenshotTaker
 from livestain.ui.subscriber import DisplaySubscriber
 from livestain.ui.window import LiveWindow
 
 log = logging.getLogger(__name__)
 
 #: After the first prediction, how long a screenshot waits for a stack to show under it.
-SCREENSHOT_PAIR_WAIT_S = 5.0
+SCREENSHOT_PAIR_WAIT_S = PAIR_WAIT_S
 
 
 def run_viewer(
@@ -41,29 +42,44 @@ def run_viewer(
     history_mb: float = DEFAULT_MAX_MB,
     confirm_stop: bool = True,
     on_window: Callable[[LiveWindow], object] | None = None,
+    daemon_timeout_s: float = DAEMON_TIMEOUT_S,
 ) -> int:
-    """Show the live viewer for ``display_endpoint``; return the exit status (0).
+    """Show the live viewer for ``display_endpoint``; return the exit status.
 
     With ``screenshot``, save a grab of the window as soon as a prediction has been
-    drawn, then close. Without a prediction, save anyway after ``screenshot_after_s``
-    if ``wait_for_prediction`` is False, else after twice that (so a demo never hangs
-    on a dead worker). Without ``screenshot``, run until the window is closed.
+    drawn, then close (0). Without a prediction, save what is shown after
+    ``screenshot_after_s`` if ``wait_for_prediction`` is False, else after twice that
+    (so a demo never hangs on a dead worker); with nothing to show, write nothing and
+    return 1. If no daemon answers the control socket within ``daemon_timeout_s``,
+    raise `NoDaemonError` (a TimeoutError) without writing the file. The rules and
+    messages are in `livestain.ui.screenshot`. Without ``screenshot``, run until the
+    window is closed (0).
 
     ``control_endpoint`` defaults to the daemon's control port beside the display port
     (`control_endpoint_for`); pass "" to show no status and offer no controls.
     History keeps ``history_timepoints`` time points per position within ``history_mb``.
     ``on_window`` is called with the window, attached, before it is shown (e.g. to
     connect to its signals).
+
+    Raises ValueError for an endpoint that cannot be a daemon (`check_endpoint`) or
+    unusable ``keys``, and `NoDisplayError` (an OSError) where Qt could not open a window:
+    both before any window exists, so the command line prints one line and exits 2
+    instead of Qt aborting the process.
     """
-    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
-    assert isinstance(app, QtWidgets.QApplication)
-    guard_if_needed()  # PySide6 6.12.0 on Python 3.11 would abort the viewer otherwise
-    subscriber = DisplaySubscriber(display_endpoint, keys=keys)
+    if control_endpoint is None:
+        control_endpoint = control_endpoint_for(display_endpoint)
+    for endpoint in (display_endpoint, control_endpoint):
+        if endpoint:
+            check_endpoint(endpoint)
+    subscriber = DisplaySubscriber(display_endpoint, keys=keys)  # a bad --keys fails here, before Qt
+    try:
+        _application()
+    except BaseException:
+        subscriber.close()
+        raise
     window = LiveWindow(history=History(history_timepoints, history_mb), confirm_stop=confirm_stop)
     window.setWindowTitle(f"livestain viewer — {display_endpoint}")
     window.attach(subscriber)
-    if control_endpoint is None:
-        control_endpoint = control_endpoint_for(display_endpoint)
     control = ControlClient(control_endpoint, keys=keys) if control_endpoint else None
     if control is not None:
         window.attach_control(control)
@@ -79,34 +95,12 @@ def run_viewer(
         timer.start(ms)
         timers.append(timer)
 
+    taker = None
     if screenshot is not None:
-        start = time.monotonic()
         limit = screenshot_after_s if not wait_for_prediction else 2 * screenshot_after_s
-        first_prediction: list[float] = []
-
-        def maybe_grab() -> None:
-            now = time.monotonic()
-            elapsed = now - start
-            if window.n_predictions == 0 and elapsed < limit:
-                return
-            if window.n_predictions and not first_prediction:
-                first_prediction.append(now)
-            if control is not None and control.answering is None and elapsed < limit:
-                return  # let the status panel fill in (or say the daemon is not answering)
-            stack, pred = window.shown()
-            if (stack is None or pred is None) and first_prediction and elapsed < limit \
-                    and now - first_prediction[0] < SCREENSHOT_PAIR_WAIT_S:
-                return  # joined mid-run: give the next stack of that position a moment
-            if window.n_predictions == 0:
-                log.warning("no prediction after %.1fs; saving the screenshot anyway", elapsed)
-            window.flush()
-            app.processEvents()  # lay out the labels the redraw changed before grabbing
-            screenshot.parent.mkdir(parents=True, exist_ok=True)
-            if not window.grab().save(str(screenshot)):
-                log.error("could not save screenshot to %s", screenshot)
-            window.close()
-
-        every(100, maybe_grab)
+        taker = ScreenshotTaker(window, control, screenshot, limit, control_endpoint or display_endpoint,
+                                keys=keys, daemon_timeout_s=daemon_timeout_s)
+        every(100, taker.tick)
 
     # Ctrl+C closes the window: Qt blocks Python signal handlers unless the
     # interpreter gets to run now and then, hence the idle timer.
@@ -123,7 +117,19 @@ def run_viewer(
         if control is not None:
             control.stop()
         window.deleteLater()
-    return 0
+    return taker.result() if taker is not None else 0
+
+
+def _application() -> QtWidgets.QApplication:
+    """The process's QApplication, created if needed once a window can open (Qt would
+    abort the process otherwise, see `require_display`)."""
+    app = QtWidgets.QApplication.instance()
+    if app is None:
+        require_display()
+        app = QtWidgets.QApplication([])
+    assert isinstance(app, QtWidgets.QApplication)
+    guard_if_needed()  # PySide6 6.12.0 on Python 3.11 would abort the viewer otherwise
+    return app
 
 
 def control_endpoint_for(display_endpoint: str) -> str | None:
