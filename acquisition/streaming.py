@@ -6,11 +6,23 @@ newer one exists. Sends are non-blocking; a stack no worker can take right now w
 in a short newest-first backlog (its pixels are on disk already); when that backlog overflows the
 oldest leave it, counted, and the daemon predicts them later from disk. The display socket is PUB: viewers that are
 absent or slow simply miss messages.
+
+Who may be a worker: a loopback daemon without CURVE keys makes a per-run worker token
+(`livestain.security.DaemonToken`) and hands stacks only to peers whose ``ready``
+carries it; a prediction counts only with the token and from a worker the stack was
+handed to. Anything else is dropped and counted (``malformed_results``).
+
+A flood of raw TCP connections must not lock out ``livestain status``: each one holds
+a file descriptor until its ZeroMQ handshake times out, and with the descriptors gone
+the daemon accepts nothing (libzmq retries ``accept`` until one is free). So the
+handshake timeout is short, the listen backlog long, and the daemon raises its soft
+open-file limit to the hard one.
 """
 
 from __future__ import annotations
 
 import logging
+import resource
 import socket
 import time
 from collections import OrderedDict, deque
@@ -21,19 +33,56 @@ import numpy as np
 import zmq
 
 from livestain import wire
-from livestain.security import ServerSecurity
+from livestain.security import TOKEN_ENV, DaemonToken, ServerSecurity, split_endpoint
 from livestain.shm import MIN_SHM_BYTES, ShmPool
 
 log = logging.getLogger(__name__)
 
+#: A connection that has not finished its ZeroMQ handshake by then is closed (each
+#: stalled one holds a descriptor). On loopback a real handshake takes microseconds to
+#: milliseconds (libzmq's I/O thread does it, never waiting for Python), and a peer
+#: whose handshake did time out just reconnects 100 ms later. libzmq's default: 30 s.
+HANDSHAKE_IVL_LOOPBACK_MS = 1000
+#: The same beyond loopback (CURVE over a slow link needs three round trips and ZAP).
+HANDSHAKE_IVL_NETWORK_MS = 5000
+#: Pending connections the kernel queues for each socket (capped by net.core.somaxconn).
+LISTEN_BACKLOG = 1024
+#: The daemon's soft open-file limit is raised towards this (never beyond the hard one).
+WANT_OPEN_FILES = 65536
+#: Largest message accepted on the stacks (ready) and control sockets: those are small.
+MAX_SMALL_MESSAGE_BYTES = wire.MAX_HEADER_BYTES
+
 
 @dataclass
 class StreamCounts:
-    """What happened to every stack offered to the workers."""
+    """What happened to every stack offered to the workers.
+
+    ``unauthenticated`` counts the messages without the worker token (also counted in
+    ``malformed_results``): a non-zero value means a stale worker or a stranger.
+    """
 
     sent: int = 0
     dropped: int = 0
     malformed_results: int = 0
+    unauthenticated: int = 0
+
+
+def raise_open_file_limit(want: int = WANT_OPEN_FILES) -> int:
+    """Raise this process's soft open-file limit towards ``want``; returns the new limit.
+
+    Desktop sessions start at 1024. Every peer connection, stalled or not, takes a
+    descriptor; when they run out libzmq can accept no one, not even ``livestain
+    status``, until stalled handshakes time out. The hard limit is usually far higher.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        except (ValueError, OSError) as e:
+            log.info("could not raise the open-file limit from %d: %s", soft, e)
+    return soft
 
 
 class DaemonSockets:
@@ -45,6 +94,11 @@ class DaemonSockets:
 
     #: A worker's ready message counts this long; idle workers repeat it every second.
     READY_EXPIRES_S = 5.0
+    #: Hand-overs of released stacks remembered, so a late answer from a worker the
+    #: stack was handed to is a duplicate, not a stranger's (bounded: runs last days).
+    FINISHED_MEMORY = 1024
+    #: At most one warning per this many seconds about peers without the token.
+    REFUSAL_LOG_EVERY_S = 10.0
 
     def __init__(
         self,
@@ -56,10 +110,19 @@ class DaemonSockets:
     ) -> None:
         self.ctx = ctx or zmq.Context.instance()
         self.endpoints = eps
-        host = eps["control"].split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+        self.token: DaemonToken | None = None
+        host, base_port = split_endpoint(eps["stacks"])
         self.security = ServerSecurity(self.ctx, host, keys)
-        self.stacks = self._bind(zmq.ROUTER, eps["stacks"], sndhwm=4, router_mandatory=True)
+        raise_open_file_limit()
+        self._handshake_ms = HANDSHAKE_IVL_NETWORK_MS if keys else HANDSHAKE_IVL_LOOPBACK_MS
+        self.stacks = self._bind(zmq.ROUTER, eps["stacks"], sndhwm=4, router_mandatory=True,
+                                 maxmsgsize=MAX_SMALL_MESSAGE_BYTES)
         self.sent_to: dict[bytes, int] = {}  # stacks handed to each worker identity
+        # worker names each stack in flight was handed to; released ones, briefly
+        self.handed: dict[int, set[str]] = {}
+        self._finished: OrderedDict[int, frozenset[str]] = OrderedDict()
+        self._last_refusal_log = 0.0
+        self._refusals_unlogged = 0
         self.hostname = socket.gethostname()
         self.pool: ShmPool | None = ShmPool() if shm else None
         # workers waiting for a stack, by ZeroMQ identity -> (name, last ready time,
@@ -68,7 +131,9 @@ class DaemonSockets:
         self.workers_seen: dict[str, float] = {}
         self.results = self._bind(zmq.PULL, eps["results"], rcvhwm=16)
         self.display = self._bind(zmq.PUB, eps["display"], sndhwm=4)
-        self.control = self._bind(zmq.REP, eps["control"])
+        self.control = self._bind(zmq.REP, eps["control"], maxmsgsize=MAX_SMALL_MESSAGE_BYTES)
+        if keys is None:  # loopback: CURVE does not say who a peer is, the token does
+            self.token = DaemonToken(host, base_port)  # after the binds: never a busy port's
         self.backlog: deque[tuple[wire.StackHeader, np.ndarray]] = deque()
         self.backlog_limit = backlog
         self.counts = StreamCounts()
@@ -78,9 +143,15 @@ class DaemonSockets:
         self.poller.register(self.control, zmq.POLLIN)
 
     def _bind(self, kind: int, endpoint: str, sndhwm: int = 0, rcvhwm: int = 0,
-              router_mandatory: bool = False) -> zmq.Socket:
+              router_mandatory: bool = False, maxmsgsize: int = 0) -> zmq.Socket:
+        """Bind one socket; stalled handshakes time out quickly and a connection burst
+        queues in a long listen backlog instead of being refused (see the module doc)."""
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, self._handshake_ms)
+        sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
+        if maxmsgsize:
+            sock.setsockopt(zmq.MAXMSGSIZE, maxmsgsize)
         if router_mandatory:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.security.apply(sock)
@@ -131,6 +202,9 @@ class DaemonSockets:
                 log.warning("dropped malformed message on stacks socket: %s", e)
                 continue
             name = str(body.get("worker", "?"))[:200]
+            if not self._authentic(body):
+                self._refuse(f"ready from {name!r} without the worker token: no stack for it")
+                continue
             now = time.monotonic()
             self.workers_seen[name] = now
             if received >= self.sent_to.get(identity, 0):
@@ -167,6 +241,7 @@ class DaemonSockets:
                     continue  # that worker is gone; try the next one
                 raise
             self.backlog.pop()
+            self.handed.setdefault(header.seq, set()).add(name)
             self.sent_to[identity] = self.sent_to.get(identity, 0) + 1
             self.counts.sent += 1
             sent.append((header.seq, name))
@@ -200,6 +275,7 @@ class DaemonSockets:
 
         ``reuse=False`` when its worker may still write into them (presumed hung).
         """
+        self._forget(seq)
         if self.pool is not None:
             self.pool.give_back(seq, reuse)
 
@@ -211,6 +287,46 @@ class DaemonSockets:
     def discard(self, seq: int) -> None:
         """Drop a stack from the backlog (it was predicted meanwhile, e.g. by its first worker)."""
         self.backlog = deque(item for item in self.backlog if item[0].seq != seq)
+        self._forget(seq)
+
+    # -- who may answer ---------------------------------------------------------------
+    def _forget(self, seq: int) -> None:
+        """Stack ``seq`` is done: move its hand-overs to the short memory of finished
+        stacks, so the record of stacks in flight never grows over a run of days."""
+        names = self.handed.pop(seq, None)
+        if names is None:
+            return
+        self._finished[seq] = self._finished.pop(seq, frozenset()) | names
+        while len(self._finished) > self.FINISHED_MEMORY:
+            self._finished.popitem(last=False)
+
+    def was_handed(self, seq: int, worker: str) -> bool:
+        """True when stack ``seq`` was handed to ``worker`` (in flight, or recently done:
+        a late duplicate is then the daemon's to drop, not a stranger's answer)."""
+        return worker in self.handed.get(seq, ()) or worker in self._finished.get(seq, ())
+
+    def _authentic(self, message: dict | wire.StackHeader) -> bool:
+        """True when a ready body or prediction header carries this run's worker token
+        (always, with CURVE keys: the key has authenticated the peer already)."""
+        if isinstance(message, wire.StackHeader):
+            presented = wire.pop_token(message)  # always: a secret goes into no file
+        else:
+            presented = message.get(wire.TOKEN_FIELD)
+        return self.token is None or self.token.accepts(presented)
+
+    def _refuse(self, reason: str) -> None:
+        """Count a message from a peer without the token; log it at most every few
+        seconds (a stale worker repeats its ready message every second)."""
+        self.counts.malformed_results += 1
+        self.counts.unauthenticated += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log < self.REFUSAL_LOG_EVERY_S:
+            self._refusals_unlogged += 1
+            return
+        more = f" (and {self._refusals_unlogged} more since the last such line)" if self._refusals_unlogged else ""
+        log.warning("dropped %s%s; a worker needs the token file %s or $%s", reason, more,
+                    self.token.path if self.token else "-", TOKEN_ENV)
+        self._last_refusal_log, self._refusals_unlogged = now, 0
 
     def worker_heartbeats(self) -> dict[str, float]:
         """Seconds since each worker last asked for work (absent: never seen)."""
@@ -239,6 +355,13 @@ class DaemonSockets:
             header, array = wire.decode(frames)
             if header.kind != "prediction":
                 raise wire.WireError(f"expected a prediction on the results socket, got {header.kind}")
+            if not self._authentic(header):  # also strips the token from the header
+                self._refuse(f"prediction of stack seq {header.source_seq} from "
+                             f"{header.worker[:200]!r} without the worker token")
+                return None
+            if not self.was_handed(header.source_seq, header.worker):
+                raise wire.WireError(f"stack seq {header.source_seq} was never handed to "
+                                     f"worker {header.worker[:200]!r}")
             if header.shm:  # written into the segment lent with its stack
                 if self.pool is None or header.source_seq is None:
                     raise wire.WireError("a shared-memory prediction, but no segment was lent")
@@ -267,3 +390,6 @@ class DaemonSockets:
             self.security.close()
         if getattr(self, "pool", None) is not None:
             self.pool.close()
+        if getattr(self, "token", None) is not None:
+            self.token.close()
+            self.token = None

@@ -6,6 +6,10 @@ stack is decoded without copying (a read-only view on the ZeroMQ frame), predict
 `Predictor`, and sent back with a header that names the source stack. Malformed
 messages are logged, counted and dropped; the worker never dies of bad input.
 
+A loopback daemon without CURVE keys serves only workers that present its per-run
+token (`livestain.security.WorkerToken`: ``$LIVESTAIN_WORKER_TOKEN``, else the token
+file of the daemon at the endpoint connected to, read again when it changes).
+
 This module must not import pymmcore: a worker may run on a GPU host with no
 microscope software.
 """
@@ -24,7 +28,7 @@ import torch
 import zmq
 
 from livestain import wire
-from livestain.security import apply_client
+from livestain.security import TOKEN_ENV, WorkerToken, apply_client
 from livestain.shm import ShmReader
 
 from .predict import Predictor
@@ -48,6 +52,10 @@ class Worker:
         The daemon's ``stacks`` and ``results`` endpoints.
     predictor : Predictor
         The loaded model on its device.
+    keys : str
+        CURVE key folder; with keys the daemon knows us by key and no token is sent.
+    token : str
+        The daemon's worker token; None: `WorkerToken` finds it (environment, token file).
     """
 
     #: While idle, repeat the request for work this often (it is also the heartbeat).
@@ -61,8 +69,12 @@ class Worker:
         ctx: zmq.Context | None = None,
         keys: str | None = None,
         shm: bool = True,
+        token: str | None = None,
     ) -> None:
         self.predictor = predictor
+        # with keys, CURVE authenticates us; without, the daemon wants its token
+        self._token: WorkerToken | None = None if keys or token is not None else WorkerToken(stacks_endpoint)
+        self._fixed_token = token or ""
         self.hostname = socket.gethostname()
         self.name = f"{self.hostname}:{os.getpid()}"
         # offer the same-host fast path; the daemon uses it only if it runs on this host
@@ -85,6 +97,11 @@ class Worker:
     def stop(self) -> None:
         self._running = False
 
+    @property
+    def token(self) -> str:
+        """The worker token to present now ("" with keys, or while there is none)."""
+        return self._token.get() if self._token is not None else self._fixed_token
+
     def serve(self, max_stacks: int | None = None, parent_pid: int | None = None) -> WorkerCounts:
         """Predict until `stop()` (or SIGTERM/SIGINT via `run_worker`).
 
@@ -102,7 +119,7 @@ class Worker:
                 self.pull.send_multipart(wire.encode_ready(
                     self.name, self.predictor.model.name, self.counts.received,
                     shm_host=self.hostname if self.shm is not None else "",
-                    out_channels=len(self.predictor.structures)))
+                    out_channels=len(self.predictor.structures), token=self.token))
                 last_ready = time.monotonic()
             if not self.pull.poll(200):
                 continue
@@ -161,6 +178,7 @@ class Worker:
             device=self.predictor.device,
             stack_sent_at=header.sent_at,  # with received_at: the transport time
             received_at=received_at,
+            **({wire.TOKEN_FIELD: token} if (token := self.token) else {}),
         )
         if segment is not None:  # the pixels are in the daemon's segment already
             out.shm, out.sent_at = header.result_shm, time.time()
@@ -208,7 +226,9 @@ def run_worker(
     """Entry point of ``livestain worker``; returns the process exit code.
 
     The live path is `FastNet` (bf16 where the hardware has it); ``exact`` keeps the
-    plain fp32 network, e.g. to compare against offline ``livestain predict``.
+    plain fp32 network, e.g. to compare against offline ``livestain predict``. Without
+    ``keys`` the worker presents the daemon's token (`Worker`), from
+    ``$LIVESTAIN_WORKER_TOKEN`` or the daemon's token file for the stacks endpoint.
     """
     predictor = Predictor(model, device, fast=True, bf16=False if exact else None, compile=compile)
     worker = Worker(stacks_endpoint, results_endpoint, predictor, keys=keys)
@@ -222,6 +242,9 @@ def run_worker(
         "worker %s ready: model %s on %s, asking %s for stacks",
         worker.name, predictor.model.name, predictor.device, stacks_endpoint,
     )
+    if not keys and not worker.token and worker._token is not None:
+        log.warning("no worker token yet (%s, or $%s): the daemon gives stacks only to workers "
+                    "that present it; waiting for it", worker._token.path, TOKEN_ENV)
     try:
         worker.serve(max_stacks, parent_pid)
     finally:

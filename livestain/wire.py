@@ -32,6 +32,10 @@ Headers (``kind``):
     One predicted stack: ``shape`` = [structure, z, y, x], ``structures`` names the
     channels, ``source_seq`` is the ``seq`` of the stack it was predicted from.
 
+Who may be a worker: on a loopback daemon without CURVE keys, only peers that present
+the daemon's per-run worker token (``token`` in ``ready`` and in every prediction
+header; `livestain.security.DaemonToken`). With keys, CURVE authenticates them.
+
 Failure semantics: a receiver that gets a message it cannot decode (`decode` raises
 `WireError`) logs one line, counts it and drops it; it never crashes. The daemon never
 blocks on a slow peer (non-blocking sends with bounded high-water marks); a worker
@@ -66,6 +70,8 @@ MAX_PAYLOAD_BYTES = 4 * 1024**3
 MAX_DIMENSION = 1 << 20
 #: Largest header: headers are copied into files, so a peer must not make them huge.
 MAX_HEADER_BYTES = 64 * 1024
+#: Header field of ``ready`` messages and predictions that carries the worker token.
+TOKEN_FIELD = "token"
 
 
 class WireError(ValueError):
@@ -127,6 +133,10 @@ class StackHeader(BaseModel):
         Stack only, same-host fast path: a segment the daemon lends for this stack's
         prediction; a worker whose prediction fits writes it there and replies with
         ``shm`` set to this name and an empty payload.
+    token : str
+        Prediction only, an extra field (`TOKEN_FIELD`): the daemon's worker token (see
+        `livestain.security.DaemonToken`). The daemon removes it (`pop_token`) before
+        the header goes anywhere else: it is a secret, never written to a file.
     """
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
@@ -181,6 +191,17 @@ class StackHeader(BaseModel):
 
     def to_json(self) -> bytes:
         return self.model_dump_json(by_alias=True).encode()
+
+
+def pop_token(header: StackHeader) -> str:
+    """Remove the worker token from a received header and return it ("" if absent).
+
+    Headers are copied into prediction files and published to viewers; the token must
+    go no further than the check.
+    """
+    extra = header.model_extra
+    token = extra.pop(TOKEN_FIELD, "") if extra is not None else ""
+    return token if isinstance(token, str) else ""
 
 
 def encode(header: StackHeader, array: np.ndarray) -> list[Any]:
@@ -240,16 +261,20 @@ def decode(frames: list[Any]) -> tuple[StackHeader, np.ndarray]:
 # -- work requests ----------------------------------------------------------------------
 
 def encode_ready(
-    worker: str, model: str = "", received: int = 0, shm_host: str = "", out_channels: int = 0
+    worker: str, model: str = "", received: int = 0, shm_host: str = "", out_channels: int = 0,
+    token: str = "",
 ) -> list[bytes]:
     """A worker's request for one stack (and its heartbeat): DEALER frames ``[b"", ready]``.
 
     ``shm_host`` (the worker's host name) offers the shared-memory fast path;
     ``out_channels`` (the structures it predicts) sizes the segment the daemon lends
-    for each prediction on that path.
+    for each prediction on that path; ``token`` is the daemon's worker token (a
+    loopback daemon without keys gives stacks to no one else).
     """
     msg = {"schema": SCHEMA, "kind": "ready", "worker": worker, "model": model,
            "received": received, "shm_host": shm_host, "out_channels": out_channels}
+    if token:
+        msg[TOKEN_FIELD] = token
     return [b"", json.dumps(msg).encode()]
 
 

@@ -284,14 +284,15 @@ def test_a_worker_ten_times_slower_than_acquisition_never_delays_frames(tmp_path
 
 def test_a_hung_worker_is_detected_and_its_stacks_sent_again(tmp_path, base_port) -> None:
     eps = wire.endpoints(base_port=base_port)
-    sink = zmq.Context.instance().socket(zmq.DEALER)  # asks for a stack, never answers
-    sink.connect(eps["stacks"])
-    sink.send_multipart(wire.encode_ready("hung-worker"))
     hung = []
     core = build_simulated_core(SimulatedScope())
     daemon = Daemon(core, demo_sequence(2, 0.0), tmp_path / "run", eps,
                     Policies(drain_timeout_s=3.0, resend_after_s=1.0), report=lambda line: None,
                     on_hung_worker=lambda holders: hung.extend(holders))
+    sink = zmq.Context.instance().socket(zmq.DEALER)  # asks for a stack, never answers
+    sink.connect(eps["stacks"])
+    # a worker, so with the daemon's token: a peer without it is given no stack at all
+    sink.send_multipart(wire.encode_ready("hung-worker", token=daemon.sockets.token.value))
     try:
         summary = daemon.run()
     finally:

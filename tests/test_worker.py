@@ -68,7 +68,7 @@ def test_newest_stack_goes_first_and_one_at_a_time(base_port) -> None:
         got = []
 
         def ask(received: int) -> list:
-            dealer.send_multipart(wire.encode_ready("w1", received=received))
+            dealer.send_multipart(wire.encode_ready("w1", received=received, token=daemon.token.value))
             for _ in range(100):
                 if daemon.stacks.poll(50):
                     break
@@ -318,18 +318,20 @@ def test_the_worker_unmaps_segments_only_between_stacks_and_drops_destroyed_ones
 def test_a_late_answer_for_a_finished_stack_is_dropped_but_not_called_malformed(
         daemon_and_results_push) -> None:
     daemon, push = daemon_and_results_push
-    assert daemon.pool is not None
+    assert daemon.pool is not None and daemon.token is not None
     room = daemon.pool.reserve(4, 3 * 8 * 4)
+    daemon.handed[4] = {"slow-worker"}  # as pump records it
     daemon.release(4)  # predicted meanwhile by another worker
     late = wire.StackHeader(kind="prediction", run_id="r", seq=4, t=0, shape=[3, 1, 2, 4],
                             dtype="float32", voxel_size_um=[1, 1, 1], structures=["a", "b", "c"],
-                            source_seq=4, shm=room)
+                            source_seq=4, shm=room, worker="slow-worker", token=daemon.token.value)
     push.send_multipart([late.to_json(), b""])
     assert daemon.results.poll(5000)
     assert daemon.receive_result() is None
     assert daemon.counts.malformed_results == 0
     foreign = late.model_copy(update={"source_seq": 9, "seq": 9, "shm": "psm_not_ours"})
     daemon.pool.reserve(9, 64)
+    daemon.handed[9] = {"slow-worker"}
     push.send_multipart([foreign.to_json(), b""])  # a segment never lent to stack 9
     assert daemon.results.poll(5000)
     assert daemon.receive_result() is None
