@@ -19,7 +19,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test,export]"
+	$(BIN)/python -m pip install --quiet -e ".[test,export,batch]"
 	# real transmitted-light + Hoechst test images (BSD-3); --no-deps: its extras are not needed
 	$(BIN)/python -m pip install --quiet --no-deps ndev-sampledata
 	touch $@
