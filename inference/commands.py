@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -54,27 +54,47 @@ def parse_structures(text: str) -> tuple[str, ...]:
 
 
 class Progress:
-    """One progress line with ETA: rewritten in place on a terminal, ~20 lines otherwise."""
+    """One progress line with ETA: rewritten in place on a terminal, ~20 lines otherwise.
 
-    def __init__(self, total: int, stream: TextIO | None = None, start: int = 0) -> None:
+    ``label`` names the unit (``step`` for training, ``tile`` for a tiled prediction);
+    a ``loss`` is shown when given.
+    """
+
+    def __init__(self, total: int, stream: TextIO | None = None, start: int = 0, label: str = "step") -> None:
         self.total = total
         self.start = start  # steps already done (a resumed run): not part of this run's rate
         self.stream = stream or sys.stdout
+        self.label = label
         self.t0 = time.perf_counter()
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every = max(1, total // 20)
 
-    def __call__(self, step: int, loss: float) -> None:
+    def __call__(self, step: int, loss: float | None = None) -> None:
         if not (self.tty or step % self.every == 0 or step == self.total):
             return
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / max(1, step - self.start) * (self.total - step)
-        line = f"step {step}/{self.total} loss {loss:.4f} elapsed {elapsed:.0f}s ETA {eta:.0f}s"
+        shown = "" if loss is None else f" loss {loss:.4f}"
+        line = f"{self.label} {step}/{self.total}{shown} elapsed {elapsed:.0f}s ETA {eta:.0f}s"
         if self.tty:
             self.stream.write("\r" + line + ("\n" if step == self.total else ""))
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def tile_progress(label: str = "predicting: tile", stream: TextIO | None = None) -> Callable[[int, int], None]:
+    """An ``on_tile(done, total)`` callback printing a `Progress` line: a tiled prediction
+    of a large stack runs for minutes on a CPU, and silence looks like a hang."""
+    progress: Progress | None = None
+
+    def on_tile(done: int, total: int) -> None:
+        nonlocal progress
+        if progress is None or progress.total != total:
+            progress = Progress(total, stream=stream, start=done - 1, label=label)
+        progress(done)
+
+    return on_tile
 
 
 # ---------------------------------------------------------------- train
@@ -83,6 +103,8 @@ class Progress:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a model on a paired dataset folder and save it with its provenance."""
     import torch
+
+    from livestain.stackio import MIN_YX
 
     from .checkpoint import ModelMeta, save_checkpoint
     from .dataset import fingerprint, load_fields
@@ -104,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--z-window is for --mode 2.5d; a 3D model takes the whole stack")
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
-    fields = load_fields(args.data, args.structures)
+    fields = load_fields(args.data, args.structures, args.voxel_size, min_yx=max(MIN_YX, 2**args.depth))
     _check_voxel_sizes(fields)
     if args.mode == "3d" and any(f.planar for f in fields):
         raise ValueError(
@@ -251,7 +273,7 @@ def save_curve(path: Path, losses: Sequence[float], history: Sequence[dict], str
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict every structure of a model for one brightfield OME-TIFF stack."""
-    from livestain.stackio import read_stack, write_stack
+    from livestain.stackio import as_zyx, read_stack, validate_stack, write_stack
 
     from .dataset import read_voxel_size
     from .predict import Predictor
@@ -262,9 +284,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if out.resolve() == src.resolve():
         raise ValueError(f"--out {out} is the input file; choose another name for the prediction")
     stack, info = read_stack(src)
-    stack = np.squeeze(stack)
-    if stack.ndim == 2:
-        stack = stack[None]
+    stack = as_zyx(stack)
     if stack.ndim != 3:
         raise ValueError(
             f"{src} has shape {np.shape(stack)}; predict takes one ZYX brightfield stack: "
@@ -272,10 +292,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
     voxel = tuple(args.voxel_size) if args.voxel_size else read_voxel_size(src)
     predictor = Predictor(args.model, args.device)
+    validate_stack(stack, src, min_yx=predictor.min_yx)
     t0 = time.perf_counter()
     if not predictor.is_2_5d and (args.slide or args.z_centre is not None):
         raise ValueError("--slide and --z-centre are for 2.5D models; this model is 3D (it predicts every plane)")
-    pred = predictor.predict(stack, voxel, tile=args.tile, tta=args.tta, slide=args.slide, z_centre=args.z_centre)
+    pred = predictor.predict(stack, voxel, tile=args.tile, tta=args.tta, slide=args.slide, z_centre=args.z_centre,
+                             on_tile=tile_progress())
     seconds = time.perf_counter() - t0
     write_stack(
         out,
@@ -325,8 +347,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"({', '.join(model.meta.config.structures)}; data has {', '.join(sorted(have)) or 'none'}): "
             "evaluate on data with the model's structures"
         )
-    fields = load_fields(args.data, structures)
-    report = evaluate_model(Predictor(model, device), fields, args.figures, tile=args.tile, tta=args.tta)
+    predictor = Predictor(model, device)
+    fields = load_fields(args.data, structures, args.voxel_size, min_yx=predictor.min_yx)
+    report = evaluate_model(predictor, fields, args.figures, tile=args.tile, tta=args.tta)
     report["data"] = {"path": str(Path(args.data).resolve()), "fingerprint": fingerprint(args.data)}
     trained_on = model.meta.extra.get("data", {}).get("fingerprint")
     report["same_data_as_training"] = trained_on == report["data"]["fingerprint"]
@@ -431,6 +454,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from MODEL.state.safetensors (same data and options)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    _voxel_size_arg(p, "voxel size in um of every field, needed when the files have no OME "
+                       "metadata (default: from each brightfield file)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("predict", help="predict structures for one brightfield stack",
@@ -439,8 +464,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("input", type=Path, metavar="INPUT", help="ZYX brightfield OME-TIFF")
     p.add_argument("--out", type=Path, required=True, metavar="OUTPUT", help="prediction OME-TIFF to write")
     _predict_args(p)
-    p.add_argument("--voxel-size", type=parse_floats, default=None, metavar="Z,Y,X",
-                   help="voxel size in um when INPUT has no OME metadata (default: from INPUT)")
+    _voxel_size_arg(p, "voxel size in um when INPUT has no OME metadata (default: from INPUT)")
     p.add_argument("--slide", action="store_true",
                    help="2.5d models: predict every plane from the window centred on it (default: one "
                         "plane, from the window centred in the stack)")
@@ -471,6 +495,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--figures", type=Path, default=None, metavar="DIR",
                    help="write one PNG per field (middle plane: brightfield | prediction | truth)")
     _predict_args(p)
+    _voxel_size_arg(p, "voxel size in um of every field, needed when the files have no OME "
+                       "metadata (default: from each brightfield file)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -480,3 +506,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
                         "2.5d models tile in Y,X and ignore Z)")
     p.add_argument("--tta", action="store_true", help="average over y/x flips (4x slower, smoother)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+
+
+def _voxel_size_arg(p: argparse.ArgumentParser, text: str) -> None:
+    """``--voxel-size Z,Y,X``: a plain TIFF has no physical size, and guessing one would
+    silently rescale every prediction (the data are resampled to the model's voxels)."""
+    p.add_argument("--voxel-size", type=parse_floats, default=None, metavar="Z,Y,X", help=text)

@@ -15,7 +15,8 @@ One file per channel (rather than one CZYX file per field) lets a user add or dr
 structure by copying files, and each file opens on its own in Fiji or napari with its
 physical voxel size. Loading checks what training would otherwise trip over much later
 and less clearly: an empty folder, a field missing a structure, a target whose shape
-differs from its brightfield stack.
+differs from its brightfield stack, and (`livestain.stackio.validate_stack`) a damaged
+or colour file, NaN voxels or a stack too small to learn from.
 
 Imports nothing from ``livestain.devices``: pairs are duck-typed.
 """
@@ -30,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from livestain.stackio import read_stack, voxel_size_of, write_stack
+from livestain.stackio import MIN_YX, as_zyx, read_stack, validate_stack, voxel_size_of, write_stack
 
 BRIGHTFIELD = "brightfield"
 SUFFIX = ".ome.tif"
@@ -174,21 +175,33 @@ def available_structures(files: dict[str, Path]) -> list[str]:
     return sorted(c for c in files if c != BRIGHTFIELD)
 
 
-def _read_zyx(path: Path) -> np.ndarray:
+def _read_zyx(path: Path, min_yx: int = MIN_YX) -> np.ndarray:
+    """One file as a (z, y, x) stack that prediction and training can use, or a ValueError
+    (`livestain.stackio.StackError`) naming the file, the problem and the fix."""
     array, _ = read_stack(path)
-    array = np.asarray(array)
-    if array.ndim == 2:  # a single plane is a one-plane stack
-        array = array[None]
+    array = as_zyx(array)
     if array.ndim != 3:
         raise ValueError(
             f"{path} has shape {array.shape}; each file must be one ZYX stack "
             "(split channels and time points into separate files)"
         )
+    validate_stack(array, path, min_yx=min_yx, what="train on or score a model on")
     return array
 
 
-def load_fields(data_dir: str | Path, structures: Sequence[str] | None = None) -> list[Field]:
-    """All fields of a dataset with the requested structures (default: those every field has)."""
+def load_fields(
+    data_dir: str | Path,
+    structures: Sequence[str] | None = None,
+    voxel_size_um: Sequence[float] | None = None,
+    min_yx: int = MIN_YX,
+) -> list[Field]:
+    """All fields of a dataset with the requested structures (default: those every field has).
+
+    ``voxel_size_um`` (z, y, x) is every field's voxel size, for files without OME
+    metadata (default: each brightfield file's own). Every file is checked
+    (`livestain.stackio.validate_stack`): at least ``min_yx`` pixels in y and x (a
+    model of depth d needs ``2**d``), finite values, not damaged, not colour.
+    """
     fields_on_disk = field_files(data_dir)
     if structures is None:
         common = set(available_structures(fields_on_disk[0][1]))
@@ -208,12 +221,12 @@ def load_fields(data_dir: str | Path, structures: Sequence[str] | None = None) -
                 f"{', '.join(have) or 'none'}); add it or leave {', '.join(missing)} out of --structures"
             )
         bf_path = files[BRIGHTFIELD]
-        bf = _read_zyx(bf_path)
+        bf = _read_zyx(bf_path, min_yx)
         targets = []
         kinds = set()
         for s in structures:
             path = files[s]
-            t = _read_zyx(path)
+            t = _read_zyx(path, min_yx)
             planar = t.shape[0] == 1 and bf.shape[0] > 1 and t.shape[1:] == bf.shape[1:]
             if t.shape != bf.shape and not planar:
                 raise ValueError(
@@ -228,7 +241,7 @@ def load_fields(data_dir: str | Path, structures: Sequence[str] | None = None) -
                 f"field {Path(data_dir) / name} mixes single-plane and stack targets "
                 f"({', '.join(structures)}); give every structure of a field as planes or as stacks"
             )
-        vox = read_voxel_size(bf_path)
+        vox = tuple(float(v) for v in voxel_size_um) if voxel_size_um else read_voxel_size(bf_path)
         fields.append(Field(name, bf, np.stack(targets), structures, vox))
     return fields
 
@@ -243,9 +256,10 @@ def read_voxel_size(path: str | Path) -> tuple[float, float, float]:
         return voxel_size_of(path)
     except (KeyError, TypeError, ValueError, AttributeError):
         raise ValueError(
-            f"{path} has no OME metadata with a physical voxel size; save it as OME-TIFF with "
-            "PhysicalSizeZ/Y/X (e.g. Fiji: Image > Properties, then Bio-Formats export; or "
-            "livestain.stackio.write_stack)"
+            f"{path} has no OME metadata with a physical voxel size: give it with "
+            "--voxel-size Z,Y,X in um (e.g. --voxel-size 1,0.325,0.325; predict, train and "
+            "evaluate take it), or save the file as OME-TIFF with PhysicalSizeZ/Y/X (e.g. Fiji: "
+            "Image > Properties, then Bio-Formats export; or livestain.stackio.write_stack)"
         ) from None
 
 

@@ -21,11 +21,13 @@ are, so the worker and the daemon handle 2.5D models unchanged.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from livestain.stackio import MIN_YX
 
 from .checkpoint import LoadedModel, load_checkpoint
 from .model import window_indices
@@ -75,6 +77,13 @@ class Predictor:
     def is_2_5d(self) -> bool:
         return self.model.meta.config.mode == "2.5d"
 
+    @property
+    def min_yx(self) -> int:
+        """Fewest pixels in y and x worth predicting from: the network's down-sampling
+        factor (``2**depth``; below it the coarsest level sees less than one pixel), and
+        at least `livestain.stackio.MIN_YX`."""
+        return max(MIN_YX, 2 ** int(self.model.meta.config.depth))
+
     def predict(
         self,
         stack: np.ndarray,
@@ -85,6 +94,7 @@ class Predictor:
         slide: bool = False,
         z_centre: int | None = None,
         out: np.ndarray | None = None,
+        on_tile: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """Prediction in z-score units, float32, shape ``(len(structures), *stack.shape)``
         (2.5D: ``(len(structures), 1, y, x)`` unless ``slide``); written into ``out``
@@ -96,6 +106,9 @@ class Predictor:
         (`tiling.default_tile`). ``tta`` averages the
         predictions of the four y/x flips (4x the time, slightly smoother). ``slide``
         and ``z_centre`` (a plane of ``stack``) only apply to 2.5D models.
+        ``on_tile(done, total)`` reports the progress of a tiled prediction, after each
+        tile (2.5D with ``slide``: tiles of all planes together); one-pass predictions
+        do not call it.
         """
         if stack.ndim != 3:
             raise ValueError(
@@ -117,9 +130,10 @@ class Predictor:
                 t = F.interpolate(t, size=size, mode="trilinear", align_corners=False)
             t1 = self._clock()
             if self.is_2_5d:
-                y = self._predict_2_5d(t, stack.shape[0], tile, overlap, tta, slide, z_centre)
+                y = self._predict_2_5d(t, stack.shape[0], tile, overlap, tta, slide, z_centre, on_tile)
             else:
-                y = predict_volume(self.net, t, tile=tile, overlap=overlap, tta=tta, device=self.device)
+                y = predict_volume(self.net, t, tile=tile, overlap=overlap, tta=tta, device=self.device,
+                                   on_tile=on_tile)
             t2 = self._clock()
             if scale is not None:
                 back = [y.shape[2] if self.is_2_5d and not slide else stack.shape[0], *stack.shape[1:]]
@@ -153,6 +167,7 @@ class Predictor:
         tta: bool,
         slide: bool,
         z_centre: int | None,
+        on_tile: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """(1, S, 1 or Z, Y, X) from the (1, 1, Z, Y, X) normalised (resampled) stack ``t``."""
         cfg = self.model.meta.config
@@ -166,11 +181,15 @@ class Predictor:
             c = nz // 2 if z_centre is None else min(nz - 1, int(z_centre * nz / n_planes))
             centres = [c]
         planes = []
-        for c in centres:
+        for i, c in enumerate(centres):
             window = t[0, :, torch.from_numpy(window_indices(nz, cfg.z_window, c)).to(t.device)]
             window = window.reshape(1, cfg.net_in_channels, *t.shape[-2:])  # (1, C*z_window, Y, X)
+            report = None
+            if on_tile is not None:  # every plane has as many tiles: count them all together
+                def report(done: int, total: int, i: int = i) -> None:
+                    on_tile(i * total + done, len(centres) * total)
             planes.append(predict_volume(self.model.net, window, tile=tile, overlap=overlap, tta=tta,
-                                         device=self.device))
+                                         device=self.device, on_tile=report))
         return torch.stack(planes, dim=2)
 
     def _scale(self, voxel_size_um: Sequence[float] | None) -> tuple[float, ...] | None:

@@ -13,7 +13,12 @@ whole-volume pass would (the network is only shift-equivariant by those multiple
 and the volume is first padded exactly as the network pads a whole volume.
 
 The default tile comes from a simple estimate of activation memory per voxel and the
-free memory of the device; an out-of-memory error halves the tile and starts again.
+free memory of the device, at most `CPU_TILE_BYTES` on the CPU (a larger tile is barely
+faster there, and a plane of 4096x4096 pixels took 10 GB in one 2x2 tiling of nearly
+whole-plane tiles), shrunk so tiles split the volume evenly (`balanced_tile`);
+an out-of-memory error halves the tile and starts again. The blend is accumulated
+only over the volume itself, not the padding the network needs, and a callback can
+report each finished tile (``livestain predict`` prints progress with it).
 Optional test-time augmentation averages the predictions of the y/x-flipped inputs.
 
 Everything works on 3D volumes ``(1, C, Z, Y, X)`` and, for 2.5D networks, on 2D
@@ -26,7 +31,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +48,12 @@ ACTIVATION_FACTOR = 4 * 8
 MEMORY_FRACTION = 0.5
 #: Free memory assumed when the platform cannot tell (CPU without sysconf).
 FALLBACK_FREE_BYTES = 2 * 1024**3
+#: Most estimated activation bytes of a default tile on the CPU, whatever memory is free.
+#: Measured (bundled model, 2 shared cores): per-voxel time varies little between tiles
+#: of 4x860x860 and 4x1480x1480, so capping costs little time; without the cap a
+#: 1x4096x4096 plane on a 23 GB machine peaked at 10.3 GB resident (and took 378 s, half
+#: of it recomputing the overlap of two nearly whole-plane tiles per axis).
+CPU_TILE_BYTES = 2 * 1024**3
 
 Tile = tuple[int, int, int]
 log = logging.getLogger(__name__)
@@ -164,6 +175,40 @@ def default_tile(
     return (z, min(padded[1], max(floor[1], side)), min(padded[2], max(floor[2], side)))
 
 
+def balanced_tile(
+    net: nn.Module, shape: Sequence[int], tile: Sequence[int], overlap: Sequence[int] | int | None = None
+) -> tuple[int, ...]:
+    """``tile`` shrunk, per axis, to the smallest size that needs no more tiles.
+
+    The largest tile that fits often leaves a thin last tile that mostly repeats its
+    neighbour (a 2928-pixel tile covers 4096 pixels in two tiles that overlap by 1760):
+    evenly split tiles cost the same number of passes and less compute and memory.
+    Never below `min_tile` (the context the prediction depends on) nor above ``tile``.
+    """
+    m = multiple_of(net)
+    nd = len(shape)
+    ov = default_overlap(net) if overlap is None else overlap
+    ovs = (ov,) * nd if isinstance(ov, int) else tuple(int(o) for o in ov)
+    out = []
+    for n, t, o in zip(shape, tile, ovs):
+        padded, t, o = _round_up(int(n), m), int(t), int(o)
+        count = _tile_count(padded, t, o, m)
+        floor = min(min_tile(net, o), padded)
+        guess = _round_up(-(-(padded - min(o, t // 2)) // count) + min(o, t // 2), m)
+        best = t
+        for cand in range(max(floor, guess, m), t, m):
+            if _tile_count(padded, cand, o, m) <= count:
+                best = cand
+                break
+        out.append(best)
+    return tuple(out)
+
+
+def _tile_count(padded: int, tile: int, overlap: int, m: int) -> int:
+    """Tiles along one axis, with the overlap clipped to half a tile as `predict_tiled` does."""
+    return len(tile_starts(padded, tile, max(0, min(overlap, tile // 2)), m))
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -234,6 +279,7 @@ def predict_tiled(
     overlap: Sequence[int] | int | None = None,
     tta: bool = False,
     device: str | torch.device | None = None,
+    on_tile: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Prediction of ``net`` for ``x`` (1, C, Z, Y, X) in blended tiles of ``tile`` (z, y, x).
 
@@ -242,6 +288,10 @@ def predict_tiled(
     ``tile`` is rounded up to the network's multiple; ``overlap`` defaults to the
     network's `default_overlap`, at most half a tile. For a 2.5D network ``x`` is
     (1, C, Y, X), ``tile`` and ``overlap`` have two axes, and the result is (1, S, Y, X).
+    ``on_tile(done, total)`` is called after each tile.
+
+    The accumulators cover the volume, not its padding (a single plane is padded to
+    four for a depth-2 network: four times the memory for nothing kept).
     """
     if x.ndim not in (4, 5) or x.shape[0] != 1:
         raise ValueError(f"expected a (1, C, Z, Y, X) or (1, C, Y, X) tensor, got shape {tuple(x.shape)}")
@@ -264,26 +314,33 @@ def predict_tiled(
         )
     ov = tuple(max(0, min(o, ti // 2)) for o, ti in zip(ov, t))
     starts = [tile_starts(n, ti, o, m) for n, ti, o in zip(padded, t, ov)]
+    total = math.prod(len(s) for s in starts)
     out: torch.Tensor | None = None
-    weight = torch.zeros(padded, dtype=torch.float32)
-    for lo in itertools.product(*starts):
+    weight = torch.zeros(size, dtype=torch.float32)
+    for done, lo in enumerate(itertools.product(*starts), start=1):
         sl = tuple(slice(a, a + ti) for a, ti in zip(lo, t))
         with torch.inference_mode():
             pred = _forward(net, xp[(..., *sl)].to(device), tta)[0].float().cpu()
         if out is None:
-            out = torch.zeros((pred.shape[0], *padded), dtype=torch.float32)
+            out = torch.zeros((pred.shape[0], *size), dtype=torch.float32)
         ws = [
             _window(ti, o if a > 0 else 0, o if a + ti < n else 0)
             for a, ti, o, n in zip(lo, t, ov, padded)
         ]
+        # the part of the tile inside the volume (tiles end in the padding at the far edges)
+        keep = tuple(slice(0, min(a + ti, s) - a) for a, ti, s in zip(lo, t, size))
+        ws = [wi[k] for wi, k in zip(ws, keep)]
         w = ws[0]
         for wi in ws[1:]:
             w = w[..., None] * wi  # outer product over the axes
-        out[(slice(None), *sl)] += pred * w
-        weight[sl] += w
+        inside = tuple(slice(a, a + k.stop) for a, k in zip(lo, keep))
+        out[(slice(None), *inside)] += pred[(slice(None), *keep)] * w
+        weight[inside] += w
+        if on_tile is not None:
+            on_tile(done, total)
     assert out is not None
     out /= weight
-    return out[(None, slice(None), *(slice(0, s) for s in size))].to(x.device)
+    return out[None].to(x.device)
 
 
 def halve(tile: Sequence[int], multiple: int, floor: Sequence[int] | None = None) -> Tile | None:
@@ -312,26 +369,33 @@ def predict_volume(
     overlap: Sequence[int] | int | None = None,
     tta: bool = False,
     device: str | torch.device | None = None,
+    on_tile: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Prediction for a whole (1, C, Z, Y, X) volume (2.5D: (1, C, Y, X) image), tiled
     only when it must be.
 
-    Without ``tile`` the tile is `default_tile` for the device; a volume that fits in it
-    is predicted in one pass (bit-identical to ``net(x)``). Out of memory halves the
-    tile and starts again, down to `min_tile` (smaller tiles would lose the context the
-    prediction depends on), then raises a RuntimeError saying what to do. Other errors
-    pass through untouched.
+    Without ``tile`` the tile is `default_tile` for the device (on the CPU for at most
+    `CPU_TILE_BYTES` of activations), evened out by `balanced_tile`; a volume that fits
+    in it is predicted in one pass (bit-identical to ``net(x)``). Out of memory halves
+    the tile and starts again, down to `min_tile` (smaller tiles would lose the context
+    the prediction depends on), then raises a RuntimeError saying what to do. Other
+    errors pass through untouched. ``on_tile(done, total)`` is called after each tile of
+    a tiled prediction (not for a one-pass one).
     """
     device = torch.device(device) if device is not None else x.device
     m = multiple_of(net)
     size = tuple(x.shape[2:])
-    current = tuple(int(v) for v in tile) if tile is not None else default_tile(net, size, device)
+    if tile is not None:
+        current = tuple(int(v) for v in tile)
+    else:
+        current = default_tile(net, size, device, free_bytes=tile_memory_bytes(device))
+        current = balanced_tile(net, size, current, overlap)
     while True:
         try:
             if all(_round_up(n, m) <= t for n, t in zip(size, current)):
                 with torch.inference_mode():
                     return _forward(net, x.to(device), tta).to(x.device)
-            return predict_tiled(net, x, current, overlap, tta, device)
+            return predict_tiled(net, x, current, overlap, tta, device, on_tile=on_tile)
         except (RuntimeError, MemoryError) as e:
             if not (isinstance(e, MemoryError) or is_out_of_memory(e)):
                 raise
@@ -349,3 +413,12 @@ def predict_volume(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             current = smaller
+
+
+def tile_memory_bytes(device: str | torch.device) -> int:
+    """Memory a default tile may plan with: the device's free memory, on the CPU no more
+    than `CPU_TILE_BYTES` of activations' worth (see there)."""
+    free = free_memory_bytes(device)
+    if torch.device(device).type == "cpu":
+        free = min(free, int(CPU_TILE_BYTES / MEMORY_FRACTION))
+    return free
