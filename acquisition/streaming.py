@@ -323,7 +323,8 @@ class DaemonSockets:
         if now - self._last_refusal_log < self.REFUSAL_LOG_EVERY_S:
             self._refusals_unlogged += 1
             return
-        more = f" (and {self._refusals_unlogged} more since the last such line)" if self._refusals_unlogged else ""
+        unlogged = self._refusals_unlogged
+        more = f" (and {unlogged} more since the last such line)" if unlogged else ""
         log.warning("dropped %s%s; a worker needs the token file %s or $%s", reason, more,
                     self.token.path if self.token else "-", TOKEN_ENV)
         self._last_refusal_log, self._refusals_unlogged = now, 0
@@ -359,7 +360,7 @@ class DaemonSockets:
                 self._refuse(f"prediction of stack seq {header.source_seq} from "
                              f"{header.worker[:200]!r} without the worker token")
                 return None
-            if not self.was_handed(header.source_seq, header.worker):
+            if not self.was_handed(header.source_seq, header.worker[:200]):  # as receive_ready keeps it
                 raise wire.WireError(f"stack seq {header.source_seq} was never handed to "
                                      f"worker {header.worker[:200]!r}")
             if header.shm:  # written into the segment lent with its stack

@@ -22,6 +22,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,6 +94,7 @@ class Worker:
         self.push.connect(results_endpoint)
         self.counts = WorkerCounts()
         self._running = True
+        self._waiting_logged = False
 
     def stop(self) -> None:
         self._running = False
@@ -101,6 +103,23 @@ class Worker:
     def token(self) -> str:
         """The worker token to present now ("" with keys, or while there is none)."""
         return self._token.get() if self._token is not None else self._fixed_token
+
+    @property
+    def token_path(self) -> Path | None:
+        """The daemon's token file this worker reads (None: keys, or a token given)."""
+        return self._token.path if self._token is not None else None
+
+    def _may_ask(self) -> bool:
+        """False while this worker needs the daemon's token and has none: a ready
+        message without it would only be refused (and counted against the run)."""
+        if self._token is None or self.token:
+            self._waiting_logged = False
+            return True
+        if not self._waiting_logged:
+            log.warning("no worker token yet (%s, or $%s): the daemon gives stacks only to "
+                        "workers that present it; waiting for it", self._token.path, TOKEN_ENV)
+            self._waiting_logged = True
+        return False
 
     def serve(self, max_stacks: int | None = None, parent_pid: int | None = None) -> WorkerCounts:
         """Predict until `stop()` (or SIGTERM/SIGINT via `run_worker`).
@@ -115,7 +134,7 @@ class Worker:
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.warning("daemon (pid %d) is gone; worker exits", parent_pid)
                 break
-            if time.monotonic() - last_ready > self.READY_EVERY_S:
+            if time.monotonic() - last_ready > self.READY_EVERY_S and self._may_ask():
                 self.pull.send_multipart(wire.encode_ready(
                     self.name, self.predictor.model.name, self.counts.received,
                     shm_host=self.hostname if self.shm is not None else "",
@@ -242,9 +261,6 @@ def run_worker(
         "worker %s ready: model %s on %s, asking %s for stacks",
         worker.name, predictor.model.name, predictor.device, stacks_endpoint,
     )
-    if not keys and not worker.token and worker._token is not None:
-        log.warning("no worker token yet (%s, or $%s): the daemon gives stacks only to workers "
-                    "that present it; waiting for it", worker._token.path, TOKEN_ENV)
     try:
         worker.serve(max_stacks, parent_pid)
     finally:

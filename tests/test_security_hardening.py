@@ -5,7 +5,6 @@ locked out ``livestain status``."""
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import stat
 import subprocess
@@ -320,7 +319,8 @@ DAEMON_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _daemon_process(base_port: int, soft: int, hard: int, seconds: float = 60) -> tuple[subprocess.Popen, int]:
+def _daemon_process(base_port: int, soft: int, hard: int,
+                    seconds: float = 60) -> tuple[subprocess.Popen, int]:
     """A daemon's sockets in a process limited to ``soft``/``hard`` open files (a
     desktop session starts at 1024); returns it and its soft limit once listening."""
     import resource
@@ -352,7 +352,7 @@ def _flood(port: int, n: int) -> list[socket.socket]:
 def test_status_answers_quickly_after_a_flood_of_raw_connections(base_port) -> None:
     """More stalled connections than the daemon has descriptors: it can accept no one
     until their handshakes time out (libzmq's default: 30 s; ours: 1 s)."""
-    proc, soft = _daemon_process(base_port, 256, 256)  # a hard limit it cannot raise
+    proc, _ = _daemon_process(base_port, 256, 256)  # a hard limit it cannot raise
     control = wire.endpoints(base_port=base_port)["control"]
     flood: list[socket.socket] = []
     try:
@@ -373,3 +373,28 @@ def test_the_daemon_raises_its_open_file_limit_when_it_may(base_port) -> None:
     proc, soft = _daemon_process(base_port, 256, 4096, seconds=0)
     proc.wait(30)
     assert soft == 4096
+
+
+def test_a_worker_without_the_token_waits_for_it_instead_of_asking(base_port) -> None:
+    """Started before its daemon (no token file yet), a worker asks for nothing: its
+    requests would only be refused and counted as the run's malformed messages."""
+    from livestain.inference.worker import Worker
+
+    eps = wire.endpoints(base_port=base_port)
+    router = zmq.Context.instance().socket(zmq.ROUTER)  # a daemon that has no token yet
+    router.bind(eps["stacks"])
+    worker = Worker(eps["stacks"], eps["results"], _StubPredictor())
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    try:
+        assert not router.poll(1500)
+        path = worker.token_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("a-new-token\n")
+        assert router.poll(5000)
+        assert wire.decode_ready(router.recv_multipart()[1:])[wire.TOKEN_FIELD] == "a-new-token"
+    finally:
+        worker.stop()
+        thread.join(10)
+        worker.close()
+        router.close(0)
