@@ -473,7 +473,7 @@ class Daemon:
         except OSError as e:
             raise RunStopped(
                 f"could not write {raw_path}: {e.strerror or e}. Earlier stacks are intact; "
-                f"fix the disk and continue with --resume."
+                f"{_write_fix(e)} and continue with --resume."
             ) from None
         try:
             self.journal.stack_written(seq, stack.t, stack.p, stack.channel, raw_path, len(stack.gaps))
@@ -657,7 +657,7 @@ class Daemon:
                         channel_names=header.structures)
         except OSError as e:
             raise RunStopped(f"could not write prediction {pred_path}: {e.strerror or e}. Raw "
-                             f"stacks are intact; free some space and continue with --resume "
+                             f"stacks are intact; {_write_fix(e)} and continue with --resume "
                              f"(it predicts what is missing).") from None
         self._n_structures = len(header.structures)
         record.state, record.predicted_path = "predicted", pred_path
@@ -729,6 +729,7 @@ class Daemon:
             "worker_heartbeats_s": self.sockets.worker_heartbeats(),
             "malformed_results": counts.malformed_results,
             "malformed_commands": self._malformed_commands,
+            "unauthenticated_messages": counts.unauthenticated,
             "timepoints": self._n_t,
             "positions": self._n_p,
             "disk_free_bytes": self.free_space(self.out_dir),
@@ -797,6 +798,19 @@ def _refuse_foreign_folder(out_dir: Path) -> None:
             f"--out {out_dir} already holds other files ({shown}) and no livestain run; nothing "
             f"was written. Each run needs a new or empty folder: choose another out folder."
         )
+
+
+def _write_fix(error: OSError) -> str:
+    """What the user should do about a failed write, by its cause."""
+    import errno
+
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "free some space"
+    if error.errno in (errno.EMFILE, errno.ENFILE):
+        return "raise the open-file limit (`ulimit -n`) or stop other programs holding many files"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the data folder writable"
+    return "fix the disk"
 
 
 def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
