@@ -112,10 +112,14 @@ def _quiet(args: argparse.Namespace) -> None:
         quiet_dask_logs()
 
 
-def _say_cluster(console: Any, info: Any) -> None:
+def _say_cluster(console: Any, client: Any, info: Any) -> None:
     console.print(f"cluster: {info.description}")
     if info.dashboard:
         console.print(f"dashboard: [link={info.dashboard}]{info.dashboard}[/link]")
+    if info.kind != "local":
+        n = len(client.scheduler_info().get("workers", {}))
+        wait = " (tasks wait for workers to join: Slurm jobs may queue)" if n == 0 else ""
+        console.print(f"{n} worker(s) connected now{wait}")
 
 
 # ---------------------------------------------------------------- predict-run
@@ -145,7 +149,7 @@ def cmd_predict_run(args: argparse.Namespace) -> int:
         _print_predict_table(console, plan, None)
         return 0
     with connect(**settings) as (client, info):
-        _say_cluster(console, info)
+        _say_cluster(console, client, info)
         console.print(f"loading {plan.model_name} on the workers ...")
         view = ProgressView(console, plan.todo, "predicting")
 
@@ -239,7 +243,7 @@ def cmd_evaluate_run(args: argparse.Namespace) -> int:
         raise ValueError("no stack has both a prediction and the real fluorescence; predict the run first "
                          "(livestain predict-run RUN) or check --against and --set")
     with connect(**settings) as (client, info):
-        _say_cluster(console, info)
+        _say_cluster(console, client, info)
         view = ProgressView(console, total, "scoring")
         failed = 0
 
@@ -268,22 +272,23 @@ def cmd_evaluate_run(args: argparse.Namespace) -> int:
 
 
 def _print_eval_tables(console: Any, report: dict[str, Any]) -> None:
+    """One row per time point and structure (narrow, however many structures)."""
     from rich.table import Table
 
     for run in report["runs"]:
         structures = sorted(run["mean"])
         table = Table(title=f"{Path(run['run']).name}: set {run['set']} against "
                             + ", ".join(f"{s}={c}" if s != c else s for s, c in run["against"].items()))
-        table.add_column("t", justify="right")
-        table.add_column("positions", justify="right")
-        for s in structures:
-            for m in ("pearson", "ssim", "nrmse"):
-                table.add_column(f"{s} {m}", justify="right")
+        for col in ("t", "positions", "structure", "pearson", "ssim", "nrmse"):
+            table.add_column(col, justify="left" if col == "structure" else "right")
         rows = [(str(t), row["positions"], row["mean"]) for t, row in run["time_points"].items()]
         rows.append(("all", run["stacks"], run["mean"]))
         for t, n, means in rows:
-            table.add_row(t, str(n), *(f"{means[s][m]:.3f}" if s in means else "-"
-                                       for s in structures for m in ("pearson", "ssim", "nrmse")))
+            for i, s in enumerate(structures):
+                m = means.get(s)
+                table.add_row(t if i == 0 else "", str(n) if i == 0 else "", s,
+                              *(f"{m[k]:.3f}" if m else "-" for k in ("pearson", "ssim", "nrmse")),
+                              end_section=i == len(structures) - 1)
         console.print(table)
 
 
@@ -298,7 +303,7 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                    help="local: worker processes on this machine (default); ADDRESS: an existing Dask "
                         "scheduler (tcp://host:8786); slurm: Slurm jobs via dask-jobqueue")
     g.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="local: worker processes (default: one per GPU, else one per 2 cores); "
+                   help="local: worker processes (default: one per GPU, else one per core up to 4); "
                         "slurm: jobs (default: 1); ADDRESS: ignored (the cluster has its own)")
     g.add_argument("--device", default=None, choices=("cpu", "cuda"),
                    help="where workers predict (default: cuda where a worker has a GPU, else cpu)")

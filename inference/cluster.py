@@ -64,13 +64,18 @@ def gpu_count() -> int:
 
 
 def default_local_workers(device: str | None) -> int:
-    """One worker per GPU; on the CPU one per 2 cores (measured in bench/bench_batch.py:
-    two single-threaded workers outrun one two-threaded one, since reading and writing
-    stacks overlap with the other worker's network)."""
+    """One worker per GPU; on the CPU one per core, at most 4 (then threads per worker).
+
+    Measured in bench/bench_batch.py on 2 cores: two single-threaded workers predict
+    about twice what one single-threaded worker does, and clearly more than one worker
+    with both cores (PyTorch's threads of one small network synchronise often, and
+    reading and writing stacks overlap with the other worker's network). At most 4
+    because each worker holds a stack, its prediction and the network's activations.
+    """
     n_gpus = gpu_count() if device in (None, "cuda") else 0
     if n_gpus:
         return n_gpus
-    return max(1, cpu_count() // 2)
+    return max(1, min(cpu_count(), 4))
 
 
 def local_worker_specs(n_workers: int, n_gpus: int, memory_limit: int | str = "auto"

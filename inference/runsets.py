@@ -331,8 +331,11 @@ class PredictionSet:
         return True
 
     def record_failure(self, ref: StackRef, reason: str, **details: Any) -> Path:
-        """Say why a stack has no prediction (the next call tries it again)."""
+        """Say why a stack has no prediction (the next call tries it again). Not when
+        another attempt has written it meanwhile: a stack is either done or failed."""
         path = self.failure_path(ref)
+        if self.is_done(ref):
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_json_atomically(path, {"t": ref.t, "p": ref.p, "source": str(ref.path), "reason": reason,
                                       "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details})
@@ -342,6 +345,8 @@ class PredictionSet:
         """Every recorded failure of the set, by time point and position."""
         out = []
         for path in sorted(self.folder.glob(f"p*/t*{FAILED_SUFFIX}")):
+            if path.with_name(path.name.replace(FAILED_SUFFIX, SUFFIX)).exists():
+                continue  # written after all, by a later attempt
             try:
                 out.append(json.loads(path.read_text()) | {"file": str(path)})
             except (OSError, json.JSONDecodeError):

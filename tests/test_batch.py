@@ -276,6 +276,28 @@ def test_a_failed_stack_is_recorded_the_rest_go_on_and_the_next_call_retries_it(
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
+def test_an_interrupted_call_is_continued_by_the_next(tmp_path, model, cluster) -> None:
+    _wait_for_workers(cluster)
+    run = make_run(tmp_path / "run", n_t=6, n_p=2)
+
+    def interrupt(result, report) -> None:
+        if report.finished == 3:
+            raise KeyboardInterrupt  # what Ctrl-C does in the console's progress callback
+
+    first = execute(cluster, plan_prediction([run], model), torch_threads=1, on_result=interrupt)
+    assert first.interrupted and 3 <= first.finished < 12
+    time.sleep(1.0)  # a cancelled task already running on a worker may still finish its stack
+    rest = plan_prediction([run], model)
+    assert 0 < rest.todo <= 12 - first.written
+    second = execute(cluster, rest, torch_threads=1)
+    assert not second.interrupted and second.failed == 0
+    pset = rest.runs[0].pset
+    assert set_files(pset) == sorted(pset.path_for(ref) for ref in rest.runs[0].stacks)
+    assert plan_prediction([run], model).todo == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_evaluate_run_scores_a_set_per_time_point_on_the_cluster(tmp_path, model, cluster, capsys) -> None:
     from livestain.inference.batch_cli import main
 
@@ -296,7 +318,7 @@ def test_evaluate_run_scores_a_set_per_time_point_on_the_cluster(tmp_path, model
     out = tmp_path / "scores.json"
     assert main(["evaluate-run", str(run), "--against", "dna", "--scheduler", address, "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "dna pearson" in table and pset.name in table
+    assert "pearson" in table and "dna" in table and pset.name in table
     (report,) = json.loads(out.read_text())["runs"]
     assert report["set"] == pset.name and report["stacks"] == 4 and report["failed"] == []
     assert report["time_points"]["0"]["positions"] == 2
