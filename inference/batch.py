@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -105,6 +107,7 @@ class ModelPlugin(WorkerPlugin):
 
             # the nanny starts workers with OMP_NUM_THREADS=1; say how many we want
             torch.set_num_threads(max(1, self.torch_threads or cpu_count()))
+            tune_malloc()
             predictor = Predictor(self.model_path, self.device, fast=not self.exact,
                                   bf16=False if self.exact else None)
             if predictor.model.name != self.model_name:
@@ -118,6 +121,29 @@ class ModelPlugin(WorkerPlugin):
 
     def teardown(self, worker: Any) -> None:
         self.predictor = None
+
+
+#: glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_malloc() -> bool:
+    """Undo what Dask's nanny does to a worker's malloc, for PyTorch's sake (glibc only).
+
+    The nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (to hand freed memory
+    back to the OS). Setting any trim threshold turns off glibc's adaptive mmap threshold,
+    so each of the network's multi-megabyte activations is a fresh ``mmap`` whose pages
+    fault in again on every stack: measured 46k page faults and 0.35 s per 16x256x256
+    stack against 8k and 0.24 s with the thresholds set here (the ceiling glibc's adaptive
+    scheme would reach by itself). Returns whether both were set.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 64 << 20))
 
 
 def _plugin_status(name: str, dask_worker: Any = None) -> str:

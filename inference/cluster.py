@@ -203,7 +203,9 @@ def start_slurm(settings: dict[str, Any], workers: int | None, dashboard: str | 
                          "(or pip install 'livestain[batch]')") from None
     options = dict(settings)
     sched = dict(options.pop("scheduler_options", None) or {})
-    sched.setdefault("dashboard_address", dashboard.replace("127.0.0.1", "") if dashboard else None)
+    # the dashboard stays on this host's loopback unless asked otherwise: reach it with
+    # ssh -L 8787:localhost:8787 LOGIN-NODE rather than opening it to the cluster network
+    sched.setdefault("dashboard_address", dashboard)
     cluster = SLURMCluster(scheduler_options=sched, silence_logs="error", **options)
     n = workers or 1
     threads = int(options.get("cores", 1)) // int(options.get("processes", 1))

@@ -25,7 +25,7 @@ import numpy as np
 from livestain.stackio import read_stack
 
 from .evaluate import METRICS, structure_metrics
-from .runsets import (LIVE, PredictionSet, StackRef, channel_path, input_channel, list_sets,
+from .runsets import (LIVE, PredictionSet, channel_path, input_channel, list_sets,
                       live_prediction_path, run_channels, run_stacks)
 
 

@@ -20,7 +20,7 @@ import pytest
 from livestain.inference import runsets
 from livestain.inference.batch import execute, plan_prediction
 from livestain.inference.checkpoint import load_checkpoint
-from livestain.inference.runsets import PredictionSet, SetSpec, StackRef, find_runs, input_channel, run_stacks
+from livestain.inference.runsets import PredictionSet, find_runs, input_channel, run_stacks
 from livestain.stackio import read_stack, write_stack
 
 distributed = pytest.importorskip("distributed")
@@ -272,6 +272,9 @@ def test_a_failed_stack_is_recorded_the_rest_go_on_and_the_next_call_retries_it(
     os.replace(tmp_path / "fixed" / "p001" / "t0001_brightfield.ome.tif", broken)
     report = execute(cluster, again, torch_threads=1)
     assert (report.written, report.failed, pset.failures()) == (1, 0, [])
+    # the model is unloaded from the workers when a call ends (a shared cluster keeps no leftovers)
+    plugins = cluster.run(lambda dask_worker: list(dask_worker.plugins))
+    assert not [p for names in plugins.values() for p in names if p.startswith("livestain-model")]
 
 
 @pytest.mark.slow
