@@ -87,11 +87,13 @@ def tile_progress(label: str = "predicting: tile", stream: TextIO | None = None)
     """An ``on_tile(done, total)`` callback printing a `Progress` line: a tiled prediction
     of a large stack runs for minutes on a CPU, and silence looks like a hang."""
     progress: Progress | None = None
+    t0 = time.perf_counter()  # the prediction starts now: the first tile's time counts
 
     def on_tile(done: int, total: int) -> None:
         nonlocal progress
         if progress is None or progress.total != total:
-            progress = Progress(total, stream=stream, start=done - 1, label=label)
+            progress = Progress(total, stream=stream, label=label)
+            progress.t0 = t0
         progress(done)
 
     return on_tile

@@ -15,7 +15,9 @@ and the volume is first padded exactly as the network pads a whole volume.
 The default tile comes from a simple estimate of activation memory per voxel and the
 free memory of the device, at most `CPU_TILE_BYTES` on the CPU (a larger tile is barely
 faster there, and a plane of 4096x4096 pixels took 10 GB in one 2x2 tiling of nearly
-whole-plane tiles), shrunk so tiles split the volume evenly (`balanced_tile`);
+whole-plane tiles), shrunk so tiles split the volume evenly (`balanced_tile`); on the
+CPU tiles run on oneDNN's convolutions (`fast.onednn_convolutions`: PyTorch's own choice
+is several times slower on tile-sized inputs);
 an out-of-memory error halves the tile and starts again. The blend is accumulated
 only over the volume itself, not the padding the network needs, and a callback can
 report each finished tile (``livestain predict`` prints progress with it).
@@ -27,6 +29,7 @@ images ``(1, C, Y, X)`` alike: tiles, overlaps and windows then have two axes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .fast import onednn_convolutions
 from .model import pad_to_multiple
 
 #: Bytes of activations per input voxel per channel-at-full-resolution: float32 (4) times
@@ -49,10 +53,11 @@ MEMORY_FRACTION = 0.5
 #: Free memory assumed when the platform cannot tell (CPU without sysconf).
 FALLBACK_FREE_BYTES = 2 * 1024**3
 #: Most estimated activation bytes of a default tile on the CPU, whatever memory is free.
-#: Measured (bundled model, 2 shared cores): per-voxel time varies little between tiles
-#: of 4x860x860 and 4x1480x1480, so capping costs little time; without the cap a
-#: 1x4096x4096 plane on a 23 GB machine peaked at 10.3 GB resident (and took 378 s, half
-#: of it recomputing the overlap of two nearly whole-plane tiles per axis).
+#: Without it a 1x4096x4096 plane on a 23 GB machine peaked at 10.3 GB resident (and
+#: took 378 s, half of it recomputing the overlap of two nearly whole-plane tiles per
+#: axis). With oneDNN's convolutions (which tiles use on the CPU) the time per voxel is
+#: flat from 4x640x640 to 4x2048x2048 tiles (bundled model, 1230-1380 CPU-ns), so
+#: smaller tiles cost only their overlap: at 2 GiB, 7% more voxels for a 4096x4096 plane.
 CPU_TILE_BYTES = 2 * 1024**3
 
 Tile = tuple[int, int, int]
@@ -317,27 +322,31 @@ def predict_tiled(
     total = math.prod(len(s) for s in starts)
     out: torch.Tensor | None = None
     weight = torch.zeros(size, dtype=torch.float32)
-    for done, lo in enumerate(itertools.product(*starts), start=1):
-        sl = tuple(slice(a, a + ti) for a, ti in zip(lo, t))
-        with torch.inference_mode():
-            pred = _forward(net, xp[(..., *sl)].to(device), tta)[0].float().cpu()
-        if out is None:
-            out = torch.zeros((pred.shape[0], *size), dtype=torch.float32)
-        ws = [
-            _window(ti, o if a > 0 else 0, o if a + ti < n else 0)
-            for a, ti, o, n in zip(lo, t, ov, padded)
-        ]
-        # the part of the tile inside the volume (tiles end in the padding at the far edges)
-        keep = tuple(slice(0, min(a + ti, s) - a) for a, ti, s in zip(lo, t, size))
-        ws = [wi[k] for wi, k in zip(ws, keep)]
-        w = ws[0]
-        for wi in ws[1:]:
-            w = w[..., None] * wi  # outer product over the axes
-        inside = tuple(slice(a, a + k.stop) for a, k in zip(lo, keep))
-        out[(slice(None), *inside)] += pred[(slice(None), *keep)] * w
-        weight[inside] += w
-        if on_tile is not None:
-            on_tile(done, total)
+    # on the CPU, tiles take oneDNN's convolutions: PyTorch's own choice puts most layers
+    # of a tile on its slow reference kernel (see `fast.onednn_convolutions`)
+    kernels = onednn_convolutions(net) if device.type == "cpu" else contextlib.nullcontext(net)
+    with kernels:
+        for done, lo in enumerate(itertools.product(*starts), start=1):
+            sl = tuple(slice(a, a + ti) for a, ti in zip(lo, t))
+            with torch.inference_mode():
+                pred = _forward(net, xp[(..., *sl)].to(device), tta)[0].float().cpu()
+            if out is None:
+                out = torch.zeros((pred.shape[0], *size), dtype=torch.float32)
+            ws = [
+                _window(ti, o if a > 0 else 0, o if a + ti < n else 0)
+                for a, ti, o, n in zip(lo, t, ov, padded)
+            ]
+            # the part of the tile inside the volume (tiles end in the padding at the far edges)
+            keep = tuple(slice(0, min(a + ti, s) - a) for a, ti, s in zip(lo, t, size))
+            ws = [wi[k] for wi, k in zip(ws, keep)]
+            w = ws[0]
+            for wi in ws[1:]:
+                w = w[..., None] * wi  # outer product over the axes
+            inside = tuple(slice(a, a + k.stop) for a, k in zip(lo, keep))
+            out[(slice(None), *inside)] += pred[(slice(None), *keep)] * w
+            weight[inside] += w
+            if on_tile is not None:
+                on_tile(done, total)
     assert out is not None
     out /= weight
     return out[None].to(x.device)
