@@ -10,6 +10,10 @@ demo's stack size) is predicted completely, stack by stack (read, predict, write
   cluster from `inference.cluster.start_local`: 1 worker x 1 thread, 1 worker x all
   cores, and one single-threaded worker per core (2 on 2 cores).
 
+The Dask workers run with `inference.batch.tune_malloc` (the nanny's malloc setting
+made their network ~30% slower than the same network in a plain process); the live path
+runs as the live worker does today, without it.
+
 Every path starts from a freshly loaded model and includes its first (slower) stack;
 model loading itself is excluded (the live worker loads once per run; a Dask worker
 once per call, reported as setup). Figures: stacks/s over the whole set and seconds
@@ -120,6 +124,7 @@ def measure(stacks: int = 24, shape: tuple[int, int, int] = (16, 256, 256), repe
                                          (dask_path, 1, cores)]
     if cores > 1:
         paths.append((dask_path, cores, 1))
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     best: dict[int, dict[str, Any]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="livestain-bench-batch-"))
     try:
@@ -139,7 +144,10 @@ def measure(stacks: int = 24, shape: tuple[int, int, int] = (16, 256, 256), repe
     many = rows[-1] if cores > 1 else one
     return {
         "machine": {"cpu": _cpu_name(), "cores": cores, "python": sys.version.split()[0],
-                    "platform": platform.platform()},
+                    "platform": platform.platform(),
+                    # other processes' load: on a shared 2-core machine it moves every figure
+                    "load_1min_before_after": [load_before,
+                                               os.getloadavg()[0] if hasattr(os, "getloadavg") else None]},
         "stack": list(shape), "stacks": stacks, "repeats": repeats, "rows": rows,
         "scaling_efficiency": many["stacks_per_s"] / (many["workers"] * one["stacks_per_s"]),
         "scaling_workers": many["workers"],
@@ -158,7 +166,9 @@ def _cpu_name() -> str:
 
 def print_table(result: dict[str, Any]) -> None:
     m = result["machine"]
-    print(f"{m['cpu']}, {m['cores']} cores; {result['stacks']} stacks of {'x'.join(map(str, result['stack']))}")
+    print(f"{m['cpu']}, {m['cores']} cores (1-min load average before/after: "
+          f"{'/'.join(f'{v:.1f}' for v in m['load_1min_before_after'] if v is not None)}); "
+          f"{result['stacks']} stacks of {'x'.join(map(str, result['stack']))}")
     print(f"{'path':<36}{'stacks/s':>10}{'s/stack':>10}   notes (best of {result['repeats']}: all runs' stacks/s)")
     for r in result["rows"]:
         if "predict_only_stacks_per_s" in r:
