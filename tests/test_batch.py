@@ -301,6 +301,24 @@ def test_an_interrupted_call_is_continued_by_the_next(tmp_path, model, cluster) 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
+def test_a_model_file_that_differs_on_the_workers_is_refused(tmp_path, model, cluster) -> None:
+    """The set's name promises a model fingerprint; workers loading another file would break it."""
+    from livestain.inference.checkpoint import save_checkpoint
+
+    _wait_for_workers(cluster)
+    run = make_run(tmp_path / "run", n_t=1, n_p=2)
+    path = save_checkpoint(tmp_path / "m.safetensors", model.net, model.meta)
+    plan = plan_prediction([run], load_checkpoint(path))
+    model.meta.extra["retrained"] = True  # the file changes between planning and the workers' load
+    save_checkpoint(path, model.net, model.meta)
+    model.meta.extra.pop("retrained")
+    with pytest.raises(ValueError, match="did not load on any worker.*give the workers the same model file"):
+        execute(cluster, plan, torch_threads=1)
+    assert set_files(plan.runs[0].pset) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_evaluate_run_scores_a_set_per_time_point_on_the_cluster(tmp_path, model, cluster, capsys) -> None:
     from livestain.inference.batch_cli import main
 
