@@ -160,7 +160,7 @@ class DaemonSockets:
         if rcvhwm:
             sock.setsockopt(zmq.RCVHWM, rcvhwm)
         try:
-            sock.bind(endpoint)
+            _bind_when_free(sock, endpoint)
         except zmq.ZMQError as e:
             sock.close()
             self.close()
@@ -394,3 +394,22 @@ class DaemonSockets:
         if getattr(self, "token", None) is not None:
             self.token.close()
             self.token = None
+
+
+def _bind_when_free(sock: zmq.Socket, endpoint: str, wait_s: float = 1.0) -> None:
+    """Bind, waiting briefly while the port is still being let go.
+
+    ZeroMQ closes sockets on its I/O thread: a daemon closed and started again at once
+    in one process (a test, a restart after an error) can find its own port still
+    held for some milliseconds. A port another process holds stays busy, and the bind
+    fails after ``wait_s`` as before.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)

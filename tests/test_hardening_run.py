@@ -331,7 +331,11 @@ def test_a_live_run_pause_resume_stop_are_logged_and_a_second_daemon_is_refused(
 def test_demo_and_client_options_out_of_range_are_refused(argv, expected, capsys, tmp_path, monkeypatch) -> None:
     from livestain.cli import main
 
+    import logging
+
     monkeypatch.chdir(tmp_path)
+    # main() configures logging onto this test's captured stderr: undo it after
+    monkeypatch.setattr(logging.root, "handlers", list(logging.root.handlers))
     try:
         code = main(argv)
     except SystemExit as e:  # argparse's own refusal
