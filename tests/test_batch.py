@@ -54,6 +54,16 @@ def make_run(out: Path, n_t: int = 3, n_p: int = 2, shape: tuple[int, int, int] 
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _environment_restored():
+    """Dask's nanny sets OMP_NUM_THREADS=1 and MALLOC_TRIM_THRESHOLD_ in this very process
+    (os.environ) before it spawns a worker; later tests' subprocesses must not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="module")
 def model():
     return load_checkpoint(None)
