@@ -229,6 +229,10 @@ def connect(scheduler: str = "local", workers: int | None = None, device: str | 
                          "(or pip install 'livestain[batch]')") from None
 
     quiet_dask_logs()
+    # a local nanny writes OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_ and PYTHONHASHSEED into
+    # this process's os.environ before each worker it spawns; put them back afterwards so
+    # what this process starts later (a live worker, say) does not inherit them
+    environ = dict(os.environ)
     cluster: Any = None
     if scheduler == "local":
         cluster, info = start_local(workers, device, dashboard)
@@ -258,3 +262,5 @@ def connect(scheduler: str = "local", workers: int | None = None, device: str | 
     finally:
         if cluster is not None:
             cluster.close()
+            os.environ.clear()
+            os.environ.update(environ)

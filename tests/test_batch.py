@@ -368,8 +368,10 @@ def test_predict_run_on_a_local_cluster_then_nothing_to_do(tmp_path, capsys, mod
     from livestain.inference.batch_cli import main
 
     run = make_run(tmp_path / "run", n_t=2, n_p=2)
+    os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     t0 = time.perf_counter()
     assert main(["predict-run", str(run), "--workers", "1", "--device", "cpu", "--dashboard", "127.0.0.1:0"]) == 0
+    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ  # the nanny's settings did not stay in this process
     out = capsys.readouterr().out
     assert "cluster: 1 CPU worker" in out and "dashboard: http://127.0.0.1:" in out
     assert "4 to do" in out and "stacks/s" in out
