@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     from livestain.inference.commands import register as register_inference_commands
 
     register_inference_commands(sub)
+    from livestain.inference.batch_cli import register as register_batch_commands
+
+    register_batch_commands(sub)
     from livestain.devices.simulate_cli import add_simulate_parser
 
     add_simulate_parser(sub)
