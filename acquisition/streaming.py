@@ -22,7 +22,6 @@ open-file limit to the hard one.
 from __future__ import annotations
 
 import logging
-import resource
 import socket
 import time
 from collections import OrderedDict, deque
@@ -31,6 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import zmq
+
+try:
+    import resource
+except ImportError:  # Windows (where most Micro-Manager scopes run): no rlimits to raise
+    resource = None  # type: ignore[assignment]
 
 from livestain import wire
 from livestain.security import TOKEN_ENV, DaemonToken, ServerSecurity, split_endpoint
@@ -74,6 +78,8 @@ def raise_open_file_limit(want: int = WANT_OPEN_FILES) -> int:
     descriptor; when they run out libzmq can accept no one, not even ``livestain
     status``, until stalled handshakes time out. The hard limit is usually far higher.
     """
+    if resource is None:
+        return -1
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = want if hard == resource.RLIM_INFINITY else min(want, hard)
     if soft != resource.RLIM_INFINITY and soft < target:

@@ -85,6 +85,10 @@ def quiet_zmq_auth() -> None:
 quiet_zmq_auth()
 
 
+#: POSIX owners and mode bits exist (not on Windows, where ACLs guard user folders).
+_POSIX_OWNERS = hasattr(os, "getuid")
+
+
 def private_dir(directory: Path) -> Path:
     """Create ``directory`` (and parents) with mode 0700, or tighten ours to 0700.
 
@@ -92,6 +96,8 @@ def private_dir(directory: Path) -> Path:
     in the instant before its mode is tightened, or swap one in.
     """
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not _POSIX_OWNERS:  # Windows: the user's profile folders are private by their ACLs
+        return directory
     info = directory.stat()
     if info.st_uid != os.getuid():
         raise SecurityError(f"{directory} belongs to another user; choose a folder of your own")
@@ -140,6 +146,8 @@ def create_keys(directory: str | Path) -> Path:
 def _tighten_secret(path: Path) -> None:
     """A secret key others can read (written by an older `livestain keys`, or copied
     carelessly) is made 0600 when it is ours, with a warning: it may have leaked."""
+    if not _POSIX_OWNERS:
+        return
     info = path.stat()
     if stat.S_IMODE(info.st_mode) & 0o077 and info.st_uid == os.getuid():
         path.chmod(0o600)
