@@ -343,3 +343,67 @@ def test_demo_and_client_options_out_of_range_are_refused(argv, expected, capsys
     assert code == 2
     assert expected in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no dataset folder was made
+
+
+# -- a worker that takes a stack and never answers ----------------------------------------------
+class _QuickPredictor:
+    """A stand-in model: zeros, at once (the test is about who holds which stack)."""
+
+    structures = ("dna",)
+    device = "cpu"
+    model = type("M", (), {"name": "quick@test"})()
+
+    def predict(self, stack: np.ndarray, voxel_size_um=None, out: np.ndarray | None = None) -> np.ndarray:  # noqa: ANN001
+        pred = np.zeros((1, *stack.shape), np.float32)
+        if out is not None:
+            out[...] = pred
+            return out
+        return pred
+
+
+def test_stacks_a_silent_worker_holds_are_re_sent_before_the_drain_ends(tmp_path, base_port) -> None:
+    import threading
+
+    import zmq
+
+    from livestain.inference.worker import Worker
+
+    eps = wire.endpoints(base_port=base_port)
+    hung: list[str] = []
+    # resend_after_s (300 s) far beyond the drain (4 s): the re-send must come from the drain
+    daemon = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(2, 0.0), tmp_path / "run", eps,
+                    Policies(drain_timeout_s=4.0, resend_after_s=300.0), report=lambda line: None,
+                    on_hung_worker=lambda holders: hung.extend(holders))
+    silent = zmq.Context.instance().socket(zmq.DEALER)  # takes the first stack, never answers
+    silent.connect(eps["stacks"])
+    silent.send_multipart(wire.encode_ready("silent-worker", token=daemon.sockets.token.value))
+    worker = Worker(eps["stacks"], eps["results"], _QuickPredictor())
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    try:
+        summary = daemon.run()
+    finally:
+        worker.stop()
+        thread.join(30)
+        worker.close()
+        silent.close(0)
+    assert hung == ["silent-worker"]
+    assert summary.acquired == 2 and summary.predicted == 2 and summary.not_predicted == 0
+
+
+def test_run_options_override_the_config(tmp_path) -> None:
+    from livestain.cli import build_parser
+
+    cfg = _config(tmp_path, port=6000, keys=None)
+    args = build_parser().parse_args(["run", str(cfg), "--out", str(tmp_path / "elsewhere"), "--port", "6100",
+                                      "--connect", "127.0.0.1", "--keys", str(tmp_path / "k"),
+                                      "--model", "m.safetensors", "--device", "cpu"])
+    loaded = load_run_config(args.config, out=args.out, host=args.connect, port=args.port,
+                             keys=args.keys, model=args.model)
+    opts = loaded.session_options(show_window=False)
+    assert opts.out_dir == tmp_path / "elsewhere" and opts.base_port == 6100
+    assert opts.keys == str(tmp_path / "k") and opts.model == str(Path("m.safetensors").resolve())
+    assert args.device == "cpu"
+    # without options the config's own settings stand
+    plain = load_run_config(cfg).session_options(show_window=False)
+    assert plain.out_dir == tmp_path / "run" and plain.base_port == 6000 and plain.model is None
