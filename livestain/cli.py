@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="create CURVE keys to run a daemon on a network interface")
     p.add_argument("dir", type=Path, help="folder for the key pairs (keep its *_secret files private)")
 
+    p = sub.add_parser("audit", help="check a run against its plan: every stack on disk, predicted, "
+                                     "a recorded gap, or missing")
+    p.add_argument("run", type=Path, help="the run's folder (its out:)")
+    p.add_argument("--quick", action="store_true",
+                   help="only check that files exist and are not empty (default: read each file's structure)")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    p.add_argument("--show", type=int, default=20, metavar="N", help="problems listed (default: %(default)s)")
+
     p = sub.add_parser("check-config", help="check Micro-Manager .cfg files without hardware: is the scope ready?")
     p.add_argument("paths", type=Path, nargs="+", metavar="CFG")
 
@@ -253,6 +261,25 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """0 only when nothing planned is missing or unreadable; 1 otherwise."""
+    from livestain.acquisition.audit import audit_run
+
+    show = sys.stderr.isatty() and not args.json
+
+    def progress(done: int, total: int) -> None:
+        if show:
+            print(f"\rauditing: {done}/{total} stacks", end="" if done < total else "\n",
+                  file=sys.stderr, flush=True)
+
+    report = audit_run(args.run, deep=not args.quick, progress=progress)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print("\n".join(report.lines(max_problems=args.show)))
+    return 0 if report.ok else 1
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from livestain.devices.mmconfig import check_config
 
@@ -283,6 +310,7 @@ COMMANDS = {
     "stop": cmd_control,
     "keys": cmd_keys,
     "check-config": cmd_check_config,
+    "audit": cmd_audit,
     "train-bundled": cmd_train_bundled,
 }
 
