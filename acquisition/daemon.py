@@ -42,6 +42,7 @@ from .dataset_lock import LOCK_NAME, DatasetLock
 from .doorbell import Doorbell
 from .journal import Journal
 from .policies import Policies
+from .audit import planned_keys
 from .preflight import check_plan, check_plan_against_core
 from .retry import install_snap_retries
 from .stacks import Stack, StackAssembler
@@ -211,6 +212,8 @@ class Daemon:
         self.sockets.poller.register(self._doorbell, zmq.POLLIN)
         self._n_t = sequence.sizes.get("t", 1) or 1
         self._n_p = sequence.sizes.get("p", 1) or 1
+        # every stack of the plan, all channels (paired mode: 4 per time point and position)
+        self._stacks_total = sum(1 for _ in planned_keys(sequence))
         self._mda_done = threading.Event()
         self._stop_requested = False
         self._paused = False
@@ -731,6 +734,8 @@ class Daemon:
             "malformed_commands": self._malformed_commands,
             "unauthenticated_messages": counts.unauthenticated,
             "timepoints": self._n_t,
+            "stacks_total": self._stacks_total,
+            "stacks_done_before": len(self._done),  # on disk before a --resume
             "positions": self._n_p,
             "disk_free_bytes": self.free_space(self.out_dir),
             "uptime_s": round(time.time() - self.started_at, 1),

@@ -453,8 +453,9 @@ def test_status_panel_shows_the_daemons_figures(window: LiveWindow, qtbot) -> No
         window.show_prediction(pred_header(), make_prediction())
         assert "5 stacks x 3 channels = 15" in panel.text("dose")
         assert panel.text("latency").startswith("0.")  # acquired_end 0.5 s before
-        daemon.status["dose"] = {"avoided_J": 1.5}
-        qtbot.waitUntil(lambda: panel.text("dose") == "avoided_J: 1.5", timeout=3000)
+        daemon.status.update(fluorescence_dose_ms=30.0, equivalent_fluorescence_run_dose_ms=12000.0)
+        qtbot.waitUntil(lambda: panel.text("dose") == "fluorescence light: 30 ms used of 12000 ms a "
+                        "fluorescence run would have used (0.2%)", timeout=3000)
         daemon.status.update(worker_alive=False, worker_restarts=2)
         qtbot.waitUntil(lambda: panel.text("worker").startswith("DOWN"), timeout=3000)
     finally:
@@ -705,3 +706,34 @@ def test_a_prediction_wakes_the_window_without_its_poll_timer(window: LiveWindow
         window.close()
         sub.close()
         pub.close(linger=0)
+
+
+def test_every_status_field_the_panel_reads_is_one_a_daemon_sends(tmp_path, qapp, monkeypatch) -> None:
+    """The panel once read `stacks_total` and `dose`, which no daemon sent: the light-dose
+    row showed a fallback and paired-mode progress read "complete" at 25%."""
+    monkeypatch.setenv("PYMM_SIGNALS_BACKEND", "psygnal")  # a daemon's core, in a Qt process
+    from livestain.acquisition.daemon import Daemon
+    from livestain.devices.simulated import SimulatedScope, build_simulated_core
+    from livestain.launch import demo_sequence
+    from livestain.runconfig import load_run_config
+    from livestain.ui.status_panel import StatusPanel
+    from pathlib import Path
+
+    port = free_port()
+    paired = load_run_config(Path(__file__).resolve().parents[1] / "examples" / "paired.yaml")
+    daemon = Daemon(build_simulated_core(SimulatedScope()), paired.sequence(), tmp_path / "run",
+                    wire.endpoints(base_port=port), paired.policies, report=lambda line: None)
+    try:
+        status = daemon.status() | {"worker_alive": True, "worker_restarts": 0, "worker_pid": 1}
+    finally:
+        daemon.sockets.close()
+        daemon.journal.close()
+        daemon._release_lock()
+    assert set(StatusPanel.FIELDS_READ) <= set(status), set(StatusPanel.FIELDS_READ) - set(status)
+    n = paired.sequence().sizes
+    assert status["stacks_total"] == n["t"] * n["p"] * n["c"]  # every channel of paired mode
+    panel = StatusPanel()
+    # a quarter of the plan acquired: t 1 of 2 done at both positions, 4 channels each
+    panel.show_status(status | {"stacks_acquired": status["stacks_total"] // 4})
+    assert "(25%)" in panel.text("progress") and "t 1/2" in panel.text("progress")
+    assert panel.text("eta") != "acquisition complete"

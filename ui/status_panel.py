@@ -153,6 +153,16 @@ class StatusPanel(QtWidgets.QGroupBox):
         if self.last_status:
             self._show_dose(self.last_status)
 
+    #: Status fields the panel reads: each one the daemon sends (a test holds them to
+    #: it; the panel once read `stacks_total` and `dose`, which no daemon sent).
+    FIELDS_READ = (
+        "run_id", "stacks_acquired", "state", "backlog", "stacks_in_flight", "stacks_late",
+        "stacks_predicted_late", "stacks_dropped", "malformed_results", "error", "disk_free_bytes",
+        "timepoints", "positions", "stacks_total", "stacks_done_before", "stacks_predicted",
+        "uptime_s", "worker_alive", "worker_restarts", "worker_pid", "fluorescence_dose_ms",
+        "equivalent_fluorescence_run_dose_ms", "dose_note",
+    )
+
     def show_status(self, s: dict[str, Any], now: float | None = None) -> None:
         """Fill every row from one status reply."""
         self.last_status = s
@@ -168,7 +178,7 @@ class StatusPanel(QtWidgets.QGroupBox):
         self._set("late", f"{s.get('stacks_late', '—')} (caught up {s.get('stacks_predicted_late', '—')})")
         dropped = s.get("stacks_dropped")
         self._set("dropped", "—" if dropped is None else str(dropped), alarm=bool(dropped))
-        malformed = s.get("malformed_results", s.get("stacks_failed"))
+        malformed = s.get("malformed_results")
         error = s.get("error")
         failed = "—" if malformed is None else f"{malformed} rejected result(s)"
         self._set("failed", failed + (f"; error: {error}" if error else ""), alarm=bool(error))
@@ -183,11 +193,14 @@ class StatusPanel(QtWidgets.QGroupBox):
     def _show_progress(self, s: dict[str, Any], acquired: int) -> None:
         n_t, n_p = int(s.get("timepoints", 0) or 0), int(s.get("positions", 0) or 0)
         total = int(s.get("stacks_total", n_t * n_p) or 0)
+        # a resumed run: what the first session(s) acquired counts towards the plan too
+        acquired += int(s.get("stacks_done_before", 0) or 0)
         predicted = s.get("stacks_predicted", "—")
         if n_t and n_p:
             done = min(acquired, total)
-            t = min(done // n_p + 1, n_t)
-            p = done % n_p + 1 if done < total else n_p
+            per_tp = max(1, total // (n_t * n_p))  # channels per (t, p): 4 in paired mode
+            t = min(done // (n_p * per_tp) + 1, n_t)
+            p = (done // per_tp) % n_p + 1 if done < total else n_p
             pct = 100.0 * done / total if total else 0.0
             self._set("progress", f"t {t}/{n_t} · p {p}/{n_p} · stacks {acquired}/{total} "
                                   f"({pct:.0f}%) · predicted {predicted}")
@@ -224,11 +237,15 @@ class StatusPanel(QtWidgets.QGroupBox):
         self._set("worker", text, alarm=not alive)
 
     def _show_dose(self, s: dict[str, Any]) -> None:
-        dose = s.get("dose")
-        if isinstance(dose, dict):
-            self._set("dose", "; ".join(f"{k}: {v}" for k, v in dose.items()))
-        elif dose is not None:
-            self._set("dose", str(dose))
+        used = s.get("fluorescence_dose_ms")
+        avoided = s.get("equivalent_fluorescence_run_dose_ms")
+        if avoided:
+            used_ms = float(used or 0.0)
+            share = 100.0 * used_ms / float(avoided)
+            self._set("dose", f"fluorescence light: {used_ms:.0f} ms used of {float(avoided):.0f} ms a "
+                              f"fluorescence run would have used ({share:.1f}%)"
+                              + ("" if used is not None else "; this microscope keeps no light ledger"))
+            self.labels["dose"].setToolTip(str(s.get("dose_note", "")))
         else:
             n = int(s.get("stacks_predicted", 0) or 0)
             k = self.n_structures
