@@ -53,6 +53,14 @@ def parse_structures(text: str) -> tuple[str, ...]:
     return names
 
 
+def parse_field_names(text: str) -> tuple[str, ...]:
+    """``"field003,field007"`` -> ``("field003", "field007")``, no blanks or repeats."""
+    names = tuple(s.strip() for s in text.split(","))
+    if not names or any(not s for s in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated distinct field names like field003,field007, got {text!r}")
+    return names
+
+
 class Progress:
     """One progress line with ETA: rewritten in place on a terminal, ~20 lines otherwise.
 
@@ -109,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from livestain.stackio import MIN_YX
 
     from .checkpoint import ModelMeta, save_checkpoint
-    from .dataset import fingerprint, load_fields
+    from .dataset import fingerprint, load_fields, split_for_validation
     from .model import UNetConfig
     from .normalize import PercentileNorm
     from .predict import pick_device
@@ -135,14 +143,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"the structures in {args.data} are single planes (YX) beside brightfield stacks: "
             "train a 2.5D model on them (--mode 2.5d --z-window N)"
         )
-    order = np.random.default_rng(args.seed).permutation(len(fields))
-    n_val = 0 if args.val_fraction == 0 or len(fields) < 2 else max(1, round(args.val_fraction * len(fields)))
-    n_val = min(n_val, len(fields) - 1)
-    val = [fields[i] for i in sorted(order[:n_val])]
-    trn = [fields[i] for i in sorted(order[n_val:])]
-    if not val:
-        print("note: no validation fields (one field, or --val-fraction 0): no val Pearson is recorded")
-    smallest = np.min([f.brightfield.shape for f in fields], axis=0)
+    trn, val, note = split_for_validation(fields, args.val_fields, args.val_fraction, args.seed,
+                                          min_yx=max(MIN_YX, 2**args.depth))
+    if note:
+        print(note)
+    smallest = np.min([f.brightfield.shape for f in trn], axis=0)  # patches come from these only
     patch = tuple(int(min(p, s)) for p, s in zip(args.patch, smallest))
     if args.mode == "2.5d":
         patch = (z_window, *patch[1:])  # the z of a 2.5D patch is its window
@@ -163,7 +168,8 @@ def cmd_train(args: argparse.Namespace) -> int:
               "pass --resume to continue it instead")
     shape = f"{cfg.z_window}-plane window, {patch[1]}x{patch[2]}" if cfg.mode == "2.5d" else "x".join(map(str, patch))
     print(
-        f"training {', '.join(cfg.structures)} on {len(trn)} field(s), validating on {len(val)}; "
+        f"training {', '.join(cfg.structures)} on {len(trn)} field(s), validating on {len(val)}"
+        f"{' (' + ', '.join(f.name for f in val) + ')' if val else ''}; "
         f"{settings.steps} steps of {settings.batch} x {shape} patches; {cfg.mode} U-Net depth {cfg.depth}, "
         f"{cfg.base_channels} base channels; {precision} on {device}"
     )
@@ -274,18 +280,21 @@ def save_curve(path: Path, losses: Sequence[float], history: Sequence[dict], str
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Predict every structure of a model for one brightfield OME-TIFF stack."""
-    from livestain.stackio import as_zyx, read_stack, validate_stack, write_stack
+    """Predict every structure of a model for one brightfield stack (any format of
+    `formats`); writes a CZYX OME-TIFF (2.5D models: Z=1), one named channel per structure."""
+    from livestain.stackio import as_zyx, validate_stack, write_stack
 
     from .dataset import read_voxel_size
+    from .formats import read_image
     from .predict import Predictor
+    from .structures import canonical
 
     src, out = Path(args.input), Path(args.out)
-    if not src.is_file():
+    if not src.exists():
         raise ValueError(f"input stack {src} does not exist; give a ZYX brightfield OME-TIFF")
     if out.resolve() == src.resolve():
         raise ValueError(f"--out {out} is the input file; choose another name for the prediction")
-    stack, info = read_stack(src)
+    stack, info = read_image(src)
     stack = as_zyx(stack)
     if stack.ndim != 3:
         raise ValueError(
@@ -311,6 +320,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "source": str(src.resolve()),
             "source_info": info,
             "structures": list(predictor.structures),
+            "canonical_structures": [canonical(s) for s in predictor.structures],
+            # tifffile drops length-1 axes on reading: the shape lets read_stack give a
+            # 2.5D model's (s, 1, y, x) or a one-structure (1, z, y, x) back as written
+            "shape": list(pred.shape),
             "units": "z-score",
             "model": predictor.model.name,
             "tile": list(args.tile) if args.tile else None,
@@ -321,7 +334,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "device": predictor.device,
         },
     )
-    print(f"wrote {out}: {', '.join(predictor.structures)} x {stack.shape} in {seconds:.2f} s "
+    print(f"wrote {out}: {', '.join(predictor.structures)} x {pred.shape[1:]} in {seconds:.2f} s "
           f"on {predictor.device} with {predictor.model.name}")
     return 0
 
@@ -335,14 +348,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .dataset import available_structures, field_files, fingerprint, load_fields
     from .evaluate import evaluate_model
     from .predict import Predictor, pick_device
+    from .structures import canonical, match
 
     device = pick_device(args.device)
     model = load_checkpoint(args.model, device)
     fields_on_disk = field_files(args.data)
     have = set(available_structures(fields_on_disk[0][1]))
+    # a model's structure is scored on the data's under its name or an alias (dapi: dna)
+    matched = match(model.meta.config.structures, have)
     for _, files in fields_on_disk[1:]:
-        have &= set(available_structures(files))
-    structures = [s for s in model.meta.config.structures if s in have]
+        found = match(list(matched), available_structures(files))
+        matched = {s: d for s, d in matched.items() if s in found}
+    structures = list(matched)
     if not structures:
         raise ValueError(
             f"the fields in {args.data} share no structure with the model "
@@ -353,12 +370,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     fields = load_fields(args.data, structures, args.voxel_size, min_yx=predictor.min_yx)
     report = evaluate_model(predictor, fields, args.figures, tile=args.tile, tta=args.tta)
     report["data"] = {"path": str(Path(args.data).resolve()), "fingerprint": fingerprint(args.data)}
+    aliased = {s: d for s, d in matched.items() if s != d}
+    report["matched"] = aliased  # model structure -> the data's name for it, where they differ
     trained_on = model.meta.extra.get("data", {}).get("fingerprint")
     report["same_data_as_training"] = trained_on == report["data"]["fingerprint"]
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{report['model']} on {len(fields)} field(s) of {args.data}")
+    for s, d in aliased.items():
+        print(f"note: the model's {s} is scored against the data's {d} (both name {canonical(s)})")
     if report["same_data_as_training"]:
         print("warning: this is the model's training dataset; the numbers are optimistic")
     print(f"{'structure':<14}{'pearson':>9}{'ssim':>9}{'nrmse':>9}")
@@ -416,7 +437,9 @@ def check_input_text(model: Any) -> str:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train``, ``predict``, ``evaluate`` and ``export`` to the main parser's subcommands."""
     p = subparsers.add_parser("train", help="train a model on a paired dataset folder",
-                              description="Train a 3D U-Net on DATA/fieldNNN/{brightfield,<structure>}.ome.tif.")
+                              description="Train a 3D (or 2.5D) U-Net on DATA/fieldNNN/{brightfield,<structure>}.ome.tif "
+                                          "(or .tif, .zarr, or a folder of .png z-planes per channel; "
+                                          "structure names match their aliases, e.g. dapi for dna).")
     p.add_argument("data", type=Path, metavar="DATA", help="dataset folder (fieldNNN/ subfolders)")
     p.add_argument("--structures", type=parse_structures, required=True,
                    help="comma-separated structures to learn, e.g. dna,membrane,mitochondria")
@@ -428,7 +451,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--depth", type=int, default=2, help="U-Net levels (default: %(default)s)")
     p.add_argument("--base-channels", type=int, default=8, help="channels of the first level (default: %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="share of fields held out for validation (default: %(default)s)")
+                   help="share of fields held out for validation, at random (seeded by --seed); with a "
+                        "single field, the share of its y rows held out: the last rows validate, patches "
+                        "come only from the rows before them (default: %(default)s; 0: no validation)")
+    p.add_argument("--val-fields", type=parse_field_names, default=None, metavar="NAME[,NAME]",
+                   help="validate on these fields (folder names, e.g. field003,field007) and train on "
+                        "the others; overrides --val-fraction")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, patches and weights (default: %(default)s)")
     p.add_argument("--mode", choices=("3d", "2.5d"), default="3d",
                    help="3d: stack in, stack out; 2.5d: a window of planes in, one plane out (default: %(default)s)")
@@ -463,7 +491,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("predict", help="predict structures for one brightfield stack",
                               description="Write a CZYX float32 OME-TIFF, one channel per structure (z-score units).")
     p.add_argument("model", metavar="MODEL", help="model .safetensors")
-    p.add_argument("input", type=Path, metavar="INPUT", help="ZYX brightfield OME-TIFF")
+    p.add_argument("input", type=Path, metavar="INPUT",
+                   help="ZYX brightfield stack: OME-TIFF, ImageJ or plain TIFF, OME-Zarr, a .png plane "
+                        "or a folder of .png z-planes (TIFF without calibration and PNG need --voxel-size)")
     p.add_argument("--out", type=Path, required=True, metavar="OUTPUT", help="prediction OME-TIFF to write")
     _predict_args(p)
     _voxel_size_arg(p, "voxel size in um when INPUT has no OME metadata (default: from INPUT)")

@@ -7,6 +7,12 @@ Layout (what ``write_pairs`` and a future ``livestain simulate`` write)::
     DIR/field000/membrane.ome.tif
     DIR/field001/...
 
+Other formats are read too (`livestain.inference.formats`: ImageJ/plain TIFF, PNG
+planes, OME-Zarr): a channel is any file or folder whose name less the format's suffix
+is the channel's name (``field000/brightfield.tif``, ``field000/dna/z000.png ...``,
+``field000/membrane.ome.zarr``). Structure names match their usual aliases
+(`livestain.inference.structures`: ``dapi`` files serve ``--structures dna``).
+
 A structure file may also be a single plane (YX) beside a ZYX brightfield stack: the
 truth of a 2.5D model (one fluorescence image per field, or a projection). Such a
 field's ``targets`` are then (s, y, x); every structure of a field must be of one kind.
@@ -31,7 +37,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from livestain.stackio import MIN_YX, as_zyx, read_stack, validate_stack, voxel_size_of, write_stack
+from livestain.stackio import MIN_YX, as_zyx, validate_stack, write_stack
+
+from . import formats
+from .structures import find as find_structure
 
 BRIGHTFIELD = "brightfield"
 SUFFIX = ".ome.tif"
@@ -86,7 +95,8 @@ LAYOUT_HINT = (
     "expected DIR/field000/brightfield.ome.tif plus one DIR/field000/<structure>.ome.tif "
     "per structure (ZYX each), as written by `livestain simulate` or "
     "`livestain.inference.dataset.write_pairs`, or a livestain run in paired mode "
-    "(DIR/p000/t0000_brightfield.ome.tif + DIR/p000/t0000_<structure>.ome.tif)"
+    "(DIR/p000/t0000_brightfield.ome.tif + DIR/p000/t0000_<structure>.ome.tif); "
+    f"each channel may also be in another format: {formats.ACCEPTED}"
 )
 
 
@@ -152,8 +162,22 @@ def field_files(data_dir: str | Path) -> list[tuple[str, dict[str, Path]]]:
     if not root.is_dir():
         raise ValueError(f"dataset folder {root} does not exist or is not a folder; {LAYOUT_HINT}")
     fields: dict[str, dict[str, Path]] = {}
+    strays: list[Path] = []
     for d in root.glob(FIELD_GLOB):
-        files = {p.name[: -len(SUFFIX)]: p for p in d.glob(f"*{SUFFIX}")}
+        if not d.is_dir():
+            continue
+        files: dict[str, Path] = {}
+        for p in sorted(d.iterdir()):
+            channel = formats.channel_name(p)
+            if channel is None:
+                if p.name.lower().startswith(BRIGHTFIELD):
+                    strays.append(p)
+                continue
+            if channel in files:
+                raise ValueError(
+                    f"{files[channel]} and {p} both hold channel {channel!r} of field {d}; keep one"
+                )
+            files[channel] = p
         fields[d.name] = files
     for d in root.glob("p[0-9][0-9][0-9]"):
         for p in d.glob(f"t*_*{SUFFIX}"):
@@ -166,7 +190,8 @@ def field_files(data_dir: str | Path) -> list[tuple[str, dict[str, Path]]]:
         if BRIGHTFIELD in files
     }
     if not fields:
-        raise ValueError(f"dataset folder {root} holds no field with a {BRIGHTFIELD}{SUFFIX}; {LAYOUT_HINT}")
+        found = f" ({', '.join(str(p) for p in strays[:3])} is in no format livestain reads)" if strays else ""
+        raise ValueError(f"dataset folder {root} holds no field with a {BRIGHTFIELD}{SUFFIX}{found}; {LAYOUT_HINT}")
     return sorted(fields.items())
 
 
@@ -178,7 +203,7 @@ def available_structures(files: dict[str, Path]) -> list[str]:
 def _read_zyx(path: Path, min_yx: int = MIN_YX) -> np.ndarray:
     """One file as a (z, y, x) stack that prediction and training can use, or a ValueError
     (`livestain.stackio.StackError`) naming the file, the problem and the fix."""
-    array, _ = read_stack(path)
+    array, _ = formats.read_image(path)
     array = as_zyx(array)
     if array.ndim != 3:
         raise ValueError(
@@ -198,7 +223,9 @@ def load_fields(
     """All fields of a dataset with the requested structures (default: those every field has).
 
     ``voxel_size_um`` (z, y, x) is every field's voxel size, for files without OME
-    metadata (default: each brightfield file's own). Every file is checked
+    metadata (default: each brightfield file's own). A structure is found under its
+    own name or one alias (`livestain.inference.structures`: ``dna`` in ``dapi.ome.tif``);
+    the fields' ``structures`` are the names asked for. Every file is checked
     (`livestain.stackio.validate_stack`): at least ``min_yx`` pixels in y and x (a
     model of depth d needs ``2**d``), finite values, not damaged, not colour.
     """
@@ -206,14 +233,15 @@ def load_fields(
     if structures is None:
         common = set(available_structures(fields_on_disk[0][1]))
         for _, files in fields_on_disk[1:]:
-            common &= set(available_structures(files))
+            common = {s for s in common if find_structure(s, available_structures(files))}
         if not common:
             raise ValueError(f"no structure has a stack in every field of {data_dir}; {LAYOUT_HINT}")
         structures = sorted(common)
     structures = tuple(structures)
     fields = []
     for name, files in fields_on_disk:
-        missing = [s for s in structures if s not in files]
+        on_disk = {s: find_structure(s, available_structures(files)) for s in structures}
+        missing = [s for s in structures if on_disk[s] is None]
         if missing:
             have = available_structures(files)
             raise ValueError(
@@ -225,7 +253,7 @@ def load_fields(
         targets = []
         kinds = set()
         for s in structures:
-            path = files[s]
+            path = files[on_disk[s]]
             t = _read_zyx(path, min_yx)
             planar = t.shape[0] == 1 and bf.shape[0] > 1 and t.shape[1:] == bf.shape[1:]
             if t.shape != bf.shape and not planar:
@@ -246,21 +274,66 @@ def load_fields(
     return fields
 
 
+def split_for_validation(
+    fields: Sequence[Field],
+    val_fields: Sequence[str] | None = None,
+    fraction: float = 0.2,
+    seed: int = 0,
+    min_yx: int = MIN_YX,
+) -> tuple[list[Field], list[Field], str]:
+    """``(train, validation, note)``: which fields (or parts) training learns from and
+    which it reports its validation Pearson r on.
+
+    * ``val_fields``: exactly those fields (by name) validate; the rest train.
+    * one field (and ``fraction`` > 0): the last ``fraction`` of its y rows (at least
+      ``min_yx``) validate, the rows before them train; patches are drawn only from
+      the training rows, so the two never overlap. Too small a field: no validation.
+    * otherwise ``fraction`` of the fields (at least one, seeded by ``seed``) validate.
+
+    ``note`` says what was done, for the user (empty when nothing needs saying).
+    """
+    fields = list(fields)
+    names = [f.name for f in fields]
+    if val_fields:
+        unknown = [v for v in val_fields if v not in names]
+        if unknown:
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise ValueError(f"--val-fields {', '.join(unknown)}: no such field in the dataset; its fields are {shown}")
+        if set(names) <= set(val_fields):
+            raise ValueError(
+                f"--val-fields names every field ({', '.join(names)}): leave at least one to train on "
+                "(with a single field, leave --val-fields out: the last part of its y is held out instead)"
+            )
+        return ([f for f in fields if f.name not in val_fields], [f for f in fields if f.name in val_fields], "")
+    if fraction <= 0:
+        return fields, [], "note: --val-fraction 0: no validation, no val Pearson is recorded"
+    if len(fields) == 1:
+        f = fields[0]
+        ny = f.brightfield.shape[1]
+        n_val = max(min_yx, round(fraction * ny))
+        cut = ny - n_val
+        if cut < min_yx:
+            return fields, [], (f"note: {f.name} has only {ny} rows in y, too few to hold {n_val} out for "
+                                "validation: no val Pearson is recorded (add a field, or --val-fraction)")
+        part = lambda label, ys: Field(  # noqa: E731
+            f"{f.name}[y {label}]", f.brightfield[:, ys], f.targets[..., ys, :], f.structures, f.voxel_size_um)
+        return ([part(f"0-{cut}", slice(0, cut))], [part(f"{cut}-{ny}", slice(cut, ny))],
+                f"note: one field: validating on its last {n_val} of {ny} rows in y ({f.name} y {cut}-{ny}), "
+                f"training on the {cut} before them")
+    order = np.random.default_rng(seed).permutation(len(fields))
+    n_val = min(max(1, round(fraction * len(fields))), len(fields) - 1)
+    return ([fields[i] for i in sorted(order[n_val:])], [fields[i] for i in sorted(order[:n_val])], "")
+
+
 def read_voxel_size(path: str | Path) -> tuple[float, float, float]:
-    """(z, y, x) voxel size in um from a stack's OME-XML, or a ValueError saying how to add it.
+    """(z, y, x) voxel size in um from a stack's own metadata (OME-XML, ImageJ calibration,
+    OME-Zarr scale: `livestain.inference.formats.voxel_size`), or a ValueError saying how
+    to give it.
 
     Guessing a voxel size is worse than failing: the predictor resamples data to the
     model's voxel size, so a wrong one silently rescales every later prediction.
     """
-    try:
-        return voxel_size_of(path)
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise ValueError(
-            f"{path} has no OME metadata with a physical voxel size: give it with "
-            "--voxel-size Z,Y,X in um (e.g. --voxel-size 1,0.325,0.325; predict, train and "
-            "evaluate take it), or save the file as OME-TIFF with PhysicalSizeZ/Y/X (e.g. Fiji: "
-            "Image > Properties, then Bio-Formats export; or livestain.stackio.write_stack)"
-        ) from None
+    return formats.voxel_size(path)
 
 
 def fingerprint(data_dir: str | Path) -> str:
@@ -272,6 +345,8 @@ def fingerprint(data_dir: str | Path) -> str:
     root = Path(data_dir)
     h = hashlib.sha256()
     for _, files in field_files(root):
-        for p in sorted(files.values()):
-            h.update(f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}\n".encode())
+        for entry in sorted(files.values()):
+            # a folder (PNG planes, OME-Zarr) counts as the files in it
+            for p in sorted(f for f in entry.rglob("*") if f.is_file()) if entry.is_dir() else [entry]:
+                h.update(f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}\n".encode())
     return h.hexdigest()

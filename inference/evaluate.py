@@ -22,6 +22,7 @@ from scipy import ndimage
 from .checkpoint import LoadedModel
 from .normalize import zscore
 from .predict import Predictor
+from .structures import match
 from .train import pearson
 
 METRICS = ("pearson", "ssim", "nrmse")
@@ -104,7 +105,8 @@ def evaluate_model(
     ``structures``, ``voxel_size_um``; ``name`` optional), per field and averaged.
 
     Structures the model predicts but a field lacks are skipped; none in common is an
-    error. With ``figures_dir`` one PNG per field is written (see `save_field_figure`).
+    error. A field's structure counts under its name or an alias (`structures.match`:
+    a ``dapi`` model is scored on ``dna`` truth); results use the model's names. With ``figures_dir`` one PNG per field is written (see `save_field_figure`).
 
     2.5D models: a field whose truth is single planes (s, y, x) is compared with the
     prediction of the window centred in the stack; a stack truth (s, z, y, x) with the
@@ -123,7 +125,8 @@ def evaluate_model(
     for i, field in enumerate(fields):
         name = str(getattr(field, "name", None) or f"field{i:03d}")
         field_structures = tuple(field.structures)
-        common = [s for s in model_structures if s in field_structures]
+        on_field = match(model_structures, field_structures)  # dna is scored on dapi too
+        common = list(on_field)
         if not common:
             raise ValueError(
                 f"{name} has structures {field_structures} but the model predicts {model_structures}; "
@@ -143,7 +146,7 @@ def evaluate_model(
             truth = truth if planar_truth else truth.max(axis=1)
             truth = truth[:, None]  # (s, 1, y, x), like the prediction
         per_field[name] = {
-            s: structure_metrics(pred[model_structures.index(s)], truth[field_structures.index(s)])
+            s: structure_metrics(pred[model_structures.index(s)], truth[field_structures.index(on_field[s])])
             for s in common
         }
         evaluated.extend(s for s in common if s not in evaluated)
@@ -153,7 +156,7 @@ def evaluate_model(
                 path,
                 np.asarray(field.brightfield),
                 np.stack([pred[model_structures.index(s)] for s in common]),
-                np.stack([zscore(truth[field_structures.index(s)]) for s in common]),
+                np.stack([zscore(truth[field_structures.index(on_field[s])]) for s in common]),
                 common,
                 title=f"{name}: {predictor.model.name}",
                 metrics=per_field[name],

@@ -54,12 +54,19 @@ def write_stack(
     channel_names: Sequence[str] | None = None,
     plane_positions_um: Sequence[Sequence[float]] | None = None,
 ) -> Path:
-    """Atomically write a ZYX or CZYX stack with OME metadata and ``info`` as JSON."""
+    """Atomically write a ZYX or CZYX stack with OME metadata and ``info`` as JSON.
+
+    A single YX plane is written as a one-plane ZYX stack (1, y, x), with that shape in
+    ``info`` (unless given) so `read_stack` gives it back as (1, y, x) too.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if array.ndim == 2:
+        array = array[None]
+        info = info if "shape" in info else {**info, "shape": list(array.shape)}
     axes = {3: "ZYX", 4: "CZYX"}.get(array.ndim)
     if axes is None:
-        raise ValueError(f"expected a ZYX or CZYX stack, got shape {array.shape}")
+        raise ValueError(f"expected a YX plane, ZYX or CZYX stack, got shape {array.shape}")
     z_um, y_um, x_um = (float(v) for v in voxel_size_um)
     metadata: dict[str, Any] = {
         "axes": axes,
