@@ -50,6 +50,21 @@ the sub-pixel rest by a phase ramp on the box) and placed in the tile. The tile 
 periodic, as the brightfield FFT is: a cell that leaves one edge comes back at the
 other.
 
+Phase contrast
+--------------
+The same weak-object model with a Zernike phase ring: the ring advances the
+undiffracted light by a quarter wave and dims it to amplitude ``a``, turning the
+phase transfer ``2 sin(chi)`` into ``-(2 / a) cos(chi)`` (dense structures dark on a
+grey background, contrast largest in focus instead of vanishing there) and the
+background intensity into ``a**2``. Diffracted light at low spatial frequencies passes
+through the ring too and is shifted like the background, so it keeps brightfield's
+transfer: the blend between the two, ``1 - exp(-(k / k_ring)^2)`` with ``k_ring`` the
+ring's width in the pupil, makes phase contrast's halo around cells. Whole cells are
+not weak phase objects under a ring, so the linear term is mapped through the exact
+thin-object intensity (`_phase_ring_intensity`), which stays positive. One different
+transfer function on the same RI volume, so it costs what brightfield costs. (DIC is
+not modelled.)
+
 Both end in a camera model: photons -> Poisson shot noise -> Gaussian read noise +
 offset -> uint16.
 """
@@ -92,7 +107,17 @@ class OpticsConfig:
     magnification, camera_pixel_um : float
         Objective magnification and camera pixel pitch; the pixel size in the sample is
         ``camera_pixel_um / magnification`` (0.325 um: 6.5 um sCMOS pixels, 20x).
+    modality : str
+        ``"brightfield"`` or ``"phase"`` (Zernike phase contrast, see the module
+        docstring); the transmitted-light channel's contrast mechanism.
+    phase_ring_amplitude, phase_ring_width_na : float
+        Phase contrast only: amplitude transmission of the phase ring (the background
+        is ``amplitude**2`` of brightfield's) and its width in NA units (the halo's size).
     """
+
+    def __post_init__(self) -> None:
+        if self.modality not in ("brightfield", "phase"):
+            raise ValueError(f"modality must be 'brightfield' or 'phase', got {self.modality!r}")
 
     wavelength_um: float = 0.55
     emission_um: float = 0.52
@@ -106,6 +131,9 @@ class OpticsConfig:
     absorption: float = 0.01
     magnification: float = 20.0
     camera_pixel_um: float = 6.5
+    modality: str = "brightfield"
+    phase_ring_amplitude: float = 0.5
+    phase_ring_width_na: float = 0.05
 
     @property
     def pixel_size_um(self) -> float:
@@ -131,9 +159,15 @@ class FieldRenderer:
     #: Bytes of defocus transfer functions kept.
     transfer_cache_bytes: int = 16 * 2**20
 
-    def __init__(self, sample: SampleField, optics: OpticsConfig | None = None) -> None:
+    def __init__(
+        self, sample: SampleField, optics: OpticsConfig | None = None, z_margin_um: float = 0.0
+    ) -> None:
+        """``z_margin_um`` extends the fluorescence blur that far past both ends of the
+        sample's z grid (the medium there holds no label), so a focus outside the grid
+        shows the PSF's tail of the cells instead of nothing; 0 renders as before."""
         self.sample = sample
         self.optics = o = optics or OpticsConfig()
+        self._z_pad = int(np.ceil(max(z_margin_um, 0.0) / sample.geometry.voxel_um[0]))
         geo = sample.geometry
         nz, ny, nx = geo.shape
         vz, vy, vx = geo.voxel_um
@@ -181,9 +215,14 @@ class FieldRenderer:
             envelope = np.exp(
                 -np.float32((np.pi * o.na_condenser / o.n_medium) ** 2) * d * d * self._k2
             )
-            t = ((2.0 * np.sin(arg) - 2.0 * o.absorption * np.cos(arg)) * envelope).astype(
-                np.float32
-            )
+            bf = 2.0 * np.sin(arg) - 2.0 * o.absorption * np.cos(arg)
+            if o.modality == "phase":
+                a = np.float32(o.phase_ring_amplitude)
+                k_ring = np.float32(o.phase_ring_width_na / o.wavelength_um)
+                shifted = np.float32(1.0) - np.exp(-self._k2 / (k_ring * k_ring))
+                pc = (-2.0 * np.cos(arg) - 2.0 * o.absorption * np.sin(arg)) / a
+                bf = shifted * pc + (1.0 - shifted) * bf
+            t = (bf * envelope).astype(np.float32)
             self._transfer[key] = t
             while len(self._transfer) * t.nbytes > self.transfer_cache_bytes:
                 self._transfer.popitem(last=False)
@@ -195,6 +234,8 @@ class FieldRenderer:
             return self._component_spectra_locked(z_focus_um)
 
     def _component_spectra_locked(self, z_focus_um: float) -> np.ndarray:
+        if not self._bf:  # an empty field: nothing but background
+            return np.zeros((0, 2, len(self._support)), np.float32)
         key = _key(z_focus_um)
         cached = self._planes.get(key)
         if cached is not None:
@@ -230,6 +271,8 @@ class FieldRenderer:
         full.real[self._support] = re
         full.imag[self._support] = im
         img = sfft.irfft2(full.reshape(self._shape2[0], self._nkx), s=self._shape2)
+        if self.optics.modality == "phase":
+            return _phase_ring_intensity(img, self.optics.phase_ring_amplitude)
         return (1.0 + img).astype(np.float32)
 
     # -- fluorescence --------------------------------------------------------------
@@ -254,6 +297,7 @@ class FieldRenderer:
         s_z = 0.66 * o.n_medium * o.emission_um / o.na_objective**2
         sigma = (s_z / vz, s_xy / vy, s_xy / vx)
         margin = int(4.0 * max(sigma[1], sigma[2]) + 0.5) + 1
+        pad = self._z_pad
         boxes = []
         for i, comp in enumerate(self.sample.components):
             lab = comp.labels.get(structure)
@@ -263,8 +307,8 @@ class FieldRenderer:
             lz, ly, lx = lab.shape
             ya, yb = max(y0 - margin, 0), min(y0 + ly + margin, ny)
             xa, xb = max(x0 - margin, 0), min(x0 + lx + margin, nx)
-            vol = np.zeros((nz, yb - ya, xb - xa), np.float32)
-            vol[z0 : z0 + lz, y0 - ya : y0 - ya + ly, x0 - xa : x0 - xa + lx] = lab
+            vol = np.zeros((nz + 2 * pad, yb - ya, xb - xa), np.float32)
+            vol[pad + z0 : pad + z0 + lz, y0 - ya : y0 - ya + ly, x0 - xa : x0 - xa + lx] = lab
             blurred = ndimage.gaussian_filter(vol, sigma)
             boxes.append((i, ya - 2, xa - 2, np.pad(blurred, ((0, 0), (2, 2), (2, 2)))))
         return boxes
@@ -281,8 +325,8 @@ class FieldRenderer:
         geo = self.sample.geometry
         ny, nx = self._shape2
         out = np.zeros(self._shape2, np.float32)
-        zi = (z_focus_um - self._plane_z[0]) / geo.voxel_um[0]
-        if zi <= 0 or zi >= geo.shape[0] - 1:
+        zi = (z_focus_um - self._plane_z[0]) / geo.voxel_um[0] + self._z_pad
+        if zi <= 0 or zi >= geo.shape[0] + 2 * self._z_pad - 1:
             return out
         i0 = int(np.floor(zi))
         w = np.float32(zi - i0)
@@ -299,6 +343,21 @@ class FieldRenderer:
                 plane = _subpixel_shift(plane, frac)
             _add_wrapped(out, plane, y0 + int(whole[0]), x0 + int(whole[1]))
         return out
+
+
+def _phase_ring_intensity(linear: np.ndarray, a: float) -> np.ndarray:
+    """Phase-contrast intensity (1.0 = background) from its linear (weak-object) term.
+
+    A whole cell delays light by 1-3 rad, where the weak-object linearisation of
+    phase contrast, ``1 - 2 phi / a``, goes negative. The linear term gives the filtered
+    phase ``phi = -a * linear / 2`` (halo included), and the exact intensity of a phase
+    ``phi`` under a ring of amplitude ``a`` advancing the background a quarter wave,
+    ``|exp(i phi) - 1 - i a|^2 / a^2``, keeps it physical: dark cells, bright reversal
+    where the phase is large, never below zero. Equal to the linear model to first order.
+    """
+    phi = -np.float32(a / 2.0) * linear
+    out = (2.0 - 2.0 * np.cos(phi) - 2.0 * a * np.sin(phi) + a * a) / (a * a)
+    return out.astype(np.float32)
 
 
 def _subpixel_shift(a: np.ndarray, shift: np.ndarray) -> np.ndarray:

@@ -85,6 +85,47 @@ class SampleGeometry:
         return self.z0_um + np.arange(self.shape[0]) * self.voxel_um[0]
 
 
+@dataclass(frozen=True)
+class CellPopulation:
+    """What kind of cells a field holds, and how many.
+
+    The defaults are the sample every earlier dataset (and the bundled model) was made
+    of: 3-5 flat adherent cells per tile, few overlaps. `devices.randomize` draws other
+    populations (dense touching colonies, sparse rounded cells, empty regions, weaker or
+    stronger refractive-index contrast) so a model can be trained and measured beyond it.
+    With the defaults `make_field` draws exactly the same random numbers as before.
+
+    Attributes
+    ----------
+    n_cells : tuple[int, int]
+        Cells per field, drawn from ``[lo, hi)``; ``(0, 1)`` is an empty field.
+    body_xy_um, body_z_um : tuple[float, float]
+        Ranges of the cell body's lateral and axial semi-axes; a z semi-axis near the
+        lateral ones is a rounded (mitotic, weakly attached) cell.
+    nucleus_frac : tuple[float, float]
+        Range of the nucleus's lateral semi-axes as a fraction of the body's.
+    ri_scale : float
+        Every refractive-index increment is multiplied by this (cell type, medium).
+    max_overlap : float
+        Fraction of a new cell's volume allowed to overlap cells already drawn; larger
+        values pack cells into a touching colony.
+    attempts_per_cell : int
+        Rejection-sampling tries per requested cell.
+    empty_fraction : float
+        Fraction of the field's width (at high x) kept free of cell centres: an empty
+        region of medium beside the cells.
+    """
+
+    n_cells: tuple[int, int] = (3, 6)
+    body_xy_um: tuple[float, float] = (7.0, 11.0)
+    body_z_um: tuple[float, float] = (3.0, 4.5)
+    nucleus_frac: tuple[float, float] = (0.4, 0.55)
+    ri_scale: float = 1.0
+    max_overlap: float = 0.15
+    attempts_per_cell: int = 6
+    empty_fraction: float = 0.0
+
+
 @dataclass
 class Component:
     """One rigidly moving part of a field: a cell body or a group of its mitochondria.
@@ -194,10 +235,19 @@ def _span(r: float, width: float) -> tuple[float, float]:
 
 
 def make_field(
-    seed: int, tile: tuple[int, int] = (0, 0), geometry: SampleGeometry | None = None
+    seed: int,
+    tile: tuple[int, int] = (0, 0),
+    geometry: SampleGeometry | None = None,
+    population: CellPopulation | None = None,
 ) -> SampleField:
-    """Generate the cells of one stage tile, reproducibly from ``(seed, tile)``."""
+    """Generate the cells of one stage tile, reproducibly from ``(seed, tile)``.
+
+    Cells rest on the coverslip at stage z = 0, whatever ``geometry.z0_um`` is, so a
+    grid that starts lower or reaches higher holds the same cells at the same heights.
+    """
     geo = geometry or SampleGeometry()
+    pop = population or CellPopulation()
+    coverslip = -geo.z0_um  # grid z (um from the first plane) of stage z = 0
     rng = np.random.default_rng([seed & 0xFFFFFFFF, tile[0] & 0xFFFF, tile[1] & 0xFFFF])
     nz, ny, nx = geo.shape
     vz, vy, vx = geo.voxel_um
@@ -212,19 +262,22 @@ def make_field(
     owner = {s: np.full(geo.shape, -1, np.int8) for s in STRUCTURES}
     body_mask = np.zeros(geo.shape, bool)
     field_y, field_x = geo.field_um
-    n_cells = int(rng.integers(3, 6))
+    n_cells = int(rng.integers(*pop.n_cells))
+    usable_x = field_x * (1.0 - pop.empty_fraction)
     cells = 0
     # per cell: box, local RI of the body, local RI and masks of each mitochondria group
     drawn: list[tuple[tuple[slice, ...], np.ndarray, list[np.ndarray]]] = []
-    for _ in range(n_cells * 6):  # rejection sampling: avoid heavy overlaps
+    for _ in range(n_cells * pop.attempts_per_cell):  # rejection sampling: avoid heavy overlaps
         if cells >= n_cells:
             break
-        r_body = np.array([rng.uniform(3.0, 4.5), rng.uniform(7, 11), rng.uniform(7, 11)])
+        r_body = np.array(
+            [rng.uniform(*pop.body_z_um), rng.uniform(*pop.body_xy_um), rng.uniform(*pop.body_xy_um)]
+        )
         c_body = np.array(
             [
-                5.0 + r_body[0] * 0.9,  # resting on the coverslip at z = 5 um
+                coverslip + r_body[0] * 0.9,  # resting on the coverslip
                 rng.uniform(*_span(r_body[1], field_y)),
-                rng.uniform(*_span(r_body[2], field_x)),
+                rng.uniform(*_span(r_body[2], usable_x)),
             ]
         )
         lo = np.maximum(((c_body - r_body - 1.0) / geo.voxel_um).astype(int), 0)
@@ -233,7 +286,7 @@ def make_field(
         zz, yy, xx = zc[box[0]], yc[:, box[1]], xc[:, :, box[2]]
         rho = _ellipsoid(zz, yy, xx, c_body, r_body)
         inside = rho <= 1.0
-        if (body_mask[box] & inside).sum() > 0.15 * inside.sum():
+        if (body_mask[box] & inside).sum() > pop.max_overlap * inside.sum():
             continue
         cell = cells
         cells += 1
@@ -250,7 +303,9 @@ def make_field(
         dn[shell] += RI_MEMBRANE_EXTRA
         body[shell] += RI_MEMBRANE_EXTRA
         # nucleus, off-centre, and 1-3 nucleoli inside it
-        r_nuc = r_body * np.array([0.7, rng.uniform(0.4, 0.55), rng.uniform(0.4, 0.55)])
+        r_nuc = r_body * np.array(
+            [0.7, rng.uniform(*pop.nucleus_frac), rng.uniform(*pop.nucleus_frac)]
+        )
         c_nuc = c_body + np.array([0.0, *rng.uniform(-0.2, 0.2, 2) * r_body[1:]])
         nucleus = _ellipsoid(zz, yy, xx, c_nuc, r_nuc) <= 1.0
         labels["dna"][box][nucleus] = rng.uniform(0.7, 1.0)
@@ -294,6 +349,10 @@ def make_field(
         drawn.append((box, body, groups))
 
     components = _components(drawn, labels, owner)
+    if pop.ri_scale != 1.0:
+        delta_n *= np.float32(pop.ri_scale)
+        for comp in components:
+            comp.delta_n *= np.float32(pop.ri_scale)
     motion = _motion(seed, tile, components, cells)
     return SampleField(
         geometry=geo, delta_n=delta_n, labels=labels, n_cells=cells,
