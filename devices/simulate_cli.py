@@ -12,6 +12,14 @@ Every file is OME-TIFF with its channel name, physical voxel size and per-plane 
 positions (Fiji and napari show micrometres), plus livestain's JSON header (seed, tile,
 z positions, exposure). Field ``i`` is stage tile (0, i): the cells the simulated
 microscope shows at stage x = i * field width, y = 0, at time ``--t``.
+
+``--randomize`` draws every field's acquisition and sample from wide ranges
+(`devices.randomize`: focus offset, z range and step, pixel size, NA, brightfield or
+phase contrast, illumination, dust, camera, cell population) instead of the fixed
+options, so a model can be trained and measured beyond one acquisition. Each field's
+drawn parameters are recorded in its brightfield file's JSON header (``randomized``),
+in ``fieldNNN/params.json`` and in ``DIR/fields.json``; fields then differ in shape
+(planes, voxel size) but stay at most ``--size`` pixels wide and ``--max-planes`` deep.
 """
 
 from __future__ import annotations
@@ -24,8 +32,11 @@ from pathlib import Path
 
 from livestain.stackio import write_stack
 
+import numpy as np
+
+from . import randomize
 from .optics import OpticsConfig
-from .pairs import default_z_planes, simulate_pairs
+from .pairs import Pair, default_z_planes, simulate_pairs
 from .sample import STRUCTURES, SampleGeometry
 
 
@@ -49,6 +60,12 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:  # noqa: ANN001
                    help="fluorescence exposure in ms (default: %(default)s)")
     p.add_argument("--t", type=float, default=0.0, dest="t_s",
                    help="sample time in seconds: cells as moved by then (default: %(default)s)")
+    p.add_argument("--randomize", action="store_true",
+                   help="draw each field's focus, z range/step, pixel size, optics, camera and cells "
+                        "from wide ranges (recorded per field); --z, --z-step, --z-center and the "
+                        "exposures are then drawn, not used")
+    p.add_argument("--max-planes", type=int, default=64,
+                   help="with --randomize: most planes per stack (default: %(default)s)")
     p.set_defaults(func=cmd_simulate)
     return p
 
@@ -64,6 +81,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out: Path = args.out
     if out.exists() and any(out.glob("field*")):
         raise FileExistsError(f"{out} already holds fields; choose a new --out")
+    if getattr(args, "randomize", False):
+        return _simulate_randomized(args)
     geo = SampleGeometry(shape=(SampleGeometry().shape[0], args.size, args.size))
     optics = OpticsConfig()
     zs = default_z_planes(args.z_center, args.z, args.z_step)
@@ -124,4 +143,76 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     }
     (out / "simulate.json").write_text(json.dumps(manifest, indent=1))
     print(f"wrote {args.fields} field(s) to {out}")
+    return 0
+
+
+def draw_field_params(seed: int, index: int, max_planes: int = 64) -> dict:
+    """Field ``index``'s parameters of a ``--randomize --seed`` dataset: its own
+    generator, so a field's draw does not depend on how many fields came before."""
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, index, 0x72616E64])
+    return randomize.draw(rng, randomize.Ranges(max_planes=max_planes))
+
+
+def _write_field(folder: Path, pair: Pair, base: dict, exposure: dict, extra_bf: dict) -> list[Path]:
+    """One field's brightfield, truth and noisy fluorescence files."""
+    vox = pair.voxel_size_um
+    x_um, y_um = base["stage_xy_um"]
+    planes = [(x_um, y_um, float(z)) for z in pair.z_um]  # type: ignore[union-attr]
+    names = {s: s.capitalize() for s in STRUCTURES}
+    written = [write_stack(
+        folder / "brightfield.ome.tif", pair.brightfield, voxel_size_um=vox,
+        channel_names=["Brightfield"], plane_positions_um=planes,
+        info={**base, **extra_bf, "kind": "camera", "channel": "Brightfield",
+              "exposure_ms": exposure["brightfield"], "units": "camera counts (ADU)"},
+    )]
+    for k, s in enumerate(pair.structures):
+        written.append(write_stack(
+            folder / f"{s}.ome.tif", pair.targets[k], voxel_size_um=vox,
+            channel_names=[s], plane_positions_um=planes,
+            info={**base, "kind": "truth", "structure": s,
+                  "units": "blurred label density (in-focus unit density ~ 1), noise-free"},
+        ))
+        written.append(write_stack(
+            folder / f"{s}_noisy.ome.tif", pair.fluorescence[k], voxel_size_um=vox,  # type: ignore[index]
+            channel_names=[names[s]], plane_positions_um=planes,
+            info={**base, "kind": "camera", "structure": s, "channel": names[s],
+                  "exposure_ms": exposure["fluorescence"], "units": "camera counts (ADU)"},
+        ))
+    return written
+
+
+def _simulate_randomized(args: argparse.Namespace) -> int:
+    """``--randomize``: every field drawn from `devices.randomize.Ranges`."""
+    if args.t_s:
+        raise ValueError("--randomize renders cells at t = 0; drop --t")
+    if args.max_planes < 2:
+        raise ValueError("--max-planes must be at least 2")
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    records, files = [], []
+    for i in range(args.fields):
+        tile = (0, i)
+        params = draw_field_params(args.seed, i, args.max_planes)
+        pair, record = randomize.render(params, args.seed, tile, args.size, noisy_fluorescence=True)
+        x_um = i * record["field_um"]
+        base = {"generator": "livestain simulate --randomize", "seed": args.seed, "t_s": 0.0,
+                "field": i, "tile": list(tile), "stage_xy_um": [x_um, 0.0],
+                "z_um": [round(float(z), 6) for z in pair.z_um]}  # type: ignore[union-attr]
+        folder = out / f"field{i:03d}"
+        exposure = {"brightfield": record["exposure_ms"], "fluorescence": record["fl_exposure_ms"]}
+        written = _write_field(folder, pair, base, exposure, {"randomized": record})
+        (folder / "params.json").write_text(json.dumps(record, indent=1))
+        records.append({"field": folder.name, "tile": list(tile), "params": record})
+        files.append({"field": folder.name, "tile": list(tile), "files": [p.name for p in written]})
+        z, y, x = pair.brightfield.shape
+        print(f"field {i + 1}/{args.fields}: {folder} ({z} x {y} x {x}, {record['modality']}, "
+              f"pixel {record['pixel_um']} um, step {record['z_step_um']} um, "
+              f"{record['population']['kind']}, {time.perf_counter() - t0:.1f} s)", flush=True)
+    (out / "fields.json").write_text(json.dumps({"seed": args.seed, "fields": records}, indent=1))
+    manifest = {"generator": "livestain simulate --randomize", "seed": args.seed,
+                "ranges": dataclasses.asdict(randomize.Ranges(max_planes=args.max_planes)),
+                "fields": files, "structures": list(STRUCTURES), "params": "fields.json"}
+    (out / "simulate.json").write_text(json.dumps(manifest, indent=1))
+    print(f"wrote {args.fields} randomized field(s) to {out}")
     return 0
