@@ -238,7 +238,8 @@ def _read_png(path: Path) -> np.ndarray:
             if mode in ("L", "I;16", "I;16B", "I;16L", "I", "F"):
                 return np.array(im)
     except OSError as e:
-        raise FormatError(f"{path} is not a PNG livestain can read ({e}); re-export it") from None
+        raise FormatError(f"{path} is not a PNG livestain can read ({e}); re-export it, as PNG or "
+                          f"one of: {ACCEPTED}") from None
     raise FormatError(
         f"{path} is a {mode} PNG (colour or palette); livestain needs grayscale planes (one "
         "intensity per pixel): save them as 8- or 16-bit grayscale, e.g. Fiji: Image > Type > 16-bit"

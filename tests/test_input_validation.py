@@ -139,6 +139,10 @@ def test_a_file_that_is_not_a_tiff_says_so(model, tmp_path, capsys) -> None:
     src = tmp_path / "cells.png"
     src.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
     code, _, err = predict(capsys, model, src, tmp_path / "o.tif")
+    # .png is read (as one plane) since bring-your-own-data: a damaged one says what it is not
+    assert code == 2 and "is not a PNG livestain can read" in err and "OME-TIFF" in err
+    src = src.rename(tmp_path / "cells.tif")
+    code, _, err = predict(capsys, model, src, tmp_path / "o.tif")
     assert code == 2 and "is not a TIFF file livestain can read" in err and "OME-TIFF" in err
 
 
