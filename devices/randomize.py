@@ -342,7 +342,7 @@ def render(
     pair = Pair(bf, tg, STRUCTURES, (step, pixel, pixel), tile, zs, fl)
     record = {
         **params,
-        "gain_e_per_adu": round(gain, 6),
+        "gain_e_per_adu": gain,  # unrounded: rendering the record gives the same counts
         "z_center_um": round(centre, 4),
         "cells_mid_um": None if mid is None else round(mid, 4),
         "n_cells": field.n_cells,
