@@ -68,7 +68,8 @@ class SampleGeometry:
     voxel_um : tuple[float, float, float]
         (z, y, x) voxel size in micrometres; y/x equal the camera's pixel size.
     z0_um : float
-        Stage z (um) of the first voxel plane, the coverslip surface.
+        Stage z (um) of the first voxel plane; cells rest on the coverslip at stage
+        z = 0 (`make_field`), so the default grid starts 5 um below it.
     """
 
     shape: tuple[int, int, int] = (40, 256, 256)
