@@ -489,7 +489,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("predict", help="predict structures for one brightfield stack",
-                              description="Write a CZYX float32 OME-TIFF, one channel per structure (z-score units).")
+                              description="Write a CZYX float32 OME-TIFF, one named channel per structure (z-score "
+                                          "units; 2.5D models: Z=1 unless --slide).")
     p.add_argument("model", metavar="MODEL", help="model .safetensors")
     p.add_argument("input", type=Path, metavar="INPUT",
                    help="ZYX brightfield stack: OME-TIFF, ImageJ or plain TIFF, OME-Zarr, a .png plane "

@@ -301,8 +301,10 @@ def _read_zarr(root: Path, pixels: bool = True) -> tuple[np.ndarray, tuple[float
         if vox is None:
             raise FormatError(f"{root} has no physical voxel size: {problem}; {VOXEL_HINT}")
         return np.empty(0), vox
-    import tensorstore as ts
-
+    try:
+        import tensorstore as ts
+    except ImportError:
+        raise FormatError(f"reading the OME-Zarr image {root} needs tensorstore: pip install tensorstore") from None
     spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(root / level["path"])}}
     try:
         array = np.asarray(ts.open(spec, open=True, read=True).result().read().result())
