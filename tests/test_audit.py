@@ -20,17 +20,7 @@ from livestain.devices.simulated import SimulatedScope, build_simulated_core
 from livestain.launch import demo_sequence
 
 
-class _QuickPredictor:
-    structures = ("dna",)
-    device = "cpu"
-    model = type("M", (), {"name": "quick@test"})()
-
-    def predict(self, stack: np.ndarray, voxel_size_um=None, out: np.ndarray | None = None) -> np.ndarray:  # noqa: ANN001
-        pred = np.zeros((1, *stack.shape), np.float32)
-        if out is not None:
-            out[...] = pred
-            return out
-        return pred
+from _helpers import QuickPredictor
 
 
 def _run(tmp_path: Path, port: int, n_t: int = 3, worker: bool = False, scope: SimulatedScope | None = None,
@@ -44,7 +34,7 @@ def _run(tmp_path: Path, port: int, n_t: int = 3, worker: bool = False, scope: S
     if worker:
         from livestain.inference.worker import Worker
 
-        w = Worker(eps["stacks"], eps["results"], _QuickPredictor())
+        w = Worker(eps["stacks"], eps["results"], QuickPredictor())
         thread = threading.Thread(target=w.serve, daemon=True)
         thread.start()
     try:

@@ -28,23 +28,9 @@ from livestain.stackio import read_stack
 
 pytestmark = pytest.mark.slow
 
-CLI = [sys.executable, "-m", "livestain.cli"]
-
-
-def _status(port: int) -> dict | None:
-    proc = subprocess.run([*CLI, "status", "--json", "--port", str(port)],
-                          capture_output=True, text=True, timeout=30)
-    return json.loads(proc.stdout) if proc.returncode == 0 else None
-
-
-def _wait_for(port: int, predicate, timeout_s: float = 120) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = _status(port)
-        if status is not None and predicate(status):
-            return status
-        time.sleep(0.3)
-    raise AssertionError(f"daemon never reached the expected state; last status {status}")
+from _helpers import CLI
+from _helpers import daemon_status as _status
+from _helpers import wait_for_status as _wait_for
 
 
 def _assert_dataset_complete(out: Path, n_t: int) -> None:

@@ -33,26 +33,11 @@ from livestain.launch import demo_sequence, exit_code
 from livestain.runconfig import load_run_config
 from livestain.stackio import read_stack, write_stack
 
-CLI = [sys.executable, "-m", "livestain.cli"]
+from _helpers import CLI, QuickPredictor
+from _helpers import wait_for_status as _wait_for
+
 #: The console script a user runs (its own folder, not the current one, is on sys.path).
 LIVESTAIN = Path(sys.executable).parent / "livestain"
-
-
-def _status(port: int) -> dict | None:
-    proc = subprocess.run([*CLI, "status", "--json", "--port", str(port)],
-                          capture_output=True, text=True, timeout=30)
-    return json.loads(proc.stdout) if proc.returncode == 0 else None
-
-
-def _wait_for(port: int, predicate, timeout_s: float = 120) -> dict:
-    deadline = time.monotonic() + timeout_s
-    status = None
-    while time.monotonic() < deadline:
-        status = _status(port)
-        if status is not None and predicate(status):
-            return status
-        time.sleep(0.3)
-    raise AssertionError(f"daemon never reached the expected state; last status {status}")
 
 
 def _config(tmp_path: Path, plan: dict | None = None, **settings) -> Path:
@@ -346,21 +331,6 @@ def test_demo_and_client_options_out_of_range_are_refused(argv, expected, capsys
 
 
 # -- a worker that takes a stack and never answers ----------------------------------------------
-class _QuickPredictor:
-    """A stand-in model: zeros, at once (the test is about who holds which stack)."""
-
-    structures = ("dna",)
-    device = "cpu"
-    model = type("M", (), {"name": "quick@test"})()
-
-    def predict(self, stack: np.ndarray, voxel_size_um=None, out: np.ndarray | None = None) -> np.ndarray:  # noqa: ANN001
-        pred = np.zeros((1, *stack.shape), np.float32)
-        if out is not None:
-            out[...] = pred
-            return out
-        return pred
-
-
 def test_stacks_a_silent_worker_holds_are_re_sent_before_the_drain_ends(tmp_path, base_port) -> None:
     import threading
 
@@ -377,7 +347,7 @@ def test_stacks_a_silent_worker_holds_are_re_sent_before_the_drain_ends(tmp_path
     silent = zmq.Context.instance().socket(zmq.DEALER)  # takes the first stack, never answers
     silent.connect(eps["stacks"])
     silent.send_multipart(wire.encode_ready("silent-worker", token=daemon.sockets.token.value))
-    worker = Worker(eps["stacks"], eps["results"], _QuickPredictor())
+    worker = Worker(eps["stacks"], eps["results"], QuickPredictor())
     thread = threading.Thread(target=worker.serve, daemon=True)
     thread.start()
     try:

@@ -1,0 +1,49 @@
+"""Pieces several test files share: the CLI as a subprocess, waiting on a daemon's
+status, and a stand-in model for tests about who holds which stack (not about pixels)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+#: ``livestain`` run with this interpreter (the current folder is the repository root).
+CLI = [sys.executable, "-m", "livestain.cli"]
+
+
+def daemon_status(port: int) -> dict | None:
+    """``livestain status --json`` of the daemon on ``port``, or None if none answers."""
+    proc = subprocess.run([*CLI, "status", "--json", "--port", str(port)],
+                          capture_output=True, text=True, timeout=30)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def wait_for_status(port: int, predicate: Callable[[dict], bool], timeout_s: float = 120) -> dict:
+    """Poll the daemon's status until ``predicate`` holds; fail with the last status."""
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        status = daemon_status(port)
+        if status is not None and predicate(status):
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"daemon never reached the expected state; last status {status}")
+
+
+class QuickPredictor:
+    """Stands in for a model: zeros for one structure, at once."""
+
+    structures = ("dna",)
+    device = "cpu"
+    model = type("M", (), {"name": "quick@test"})()
+
+    def predict(self, stack: np.ndarray, voxel_size_um=None, out: np.ndarray | None = None) -> np.ndarray:  # noqa: ANN001
+        pred = np.zeros((1, *stack.shape), np.float32)
+        if out is not None:
+            out[...] = pred
+            return out
+        return pred
