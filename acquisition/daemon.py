@@ -25,6 +25,7 @@ import secrets
 import shutil
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,21 +83,36 @@ class RunSummary:
     predicted: int = 0
     predicted_late: int = 0
     incomplete: int = 0
-    latencies_s: list[float] = field(default_factory=list)
+    #: the most recent live latencies (a run of days keeps the last ``LATENCIES_KEPT``;
+    #: the mean covers every one, through ``latency_count`` and ``latency_total_s``)
+    latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=RunSummary.LATENCIES_KEPT))
+    latency_count: int = 0
+    latency_total_s: float = 0.0
     stopped_early: bool = False
     error: str | None = None
     not_predicted: int = 0
     unreadable: int = 0
+    failed: int = 0  # stacks the workers could not predict (after retrying)
+
+    LATENCIES_KEPT = 1000
+
+    def add_latency(self, seconds: float) -> None:
+        """One live prediction's latency: in the running mean, and among the recent ones."""
+        self.latencies_s.append(seconds)
+        self.latency_count += 1
+        self.latency_total_s += seconds
 
     @property
     def mean_latency_s(self) -> float:
-        return float(np.mean(self.latencies_s)) if self.latencies_s else float("nan")
+        """Mean over every live prediction of the run (not only the recent ones kept)."""
+        return self.latency_total_s / self.latency_count if self.latency_count else float("nan")
 
     def lines(self) -> list[str]:
         lines = [
             f"run {self.run_id}: {self.acquired} stacks acquired, {self.predicted} predicted "
             f"({self.predicted_late} caught up from disk), {self.not_predicted} not predicted"
             + (f", {self.incomplete} incomplete" if self.incomplete else "")
+            + (f", {self.failed} could not be predicted" if self.failed else "")
             + (" (stopped early)" if self.stopped_early else ""),
             f"mean latency, stack complete -> prediction written: {self.mean_latency_s:.2f} s",
             f"data: {self.out_dir}",
@@ -190,7 +206,10 @@ class Daemon:
         # stacks not yet predicted; predicted ones leave, so the loop's scans stay short
         # on a run of days
         self.records: dict[int, StackRecord] = {}
-        self._predicted: set[int] = set()
+        # seqs predicted lately, so a duplicate answer is dropped quietly; bounded (a run
+        # of days predicts hundreds of thousands): the journal holds the full record, and
+        # an answer older than this memory is refused by the sockets anyway (was_handed)
+        self._predicted: OrderedDict[int, None] = OrderedDict()
         self._done: set[tuple[int, int, str]] = set()
         self._snap_counts = install_snap_retries(core, policies.snap_retries, report)
         # sockets first: a refused bind (busy port, no keys) must leave no dataset behind
@@ -224,6 +243,7 @@ class Daemon:
         self._last_ledger: dict | None = None
         self._n_structures = 3  # until a prediction says otherwise
         self._resend_after_s = policies.resend_after_s  # shortened while draining
+        self._failures: dict[int, int] = {}  # failed prediction attempts of stacks in flight
         self.started_at = time.time()
 
     # -- dataset ----------------------------------------------------------------------
@@ -312,7 +332,7 @@ class Daemon:
         """Resuming: stacks acquired before the crash but never predicted are caught up."""
         for row in self.journal.rows():
             if row.predicted_path and Path(row.predicted_path).exists():
-                self._predicted.add(row.seq)
+                continue  # done; the journal keeps it, the daemon need not
             elif row.channel in self.stream_channels and Path(row.raw_path).exists():
                 rec = StackRecord(row.seq, row.t, row.p, Path(row.raw_path), time.time())
                 rec.state = "late"
@@ -394,7 +414,7 @@ class Daemon:
             self._note("end")
             self.journal.close()
             self._release_lock()
-        self.summary.not_predicted = len(self.records) + self.summary.unreadable
+        self.summary.not_predicted = len(self.records) + self.summary.unreadable + self.summary.failed
         return self.summary
 
     def _note(self, what: str) -> None:
@@ -442,7 +462,10 @@ class Daemon:
             self._mark_sent(self.sockets.pump())
         if self.sockets.results in ready:
             while (result := self.sockets.receive_result()) is not None:
-                self._on_prediction(*result)
+                if isinstance(result[0], wire.FailureHeader):
+                    self._on_failure(result[0])
+                else:
+                    self._on_prediction(*result)
         if self.sockets.control in ready:
             self._on_control()
 
@@ -665,8 +688,9 @@ class Daemon:
         self._n_structures = len(header.structures)
         record.state, record.predicted_path = "predicted", pred_path
         record.latency_s = time.time() - record.completed_at
-        self._predicted.add(record.seq)
+        self._remember_predicted(record.seq)
         del self.records[record.seq]
+        self._failures.pop(record.seq, None)
         self.sockets.discard(record.seq)
         self.sockets.release(record.seq)
         try:
@@ -678,13 +702,51 @@ class Daemon:
         if late:
             self.summary.predicted_late += 1
         else:
-            self.summary.latencies_s.append(record.latency_s)
+            self.summary.add_latency(record.latency_s)
         self.report(
             f"[t {record.t + 1}/{self._n_t} p {record.p + 1}/{self._n_p}] predicted "
             f"{','.join(header.structures)} in {header.inference_s:.2f} s, "
             f"latency {record.latency_s:.2f} s{' (caught up)' if late else ''} -> "
             f"{pred_path.relative_to(self.out_dir)}"
         )
+
+    #: Attempts at predicting one stack before it is recorded as not predictable.
+    PREDICTION_ATTEMPTS = 2
+
+    def _on_failure(self, failure: wire.FailureHeader) -> None:
+        """A worker could not predict a stack: try once more (from disk, any worker), then
+        record it as not predictable with the worker's reason, and go on.
+
+        The worker is healthy: it answered. Before this message existed the daemon took
+        it for hung after ``resend_after_s``, killed it and re-sent the stack forever.
+        """
+        seq = failure.source_seq
+        record = self.records.get(seq)
+        if failure.run_id != self.run_id or record is None:
+            return  # predicted meanwhile by another worker, or not ours
+        self.sockets.release(seq)  # the worker answered: it writes into no segment any more
+        attempts = self._failures[seq] = self._failures.get(seq, 0) + 1
+        where = f"[t {record.t + 1}/{self._n_t} p {record.p + 1}/{self._n_p}]"
+        if attempts < self.PREDICTION_ATTEMPTS:
+            self.report(f"{where} {failure.worker} could not predict it ({failure.error}); trying again")
+            self._mark_late([seq])
+            return
+        del self.records[seq]
+        self._failures.pop(seq, None)
+        self.sockets.discard(seq)
+        self.summary.failed += 1
+        self._note(f"prediction failed: seq {seq} t {record.t} p {record.p}: {failure.error}")
+        self.report(f"{where} NOT PREDICTED after {attempts} attempts ({failure.error}); the raw "
+                    f"stack is on disk: fix the cause and re-predict with `livestain predict-run`")
+
+    #: Predicted seqs remembered for dropping duplicates (as many as the sockets' memory
+    #: of finished hand-overs, with room: older answers never reach `_on_prediction`).
+    PREDICTED_MEMORY = 4096
+
+    def _remember_predicted(self, seq: int) -> None:
+        self._predicted[seq] = None
+        while len(self._predicted) > self.PREDICTED_MEMORY:
+            self._predicted.popitem(last=False)
 
     def _outstanding(self) -> int:
         return len(self.records)
@@ -731,6 +793,7 @@ class Daemon:
             "workers_idle": len(self.sockets.idle),
             "worker_heartbeats_s": self.sockets.worker_heartbeats(),
             "malformed_results": counts.malformed_results,
+            "stacks_failed": self.summary.failed,
             "malformed_commands": self._malformed_commands,
             "unauthenticated_messages": counts.unauthenticated,
             "timepoints": self._n_t,

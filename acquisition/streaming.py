@@ -103,6 +103,9 @@ class DaemonSockets:
     #: Hand-overs of released stacks remembered, so a late answer from a worker the
     #: stack was handed to is a duplicate, not a stranger's (bounded: runs last days).
     FINISHED_MEMORY = 1024
+    #: Workers (identities, names) remembered for hand-over counts and heartbeats; past
+    #: it the longest unseen are forgotten (a worker restarted hundreds of times).
+    WORKERS_REMEMBERED = 64
     #: At most one warning per this many seconds about peers without the token.
     REFUSAL_LOG_EVERY_S = 10.0
 
@@ -123,7 +126,9 @@ class DaemonSockets:
         self._handshake_ms = HANDSHAKE_IVL_NETWORK_MS if keys else HANDSHAKE_IVL_LOOPBACK_MS
         self.stacks = self._bind(zmq.ROUTER, eps["stacks"], sndhwm=4, router_mandatory=True,
                                  maxmsgsize=MAX_SMALL_MESSAGE_BYTES)
-        self.sent_to: dict[bytes, int] = {}  # stacks handed to each worker identity
+        # stacks handed to each worker identity, most recent last (bounded: every restart
+        # of a worker is a new identity, and a run of days restarts some)
+        self.sent_to: OrderedDict[bytes, int] = OrderedDict()
         # worker names each stack in flight was handed to; released ones, briefly
         self.handed: dict[int, set[str]] = {}
         self._finished: OrderedDict[int, frozenset[str]] = OrderedDict()
@@ -134,7 +139,7 @@ class DaemonSockets:
         # workers waiting for a stack, by ZeroMQ identity -> (name, last ready time,
         # structures it predicts if it is on this host and offers shared memory, else 0)
         self.idle: OrderedDict[bytes, tuple[str, float, int]] = OrderedDict()
-        self.workers_seen: dict[str, float] = {}
+        self.workers_seen: OrderedDict[str, float] = OrderedDict()  # bounded as sent_to
         self.results = self._bind(zmq.PULL, eps["results"], rcvhwm=16)
         self.display = self._bind(zmq.PUB, eps["display"], sndhwm=4)
         self.control = self._bind(zmq.REP, eps["control"], maxmsgsize=MAX_SMALL_MESSAGE_BYTES)
@@ -212,7 +217,7 @@ class DaemonSockets:
                 self._refuse(f"ready from {name!r} without the worker token: no stack for it")
                 continue
             now = time.monotonic()
-            self.workers_seen[name] = now
+            _touch(self.workers_seen, name, now, self.WORKERS_REMEMBERED)
             if received >= self.sent_to.get(identity, 0):
                 same_host = bool(self.pool) and body.get("shm_host") == self.hostname
                 try:
@@ -248,7 +253,7 @@ class DaemonSockets:
                 raise
             self.backlog.pop()
             self.handed.setdefault(header.seq, set()).add(name)
-            self.sent_to[identity] = self.sent_to.get(identity, 0) + 1
+            _touch(self.sent_to, identity, self.sent_to.get(identity, 0) + 1, self.WORKERS_REMEMBERED)
             self.counts.sent += 1
             sent.append((header.seq, name))
         return sent
@@ -348,8 +353,11 @@ class DaemonSockets:
             pass  # a slow viewer misses a frame; the run does not wait for it
 
     # -- from workers -----------------------------------------------------------------
-    def receive_result(self) -> tuple[wire.StackHeader, np.ndarray] | None:
-        """One prediction if a valid one is waiting; malformed ones are logged and dropped.
+    def receive_result(
+        self,
+    ) -> tuple[wire.StackHeader, np.ndarray] | tuple[wire.FailureHeader, None] | None:
+        """One prediction (or a worker's failure report) if a valid one is waiting;
+        malformed ones are logged and dropped.
 
         A prediction that came through shared memory is a read-only view of the daemon's
         own segment (``header.shm`` names it), valid until `release` of its stack.
@@ -359,7 +367,9 @@ class DaemonSockets:
         except zmq.Again:
             return None
         try:
-            header, array = wire.decode(frames)
+            header, array = wire.decode_result(frames)
+            if isinstance(header, wire.FailureHeader):
+                return self._checked_failure(header)
             if header.kind != "prediction":
                 raise wire.WireError(f"expected a prediction on the results socket, got {header.kind}")
             if not self._authentic(header):  # also strips the token from the header
@@ -388,6 +398,19 @@ class DaemonSockets:
             return None
         return header, array
 
+    def _checked_failure(self, header: wire.FailureHeader) -> tuple[wire.FailureHeader, None] | None:
+        """A failure counts under the same rules as a prediction: the token, and only
+        from a worker the stack was handed to."""
+        presented = wire.pop_failure_token(header)
+        if self.token is not None and not self.token.accepts(presented):
+            self._refuse(f"failure report for stack seq {header.source_seq} from "
+                         f"{header.worker[:200]!r} without the worker token")
+            return None
+        if not self.was_handed(header.source_seq, header.worker[:200]):
+            raise wire.WireError(f"stack seq {header.source_seq} was never handed to "
+                                 f"worker {header.worker[:200]!r}")
+        return header, None
+
     def close(self) -> None:
         for name in ("stacks", "results", "display", "control"):
             sock = getattr(self, name, None)
@@ -400,6 +423,14 @@ class DaemonSockets:
         if getattr(self, "token", None) is not None:
             self.token.close()
             self.token = None
+
+
+def _touch(memory: OrderedDict, key: object, value: object, limit: int) -> None:
+    """Set ``memory[key]`` as the most recent entry; forget the oldest past ``limit``."""
+    memory[key] = value
+    memory.move_to_end(key)
+    while len(memory) > limit:
+        memory.popitem(last=False)
 
 
 def _bind_when_free(sock: zmq.Socket, endpoint: str, wait_s: float = 1.0) -> None:

@@ -42,6 +42,7 @@ class WorkerCounts:
     received: int = 0
     predicted: int = 0
     malformed: int = 0
+    failed: int = 0  # stacks it could not predict (each reported to the daemon)
 
 
 class Worker:
@@ -165,14 +166,26 @@ class Worker:
                 self.shm.trim()
         return self.counts
 
+    def _send_failure(self, header: wire.StackHeader, error: str) -> None:
+        """Tell the daemon this stack cannot be predicted here, so it neither waits for
+        it nor takes this (healthy) worker for a hung one."""
+        self.counts.failed += 1
+        try:
+            self.push.send_multipart(wire.encode_failure(
+                header.run_id, header.seq, self.name, error, model=self.predictor.model.name,
+                token=self.token or ""), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.error("daemon not taking results; the failure of seq %d was not reported", header.seq)
+
     def handle(self, header: wire.StackHeader, stack) -> None:  # noqa: ANN001
         received_at = time.time()
         t0 = time.perf_counter()
         segment = self._segment_for(header)
         try:
             pred = self.predictor.predict(stack, header.voxel_size_um, out=segment)
-        except (ValueError, RuntimeError) as e:
+        except (ValueError, RuntimeError, MemoryError) as e:  # RuntimeError: e.g. out of GPU memory
             log.error("could not predict stack seq %d (t=%d p=%d): %s", header.seq, header.t, header.p, e)
+            self._send_failure(header, f"{type(e).__name__}: {e}")
             return
         out = wire.StackHeader(
             kind="prediction",

@@ -258,6 +258,78 @@ def decode(frames: list[Any]) -> tuple[StackHeader, np.ndarray]:
     return header, array
 
 
+# -- a stack a worker could not predict ----------------------------------------------------
+
+#: Longest error text a failure carries (it goes into the daemon's log and journal).
+MAX_ERROR_CHARS = 2000
+
+
+class FailureHeader(BaseModel):
+    """A worker's answer for a stack it could not predict (on the results socket).
+
+    Without it a worker that failed on one stack said nothing: the daemon presumed it
+    hung, killed the healthy worker and sent the stack again, without limit. With it the
+    daemon retries the stack once (from disk, maybe on another worker) and then records
+    it as not predictable, with the worker's reason.
+    """
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    schema_: str = Field(SCHEMA, alias="schema")
+    kind: Literal["failure"] = "failure"
+    run_id: str
+    source_seq: int = Field(ge=0)
+    worker: str = ""
+    model: str = ""
+    error: str = Field("", max_length=MAX_ERROR_CHARS)
+    sent_at: float = 0.0
+
+    @model_validator(mode="after")
+    def _check(self) -> FailureHeader:
+        if self.schema_ != SCHEMA:
+            raise ValueError(f"schema {self.schema_!r} is not {SCHEMA!r}")
+        return self
+
+
+def encode_failure(run_id: str, source_seq: int, worker: str, error: str, model: str = "",
+                   token: str = "") -> list[bytes]:
+    """``[failure header, empty payload]`` for the results socket."""
+    header = FailureHeader(run_id=run_id, source_seq=source_seq, worker=worker, model=model,
+                           error=error[:MAX_ERROR_CHARS], sent_at=time.time())
+    data = json.loads(header.model_dump_json(by_alias=True))
+    if token:
+        data[TOKEN_FIELD] = token
+    return [json.dumps(data).encode(), b""]
+
+
+def decode_result(frames: list[Any]) -> tuple[StackHeader, np.ndarray] | tuple[FailureHeader, None]:
+    """A message on the results socket: a prediction (`decode`) or a `FailureHeader`."""
+    if len(frames) == 2:
+        raw = getattr(frames[0], "bytes", frames[0])
+        if len(raw) <= MAX_HEADER_BYTES and b'"failure"' in raw:
+            try:
+                data = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise WireError(f"header is not JSON: {e}") from None
+            if isinstance(data, dict) and data.get("kind") == "failure":
+                if memoryview(getattr(frames[1], "buffer", frames[1])).nbytes:
+                    raise WireError("a failure carries an empty payload")
+                try:
+                    return FailureHeader.model_validate(data), None
+                except ValidationError as e:
+                    first = e.errors()[0]
+                    where = ".".join(str(x) for x in first["loc"]) or "header"
+                    raise WireError(f"invalid failure field {where}: {first['msg']}") from None
+    return decode(frames)
+
+
+def pop_failure_token(header: FailureHeader) -> str:
+    """`pop_token` for a failure header."""
+    extra = header.model_extra
+    token = extra.pop(TOKEN_FIELD, "") if extra is not None else ""
+    return token if isinstance(token, str) else ""
+
+
 # -- work requests ----------------------------------------------------------------------
 
 def encode_ready(

@@ -377,3 +377,50 @@ def test_run_options_override_the_config(tmp_path) -> None:
     # without options the config's own settings stand
     plain = load_run_config(cfg).session_options(show_window=False)
     assert plain.out_dir == tmp_path / "run" and plain.base_port == 6000 and plain.model is None
+
+
+class _FailingPredictor(QuickPredictor):
+    """Fails on the first ``fail_first`` stacks it sees (as a model out of memory would)."""
+
+    def __init__(self, fail_first: int) -> None:
+        self.fail_first = fail_first
+        self.calls = 0
+
+    def predict(self, stack: np.ndarray, voxel_size_um=None, out: np.ndarray | None = None) -> np.ndarray:  # noqa: ANN001
+        self.calls += 1
+        if self.calls <= self.fail_first:
+            raise RuntimeError("CUDA out of memory (stand-in)")
+        return super().predict(stack, voxel_size_um, out)
+
+
+@pytest.mark.parametrize(("fail_first", "predicted", "failed"), [(99, 0, 2), (1, 2, 0)])
+def test_a_stack_the_worker_cannot_predict_is_retried_once_then_recorded(
+        tmp_path, base_port, fail_first, predicted, failed) -> None:
+    import threading
+
+    from livestain.inference.worker import Worker
+
+    eps = wire.endpoints(base_port=base_port)
+    hung: list[str] = []
+    lines: list[str] = []
+    daemon = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(2, 0.0), tmp_path / "run", eps,
+                    Policies(drain_timeout_s=60.0, resend_after_s=300.0), report=lines.append,
+                    on_hung_worker=lambda holders: hung.extend(holders))
+    predictor = _FailingPredictor(fail_first)
+    worker = Worker(eps["stacks"], eps["results"], predictor)
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    try:
+        summary = daemon.run()
+    finally:
+        worker.stop()
+        thread.join(30)
+        worker.close()
+    assert time.monotonic() - t0 < 50  # answered at once: no waiting out the drain
+    assert not hung  # the worker answered every stack: it is not taken for a hung one
+    assert summary.predicted == predicted and summary.failed == failed
+    assert summary.not_predicted == failed and predictor.calls == predicted + 2 * failed + (fail_first == 1)
+    if failed:
+        assert sum("NOT PREDICTED after 2 attempts (RuntimeError: CUDA out of memory" in ln for ln in lines) == 2
+        assert exit_code(summary) == 1

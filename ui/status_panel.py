@@ -157,7 +157,7 @@ class StatusPanel(QtWidgets.QGroupBox):
     #: it; the panel once read `stacks_total` and `dose`, which no daemon sent).
     FIELDS_READ = (
         "run_id", "stacks_acquired", "state", "backlog", "stacks_in_flight", "stacks_late",
-        "stacks_predicted_late", "stacks_dropped", "malformed_results", "error", "disk_free_bytes",
+        "stacks_predicted_late", "stacks_dropped", "malformed_results", "stacks_failed", "error", "disk_free_bytes",
         "timepoints", "positions", "stacks_total", "stacks_done_before", "stacks_predicted",
         "uptime_s", "worker_alive", "worker_restarts", "worker_pid", "fluorescence_dose_ms",
         "equivalent_fluorescence_run_dose_ms", "dose_note",
@@ -179,9 +179,13 @@ class StatusPanel(QtWidgets.QGroupBox):
         dropped = s.get("stacks_dropped")
         self._set("dropped", "—" if dropped is None else str(dropped), alarm=bool(dropped))
         malformed = s.get("malformed_results")
+        unpredictable = int(s.get("stacks_failed", 0) or 0)
         error = s.get("error")
         failed = "—" if malformed is None else f"{malformed} rejected result(s)"
-        self._set("failed", failed + (f"; error: {error}" if error else ""), alarm=bool(error))
+        if unpredictable:
+            failed += f"; {unpredictable} stack(s) the model could not predict (see the log)"
+        self._set("failed", failed + (f"; error: {error}" if error else ""),
+                  alarm=bool(error) or bool(unpredictable))
         self._show_worker(s)
         disk = s.get("disk_free_bytes")
         self._set("disk", "—" if disk is None else _fmt_bytes(float(disk)),
