@@ -328,5 +328,5 @@ class WorkerToken:
                 self._stamp = stamp
             except OSError:
                 return self._value
-            log.info("read worker token from %s", self.path)
+            log.debug("read worker token from %s", self.path)
         return self._value
