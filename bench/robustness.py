@@ -13,7 +13,8 @@ stack's real voxel size, so the model's resampling to its own voxel applies.
 
     python bench/robustness.py [--model PATH] [--quick] [--json OUT]
 
-Runtime on 2 busy CPU cores: about 6 min full (3 seeds, 256 px), 1 min ``--quick``.
+Runtime on 2 shared CPU cores (CPU inference): 5 min full (16 conditions x 3 seeds,
+256 px), about 1 min ``--quick`` (1 seed, 128 px).
 """
 
 from __future__ import annotations
