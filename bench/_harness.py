@@ -16,13 +16,16 @@ from livestain.devices.simulated import SimulatedScope, build_simulated_core
 
 
 def simulated_run(name: str, sequence: useq.MDASequence, port: int,
-                  policies: Policies) -> tuple[Daemon, WorkerSupervisor]:
-    """A daemon writing to a fresh temporary folder and its (started) worker."""
+                  policies: Policies, scope: SimulatedScope | None = None,
+                  ) -> tuple[Daemon, WorkerSupervisor]:
+    """A daemon writing to a fresh temporary folder and its (started) worker;
+    ``scope`` replaces the default simulated scope (the soaks' small, fast one)."""
     out = Path(tempfile.mkdtemp(prefix=f"livestain-{name}-")) / "run"
     supervisor = WorkerSupervisor(["worker", "--port", str(port)], report=print)
-    daemon = Daemon(build_simulated_core(SimulatedScope()), sequence, out,
+    daemon = Daemon(build_simulated_core(scope or SimulatedScope()), sequence, out,
                     wire.endpoints(base_port=port), policies, report=lambda line: None,
-                    on_tick=supervisor.check, extra_status=supervisor.status)
+                    on_tick=supervisor.check, on_hung_worker=supervisor.kill_hung,
+                    extra_status=supervisor.status)
     supervisor.on_restart = daemon.requeue_in_flight
     supervisor.start()
     return daemon, supervisor
