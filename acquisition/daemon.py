@@ -26,7 +26,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,16 +343,19 @@ class Daemon:
 
         Skipping by (t, p, channel) rather than by time point means a resumed run never
         acquires a stack twice, so nothing on disk is ever replaced.
+
+        Lazy: a three-day plan is millions of events (96 positions x 16 planes x 4,320
+        time points), and a list of them (~2.7 KB each) took gigabytes at ``--resume``.
+        One pass finds the clock offset without keeping anything; the events themselves
+        are made as the runner asks for them. No pending event: an empty list.
         """
         if not self._done:
             return self.sequence
-        events = [e for e in self.sequence.iter_events() if self._key(e) not in self._done]
-        offset = min((e.min_start_time or 0.0) for e in events) if events else 0.0
-        return [
-            e.model_copy(update={"min_start_time": (e.min_start_time or 0.0) - offset})
-            if e.min_start_time is not None else e
-            for e in events
-        ]
+        pending = (e for e in self.sequence.iter_events() if self._key(e) not in self._done)
+        offset = min(((e.min_start_time or 0.0) for e in pending), default=None)
+        if offset is None:
+            return []
+        return _PendingEvents(self.sequence, frozenset(self._done), offset, self._key)
 
     # -- MDA thread: enqueue only ---------------------------------------------------
     def _on_frame(self, image: np.ndarray, event: useq.MDAEvent, meta: dict) -> None:
@@ -846,6 +849,27 @@ class Daemon:
         self._stop_requested = True
         self.summary.stopped_early = True
         self.core.mda.cancel()
+
+
+class _PendingEvents:
+    """The plan's events not yet on disk, shifted by ``offset`` s, made on demand.
+
+    An iterable, not an iterator: pymmcore-plus runs an iterator as given, but passes
+    other iterables through its engine's ``event_iterator`` (which merges z-stacks into
+    hardware sequences), as it did the list this replaces.
+    """
+
+    def __init__(self, sequence: useq.MDASequence, done: frozenset[tuple[int, int, str]],
+                 offset: float, key: Callable[[useq.MDAEvent], tuple[int, int, str]]) -> None:
+        self.sequence, self.done, self.offset, self.key = sequence, done, offset, key
+
+    def __iter__(self) -> Iterator[useq.MDAEvent]:
+        for e in self.sequence.iter_events():
+            if self.key(e) in self.done:
+                continue
+            if e.min_start_time is not None:
+                e = e.model_copy(update={"min_start_time": e.min_start_time - self.offset})
+            yield e
 
 
 def _refuse_foreign_folder(out_dir: Path) -> None:
