@@ -325,8 +325,8 @@ class Daemon:
 
     def _first_incomplete_t(self) -> int:
         """First time point with a stack not yet on disk (for the console line)."""
-        pending = [self._key(e)[0] for e in self.sequence.iter_events() if self._key(e) not in self._done]
-        return min(pending) if pending else self.sequence.sizes.get("t", 1) or 1
+        pending = (self._key(e)[0] for e in self.sequence.iter_events() if self._key(e) not in self._done)
+        return min(pending, default=self.sequence.sizes.get("t", 1) or 1)  # no list: plans are long
 
     def _load_previous_records(self) -> None:
         """Resuming: stacks acquired before the crash but never predicted are caught up."""
