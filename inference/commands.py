@@ -307,14 +307,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if not predictor.is_2_5d and (args.slide or args.z_centre is not None):
         raise ValueError("--slide and --z-centre are for 2.5D models; this model is 3D (it predicts every plane)")
-    pred = predictor.predict(stack, voxel, tile=args.tile, tta=args.tta, slide=args.slide, z_centre=args.z_centre,
-                             on_tile=tile_progress())
+    kw = dict(tile=args.tile, slide=args.slide, z_centre=args.z_centre, on_tile=tile_progress())
+    channels = list(predictor.structures)
+    extra: dict[str, Any] = {}
+    if args.uncertainty:
+        from .ood import check_stack, stack_confidence
+        from .uncertainty import DEFAULT_METHOD, DEFAULT_PASSES
+
+        if args.tta:
+            print("note: --uncertainty already averages over y/x symmetries; --tta is not applied on top")
+        mean, unc = predictor.predict_with_uncertainty(stack, voxel, **kw)
+        pred = np.concatenate([mean, unc])
+        channels += [f"{s}_uncertainty" for s in predictor.structures]
+        checks = check_stack(stack, voxel, predictor.model.meta.voxel_size_um)
+        conf = stack_confidence(unc, predictor.structures, checks)
+        extra = {"uncertainty": {"method": DEFAULT_METHOD, "passes": DEFAULT_PASSES,
+                                 "units": "expected absolute error, z-score units"},
+                 **conf.to_dict(), "checks": checks.stats}
+    else:
+        pred = predictor.predict(stack, voxel, tta=args.tta, **kw)
     seconds = time.perf_counter() - t0
     write_stack(
         out,
         pred.astype(np.float32, copy=False),
         voxel_size_um=voxel,
-        channel_names=list(predictor.structures),
+        channel_names=channels,
         info={
             "kind": "prediction",
             "source": str(src.resolve()),
@@ -327,15 +344,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "units": "z-score",
             "model": predictor.model.name,
             "tile": list(args.tile) if args.tile else None,
-            "tta": bool(args.tta),
+            "tta": bool(args.tta) and not args.uncertainty,
             "mode": predictor.model.meta.config.mode,
             "slide": bool(args.slide),
             "inference_s": round(seconds, 3),
             "device": predictor.device,
+            **extra,
         },
     )
-    print(f"wrote {out}: {', '.join(predictor.structures)} x {pred.shape[1:]} in {seconds:.2f} s "
+    print(f"wrote {out}: {', '.join(channels)} x {pred.shape[1:]} in {seconds:.2f} s "
           f"on {predictor.device} with {predictor.model.name}")
+    if extra:
+        per = ", ".join(f"{s} {c:.2f}" for s, c in extra["confidence_per_structure"].items())
+        print(f"confidence {extra['confidence']:.2f} ({per})")
+        for reason in extra["flag_reasons"]:
+            print(f"flag: {reason}")
     return 0
 
 
@@ -503,6 +526,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "plane, from the window centred in the stack)")
     p.add_argument("--z-centre", type=int, default=None, metavar="Z",
                    help="2.5d models: centre the window on this plane (default: the middle plane)")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write a per-voxel uncertainty per structure (channels <structure>_uncertainty: "
+                        "the spread over the 8 y/x rotations and flips, as an expected absolute error; 8x "
+                        "slower; the structures are then their mean) and record a per-stack confidence and "
+                        "input-check flags in the file's header")
     p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser("export", help="export a model to ONNX or a bioimage.io package",

@@ -147,6 +147,28 @@ class Predictor:
                             "postprocess_s": time.perf_counter() - t2}
         return result
 
+    def predict_with_uncertainty(
+        self,
+        stack: np.ndarray,
+        voxel_size_um: Sequence[float] | None = None,
+        method: str | None = None,
+        passes: int | None = None,
+        **predict_kw: object,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, uncertainty), both float32 shaped like `predict`'s result: the mean of
+        ``passes`` predictions of transformed copies of the stack and their spread as an
+        expected absolute error in z-score units (`uncertainty.predict_with_uncertainty`;
+        ``method`` default `uncertainty.DEFAULT_METHOD`). Costs ``passes`` predictions;
+        `predict` itself is untouched by it."""
+        from . import uncertainty
+
+        return uncertainty.predict_with_uncertainty(
+            self, stack, voxel_size_um,
+            method=method or uncertainty.DEFAULT_METHOD,
+            passes=passes or uncertainty.DEFAULT_PASSES,
+            **predict_kw,
+        )
+
     def output_shape(self, stack_shape: Sequence[int], slide: bool = False) -> tuple[int, ...]:
         """Shape of `predict`'s result for a ``(z, y, x)`` stack."""
         z, y, x = (int(n) for n in stack_shape)

