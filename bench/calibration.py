@@ -103,36 +103,33 @@ def measure(model: str | None, methods: Sequence[str], seeds: Sequence[int], siz
     names = predictor.structures
     rng = np.random.default_rng(0)
     records: dict[str, dict[str, Any]] = {}
-    scales = dict(uncertainty.ERROR_PER_STD)
-    uncertainty.ERROR_PER_STD.clear()  # measure the raw spread; the scale is fitted here
-    try:
-        for seed in seeds:
-            for cname, offset, exposure in CONDITIONS:
-                f = render_field(seed, size, offset, exposure_ms=exposure)
-                truth = np.stack([zscore(t) for t in f["truth"]])
-                report = ood.check_stack(f["brightfield"], f["voxel"], predictor.model.meta.voxel_size_um)
-                idx = rng.choice(truth[0].size, min(VOXELS_PER_STACK, truth[0].size), replace=False)
-                t0 = time.perf_counter()
-                plain = predictor.predict(f["brightfield"], f["voxel"])
-                results = {"magnitude": (plain, magnitude_baseline(plain))}
-                for m in methods:
-                    results[m] = uncertainty.predict_with_uncertainty(predictor, f["brightfield"], f["voxel"],
-                                                                      method=m, passes=passes)
-                for m, (mean, unc) in results.items():
-                    rec = records.setdefault(m, {"voxels": [], "stacks": []})
-                    err = np.abs(mean - truth)
-                    rec["voxels"].append({"condition": cname, "u": unc.reshape(len(names), -1)[:, idx],
-                                          "e": err.reshape(len(names), -1)[:, idx]})
-                    conf = ood.stack_confidence(unc, names, report)
-                    rec["stacks"].append({"condition": cname, "seed": seed,
-                                          "u": unc.reshape(len(names), -1).mean(1).tolist(),
-                                          "e": err.reshape(len(names), -1).mean(1).tolist(),
-                                          "confidence": [conf.per_structure[s] for s in names],
-                                          "overall": conf.overall, "flags": [fl.code for fl in report.flags]})
-                print(f"  seed {seed} {cname:<15} flags {[fl.code for fl in report.flags]} "
-                      f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    finally:
-        uncertainty.ERROR_PER_STD.update(scales)
+    for seed in seeds:
+        for cname, offset, exposure in CONDITIONS:
+            f = render_field(seed, size, offset, exposure_ms=exposure)
+            truth = np.stack([zscore(t) for t in f["truth"]])
+            report = ood.check_stack(f["brightfield"], f["voxel"], predictor.model.meta.voxel_size_um)
+            idx = rng.choice(truth[0].size, min(VOXELS_PER_STACK, truth[0].size), replace=False)
+            t0 = time.perf_counter()
+            plain = predictor.predict(f["brightfield"], f["voxel"])
+            results = {"magnitude": (plain, magnitude_baseline(plain))}
+            for m in methods:
+                results[m] = uncertainty.predict_with_uncertainty(predictor, f["brightfield"], f["voxel"],
+                                                                  method=m, passes=passes)
+            for m, (mean, unc) in results.items():
+                rec = records.setdefault(m, {"voxels": [], "stacks": []})
+                err = np.abs(mean - truth)
+                r = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in zip(mean, truth)]
+                rec["voxels"].append({"condition": cname, "u": unc.reshape(len(names), -1)[:, idx],
+                                      "e": err.reshape(len(names), -1)[:, idx]})
+                conf = ood.stack_confidence(unc, names, report)
+                rec["stacks"].append({"condition": cname, "seed": seed,
+                                      "u": unc.reshape(len(names), -1).mean(1).tolist(),
+                                      "e": err.reshape(len(names), -1).mean(1).tolist(),
+                                      "one_minus_r": [1.0 - v for v in r],
+                                      "confidence": [conf.per_structure[s] for s in names],
+                                      "overall": conf.overall, "flags": [fl.code for fl in report.flags]})
+            print(f"  seed {seed} {cname:<15} flags {[fl.code for fl in report.flags]} "
+                  f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return {"structures": list(names), "records": records, "summary": summarise(records, names)}
 
 
@@ -150,12 +147,18 @@ def summarise(records: dict[str, dict[str, Any]], names: Sequence[str]) -> dict[
             su = [st["u"][i] for st in rec["stacks"]]
             se = [st["e"][i] for st in rec["stacks"]]
             sc = [1.0 - st["confidence"][i] for st in rec["stacks"]]
+            sr = [st["one_minus_r"][i] for st in rec["stacks"]]
             per[s] = {
                 "voxel_in_focus": float(spearmanr(u_in, e_in)[0]),
                 "voxel_all": float(spearmanr(u_all, e_all)[0]),
                 "stack_mean_u": float(spearmanr(su, se)[0]),
                 "stack_1_minus_confidence": float(spearmanr(sc, se)[0]),
+                "stack_mean_u_vs_1_minus_r": float(spearmanr(su, sr)[0]),
+                "stack_1_minus_confidence_vs_1_minus_r": float(spearmanr(sc, sr)[0]),
+                # residual scale: 1 when `uncertainty.ERROR_PER_STD` is calibrated
                 "error_per_u": float(np.median(e_in) / max(float(np.median(u_in)), 1e-9)),
+                "mean_u_in_focus": float(np.mean([st["u"][i] for st in rec["stacks"]
+                                                  if st["condition"] == "in focus"])),
             }
         out[m] = per
     return out
@@ -173,7 +176,7 @@ def reliability_figure(result: dict[str, Any], method: str, path: Path, bins: in
     fig.set_size_inches(4 * len(names), 3.8)
     axes = fig.subplots(1, len(names))
     for i, (ax, s) in enumerate(zip(np.atleast_1d(axes), names)):
-        scale = uncertainty.ERROR_PER_STD.get(s, 1.0)
+        scale = 1.0
         for cond, style in (("in focus", "o-"), (None, "s--")):
             vs = [v for v in rec["voxels"] if cond is None or v["condition"] == cond]
             u = np.concatenate([v["u"][i] for v in vs]) * scale
@@ -186,7 +189,8 @@ def reliability_figure(result: dict[str, Any], method: str, path: Path, bins: in
             ax.plot(mu, me, style, ms=4, label=f"{cond or 'all conditions'} (rho {summ[s][key]:.2f})")
         top = ax.get_xlim()[1]
         ax.plot([0, top], [0, top], color="0.6", lw=0.8, label="error = uncertainty")
-        ax.set_title(f"{s}: per stack rho {summ[s]['stack_1_minus_confidence']:.2f} (1 - confidence)", fontsize=9)
+        ax.set_title(f"{s}: per stack rho(1 - confidence, |error|) {summ[s]['stack_1_minus_confidence']:.2f}",
+                     fontsize=9)
         ax.set_xlabel(f"predicted uncertainty ({method}, z-score units)")
         ax.set_ylabel("mean absolute error (z-score units)")
         ax.legend(fontsize=7)
@@ -213,12 +217,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = measure(args.model, methods, seeds, args.size, args.passes)
     print(f"{len(seeds)} seed(s) x {len(CONDITIONS)} conditions, {args.passes} passes, "
           f"{time.perf_counter() - t0:.0f} s")
-    print(f"{'method':<10}{'structure':<14}{'voxel(in focus)':>16}{'voxel(all)':>12}"
-          f"{'stack(mean u)':>15}{'stack(1-conf)':>15}{'err/u':>8}")
+    print("Spearman rho of uncertainty with |error| per voxel (in focus; all conditions) and per stack "
+          "(mean uncertainty, 1 - confidence) with the stack's mean |error| and with 1 - Pearson r; "
+          "err/u: median |error| / median uncertainty in focus (1: calibrated)")
+    print(f"{'method':<10}{'structure':<14}{'vox(focus)':>11}{'vox(all)':>9}{'stk u:mae':>10}{'stk c:mae':>10}"
+          f"{'stk u:1-r':>10}{'stk c:1-r':>10}{'err/u':>7}{'u(focus)':>9}")
     for m, per in result["summary"].items():
         for s, r in per.items():
-            print(f"{m:<10}{s:<14}{r['voxel_in_focus']:>16.3f}{r['voxel_all']:>12.3f}"
-                  f"{r['stack_mean_u']:>15.3f}{r['stack_1_minus_confidence']:>15.3f}{r['error_per_u']:>8.2f}")
+            print(f"{m:<10}{s:<14}{r['voxel_in_focus']:>11.3f}{r['voxel_all']:>9.3f}{r['stack_mean_u']:>10.3f}"
+                  f"{r['stack_1_minus_confidence']:>10.3f}{r['stack_mean_u_vs_1_minus_r']:>10.3f}"
+                  f"{r['stack_1_minus_confidence_vs_1_minus_r']:>10.3f}{r['error_per_u']:>7.2f}"
+                  f"{r['mean_u_in_focus']:>9.3f}")
     if args.figure:
         print(f"wrote {reliability_figure(result, methods[0], args.figure)}")
     if args.json:

@@ -43,9 +43,9 @@ which the flag multiplies the stack's confidence. The checks and their threshold
     lie about the pixel size is not detected from its content (see the module's notes).
 
 Why thresholds and not a learned detector: they fail loudly for the reasons above,
-explain themselves in one line, and cost milliseconds (every check works on at most
-the central `MAX_CHECK_YX` x `MAX_CHECK_YX` pixels of each plane and a strided sample of
-a million voxels).
+explain themselves in one line, and cost little: the contrast checks see at most four
+`CHECK_CROP`-pixel squares of each plane (`_crops`), the histogram checks a strided
+sample of a million voxels.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ EMPTY_SNR = 0.45
 FOCUS_DIP_RATIO = 0.75
 MIN_FOCUS_PLANES = 5
 VOXEL_RATIO_LIMIT = 2.5
-MAX_CHECK_YX = 512
+CHECK_CROP = 192
 SAMPLE_VOXELS = 1_000_000
 
 #: Confidence multiplier per flag: how much of the prediction survives the condition.
@@ -82,8 +82,8 @@ FLAG_FACTORS: dict[str, float] = {
 #: Mean per-voxel uncertainty (`inference.uncertainty`, default method) at which a
 #: structure's confidence halves; twice the median over held-out in-focus stacks of
 #: the bundled model (bench/calibration.py), so a typical good stack scores ~0.85.
-U_HALF: dict[str, float] = {"dna": 0.5, "membrane": 0.5, "mitochondria": 0.5}
-U_HALF_DEFAULT = 0.5
+U_HALF: dict[str, float] = {"dna": 1.1, "membrane": 2.0, "mitochondria": 0.9}
+U_HALF_DEFAULT = 1.0
 
 
 @dataclass(frozen=True)
@@ -123,24 +123,34 @@ def _flag(code: str, reason: str) -> Flag:
     return Flag(code, reason, FLAG_FACTORS[code])
 
 
-def _central(stack: np.ndarray) -> np.ndarray:
-    """The central `MAX_CHECK_YX` square of every plane (a view)."""
-    _, ny, nx = stack.shape
-    y0, x0 = max(0, (ny - MAX_CHECK_YX) // 2), max(0, (nx - MAX_CHECK_YX) // 2)
-    return stack[:, y0 : y0 + MAX_CHECK_YX, x0 : x0 + MAX_CHECK_YX]
+def _crops(plane: np.ndarray) -> list[np.ndarray]:
+    """Where the contrast is measured: the whole plane up to 2 x `CHECK_CROP` pixels a
+    side, else one `CHECK_CROP` square centred in each quadrant (four samples of a large
+    field, so cells off its centre still count, at a fixed cost per plane)."""
+    ny, nx = plane.shape
+    c = CHECK_CROP
+    if ny <= 2 * c and nx <= 2 * c:
+        return [plane]
+    ys = [max(0, min(ny - c, cy - c // 2)) for cy in (ny // 4, 3 * ny // 4)] if ny > 2 * c else [0]
+    xs = [max(0, min(nx - c, cx - c // 2)) for cx in (nx // 4, 3 * nx // 4)] if nx > 2 * c else [0]
+    return [plane[y : y + c, x : x + c] for y in ys for x in xs]
 
 
 def plane_contrast(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(band-pass contrast, noise) per plane: the std of a difference of Gaussians
     (sigma 1 and 6 px: cell-sized detail, no illumination gradient, little noise) and
     the camera noise estimated from horizontally neighbouring pixels (median absolute
-    difference / 0.6745 / sqrt 2), both in the stack's units."""
+    difference / 0.6745 / sqrt 2), both in the stack's units, over `_crops`."""
     c, n = [], []
-    for plane in _central(stack):
-        p = plane.astype(np.float32)
-        c.append(float((ndi.gaussian_filter(p, 1.0) - ndi.gaussian_filter(p, 6.0)).std()))
-        d = np.abs(np.diff(p, axis=1)) if p.shape[1] > 1 else np.zeros(1, np.float32)
-        n.append(float(np.median(d)) / 0.6745 / math.sqrt(2.0))
+    for plane in stack:
+        band, diffs = [], []
+        for crop in _crops(plane):
+            p = crop.astype(np.float32)
+            band.append((ndi.gaussian_filter(p, 1.0, truncate=3.0) - ndi.gaussian_filter(p, 6.0, truncate=3.0)).ravel())
+            if p.shape[1] > 1:
+                diffs.append(np.abs(np.diff(p, axis=1)).ravel())
+        c.append(float(np.concatenate(band).std()))
+        n.append(float(np.median(np.concatenate(diffs))) / 0.6745 / math.sqrt(2.0) if diffs else 0.0)
     return np.asarray(c), np.asarray(n)
 
 

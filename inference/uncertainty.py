@@ -40,16 +40,21 @@ import numpy as np
 #: Methods `predict_with_uncertainty` knows.
 METHODS = ("tta", "perturb", "combined")
 #: The method chosen by measurement (bench/calibration.py).
-DEFAULT_METHOD = "tta"
+DEFAULT_METHOD = "perturb"
 #: Passes (predictions) per stack by default: all 8 y-x symmetries.
 DEFAULT_PASSES = 8
 #: Input noise of the perturbation, as a fraction of the stack's 0.5-99.5 percentile
 #: range: the training augmentation's upper bound (``livestain train --noise``).
 NOISE_FRACTION = 0.03
-#: Expected absolute error (z-score units) per unit of spread, per structure; the
-#: spread of structures not listed is used as it is. Measured by bench/calibration.py
-#: (median of |error| / spread over held-out voxels, default acquisition).
-ERROR_PER_STD: dict[str, float] = {}
+#: Expected absolute error (z-score units) per unit of spread, per method and structure;
+#: structures not listed keep their raw spread. Measured by bench/calibration.py: the
+#: median absolute error over the median spread of held-out in-focus voxels (the
+#: spread underestimates the error several-fold: copies of one model share its biases).
+ERROR_PER_STD: dict[str, dict[str, float]] = {
+    "perturb": {"dna": 4.74, "membrane": 6.46, "mitochondria": 5.21},
+    "tta": {"dna": 4.39, "membrane": 8.27, "mitochondria": 4.86},
+    "combined": {"dna": 4.23, "membrane": 7.87, "mitochondria": 4.72},
+}
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ def predict_with_uncertainty(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mean, uncertainty), both float32 ``(s, z, y, x)`` like ``predictor.predict``'s
     result: the mean of ``passes`` predictions of transformed copies of ``stack``
-    (mapped back), and their standard deviation times `ERROR_PER_STD`.
+    (mapped back), and their standard deviation times ``ERROR_PER_STD[method]``.
 
     The mean and spread are accumulated with Welford's update, so memory stays at two
     prediction-sized arrays whatever ``passes`` is. ``predict_kw`` go to
@@ -163,7 +168,7 @@ def predict_with_uncertainty(
         m2 += d * (y - mean)
     assert mean is not None and m2 is not None
     std = np.sqrt(m2 / max(n - 1, 1), dtype=np.float32)
-    names = tuple(getattr(predictor, "structures", ()))
-    for i, s in enumerate(names[: std.shape[0]]):
-        std[i] *= np.float32(ERROR_PER_STD.get(s, 1.0))
+    scale = ERROR_PER_STD.get(method, {})
+    for i, s in enumerate(tuple(getattr(predictor, "structures", ()))[: std.shape[0]]):
+        std[i] *= np.float32(scale.get(s, 1.0))
     return mean, std

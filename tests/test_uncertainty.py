@@ -193,7 +193,7 @@ def test_checks_are_cheap_on_a_large_stack() -> None:
 
 def test_cli_predict_writes_named_uncertainty_channels(tmp_path: Path, field: dict) -> None:
     src, out = tmp_path / "bf.ome.tif", tmp_path / "pred.ome.tif"
-    write_stack(src, field["brightfield"][:, :64, :64], voxel_size_um=field["voxel"])
+    write_stack(src, field["brightfield"][:, :64, :64], voxel_size_um=field["voxel"], info={"kind": "stack"})
     r = subprocess.run([*CLI, "predict", str(bundled_model_path()), str(src), "--out", str(out), "--uncertainty", "--device", "cpu"],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
