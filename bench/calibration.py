@@ -121,7 +121,7 @@ def measure(model: str | None, methods: Sequence[str], seeds: Sequence[int], siz
                 r = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in zip(mean, truth)]
                 rec["voxels"].append({"condition": cname, "u": unc.reshape(len(names), -1)[:, idx],
                                       "e": err.reshape(len(names), -1)[:, idx]})
-                conf = ood.stack_confidence(unc, names, report)
+                conf = ood.stack_confidence(unc, names, report, method=m)
                 rec["stacks"].append({"condition": cname, "seed": seed,
                                       "u": unc.reshape(len(names), -1).mean(1).tolist(),
                                       "e": err.reshape(len(names), -1).mean(1).tolist(),

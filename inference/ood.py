@@ -20,10 +20,15 @@ which the flag multiplies the stack's confidence. The checks and their threshold
     the dtype's maximum for integer data, said in the reason): clipped, the contrast
     the model reads is gone.
 ``fluorescence``
-    the intensity histogram is strongly right-skewed: (p99.5 - median) / (median - p0.5)
-    above `FLUORESCENCE_SKEW` (brightfield of cells: 0.8-1.1; simulated DNA,
-    membrane, mitochondria camera stacks: 9-57; noise-free truth: > 1e6). A fluorescence
-    channel fed as brightfield: dark background, sparse bright structures.
+    a dark, flat background with sparse bright structures: the intensity histogram is
+    right-skewed, (p99.5 - median) / (median - p0.5) above `FLUORESCENCE_SKEW`
+    (brightfield of cells: 0.8-1.1; simulated DNA, membrane, mitochondria camera stacks:
+    9-68; noise-free truth: > 300), *and* below the median there is only camera noise:
+    (median - p0.5) under `FLUORESCENCE_LOW_SPREAD` noise sigmas (fluorescence: 1.9;
+    brightfield 8-10) or a skew above `FLUORESCENCE_NOISE_FREE_SKEW` (noise-free
+    truth, whose smooth background fools the noise estimate). The second test keeps
+    Zernike phase contrast (skew 2.9-11: a dimmed background with bright halos, but
+    dark cell bodies below it, 10-20 sigmas) from being taken for fluorescence.
 ``empty``
     no plane shows more structure than camera noise: the band-pass (difference of
     Gaussians, sigma 1 and 6 px) contrast of the best plane is below `EMPTY_SNR` times
@@ -59,6 +64,8 @@ from scipy import ndimage as ndi
 
 SATURATED_FRACTION = 0.1
 FLUORESCENCE_SKEW = 3.0
+FLUORESCENCE_LOW_SPREAD = 4.0
+FLUORESCENCE_NOISE_FREE_SKEW = 30.0
 EMPTY_SNR = 0.45
 FOCUS_DIP_RATIO = 0.75
 MIN_FOCUS_PLANES = 5
@@ -79,10 +86,15 @@ FLAG_FACTORS: dict[str, float] = {
     "voxel_size": 0.4,
 }
 
-#: Mean per-voxel uncertainty (`inference.uncertainty`, default method) at which a
-#: structure's confidence halves; twice the median over held-out in-focus stacks of
-#: the bundled model (bench/calibration.py), so a typical good stack scores ~0.85.
-U_HALF: dict[str, float] = {"dna": 1.1, "membrane": 2.0, "mitochondria": 0.9}
+#: Mean per-voxel uncertainty at which a structure's confidence halves, per uncertainty
+#: method (`inference.uncertainty.METHODS`): twice the mean over held-out in-focus stacks
+#: of the bundled model (bench/calibration.py), so a typical good stack scores ~0.84. A
+#: retrained model's typical uncertainty differs: re-measure and pass ``u_half``.
+U_HALF: dict[str, dict[str, float]] = {
+    "tta": {"dna": 0.46, "membrane": 1.32, "mitochondria": 0.56},
+    "perturb": {"dna": 0.86, "membrane": 2.23, "mitochondria": 0.76},
+    "combined": {"dna": 0.46, "membrane": 1.32, "mitochondria": 0.56},  # as tta: not measured apart
+}
 U_HALF_DEFAULT = 1.0
 
 
@@ -202,13 +214,16 @@ def check_stack(
                                                "lower the exposure or lamp power"))
         return report
     skew = float((p995 - med) / max(med - p05, 1e-12 * max(abs(med), 1.0)))
-    report.stats["skew"] = min(skew, 1e12)
-    if skew > FLUORESCENCE_SKEW:
-        report.flags.append(_flag("fluorescence", f"dark background with sparse bright structures (histogram skew "
-                                                  f"{min(skew, 1e12):.3g} > {FLUORESCENCE_SKEW}): this looks like a "
-                                                  "fluorescence channel, not brightfield; pick the transmitted-light channel"))
-        return report
     contrast, noise = plane_contrast(stack)
+    low = float((med - p05) / max(float(np.median(noise)), 1e-12 * max(abs(med), 1.0)))
+    report.stats.update(skew=min(skew, 1e12), low_spread=min(low, 1e12))
+    flat_background = low < FLUORESCENCE_LOW_SPREAD or skew > FLUORESCENCE_NOISE_FREE_SKEW
+    if skew > FLUORESCENCE_SKEW and flat_background:
+        report.flags.append(_flag("fluorescence", f"dark flat background with sparse bright structures (histogram "
+                                                  f"skew {min(skew, 1e12):.3g} > {FLUORESCENCE_SKEW}, only noise below "
+                                                  "the median): this looks like a fluorescence channel, not "
+                                                  "brightfield; pick the transmitted-light channel"))
+        return report
     snr = contrast / np.maximum(noise, 1e-12 * max(abs(med), 1.0))
     report.stats["best_plane_snr"] = float(snr.max())
     if snr.max() < EMPTY_SNR:
@@ -270,17 +285,19 @@ def stack_confidence(
     structures: Sequence[str],
     report: StackReport | None = None,
     u_half: Mapping[str, float] | None = None,
+    method: str = "tta",
 ) -> Confidence:
     """Confidence of a prediction from its uncertainty and its input checks.
 
     Per structure: ``2 ** -(u / u_half) ** 2`` with ``u`` the mean per-voxel uncertainty
     (`mean_uncertainty`: a mean, so it does not grow or shrink with the stack's size)
-    and ``u_half`` the level at which confidence halves (`U_HALF`), times the product
+    and ``u_half`` the level at which confidence halves (``U_HALF[method]``, ``method``
+    the one the uncertainty came from), times the product
     of the flags' factors (`FLAG_FACTORS`). Without an uncertainty (a fast prediction)
     the structures start at 1 and only the flags count. Overall: the geometric mean of
     the structures' confidences, so one poorly predicted structure pulls it down.
     """
-    halves = {**U_HALF, **(u_half or {})}
+    halves = {**U_HALF.get(method, {}), **(u_half or {})}
     factor = report.factor if report is not None else 1.0
     per: dict[str, float] = {}
     means = mean_uncertainty(uncertainty) if uncertainty is not None else None
