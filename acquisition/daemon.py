@@ -47,6 +47,7 @@ from .audit import planned_keys
 from .preflight import check_plan, check_plan_against_core
 from .retry import install_snap_retries
 from .stacks import Stack, StackAssembler
+from .trust import TrustLedger
 from .streaming import DaemonSockets
 
 log = logging.getLogger(__name__)
@@ -244,6 +245,7 @@ class Daemon:
         self._n_structures = 3  # until a prediction says otherwise
         self._resend_after_s = policies.resend_after_s  # shortened while draining
         self._failures: dict[int, int] = {}  # failed prediction attempts of stacks in flight
+        self.trust = TrustLedger()  # per-stack confidence and input flags, for status and window
         self.started_at = time.time()
 
     # -- dataset ----------------------------------------------------------------------
@@ -696,8 +698,10 @@ class Daemon:
         self._failures.pop(record.seq, None)
         self.sockets.discard(record.seq)
         self.sockets.release(record.seq)
+        trust = self.trust.add(record.t, record.p, header.model_extra or {})
         try:
-            self.journal.prediction_written(record.seq, pred_path, record.latency_s)
+            self.journal.prediction_written(record.seq, pred_path, record.latency_s,
+                                            trust.confidence, ",".join(trust.flags))
         except OSError as e:
             raise RunStopped(f"{e}. Raw stacks and predictions so far are intact; free some "
                              f"space and continue with --resume.") from None
@@ -710,7 +714,7 @@ class Daemon:
             f"[t {record.t + 1}/{self._n_t} p {record.p + 1}/{self._n_p}] predicted "
             f"{','.join(header.structures)} in {header.inference_s:.2f} s, "
             f"latency {record.latency_s:.2f} s{' (caught up)' if late else ''} -> "
-            f"{pred_path.relative_to(self.out_dir)}"
+            f"{pred_path.relative_to(self.out_dir)}{trust.line()}"
         )
 
     #: Attempts at predicting one stack before it is recorded as not predictable.
@@ -805,7 +809,7 @@ class Daemon:
             "positions": self._n_p,
             "disk_free_bytes": self.free_space(self.out_dir),
             "uptime_s": round(time.time() - self.started_at, 1),
-        } | self._light_dose() | self._snap_counts() | self.extra_status()
+        } | self.trust.status() | self._light_dose() | self._snap_counts() | self.extra_status()
 
     def _on_control(self) -> None:
         frames = self.sockets.control.recv_multipart()

@@ -62,6 +62,16 @@ class Journal:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        self._add_missing_columns()
+
+    #: Columns added after the first release: a journal from before gains them on open.
+    LATER_COLUMNS = {"confidence": "REAL", "flags": "TEXT"}
+
+    def _add_missing_columns(self) -> None:
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(stacks)")}
+        for name, kind in self.LATER_COLUMNS.items():
+            if name not in have:
+                self.db.execute(f"ALTER TABLE stacks ADD COLUMN {name} {kind}")
 
     def _write(self, sql: str, params: tuple) -> None:
         """One committed change; SQLite's failures (a full disk) become `JournalWriteError`."""
@@ -77,10 +87,14 @@ class Journal:
             (seq, t, p, channel, str(raw_path), gaps, time.time()),
         )
 
-    def prediction_written(self, seq: int, path: Path, latency_s: float) -> None:
+    def prediction_written(self, seq: int, path: Path, latency_s: float,
+                           confidence: float | None = None, flags: str = "") -> None:
+        """A stack's prediction is on disk, with the worker's per-stack confidence and the
+        input checks' flags (comma-separated codes, "" when none)."""
         self._write(
-            "UPDATE stacks SET predicted_path = ?, predicted_at = ?, latency_s = ? WHERE seq = ?",
-            (str(path), time.time(), latency_s, seq),
+            "UPDATE stacks SET predicted_path = ?, predicted_at = ?, latency_s = ?, confidence = ?, "
+            "flags = ? WHERE seq = ?",
+            (str(path), time.time(), latency_s, confidence, flags, seq),
         )
 
     def note(self, what: str) -> None:

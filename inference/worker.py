@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from livestain import wire
 from livestain.security import TOKEN_ENV, WorkerToken, apply_client
 from livestain.shm import ShmReader
 
+from .ood import check_stack, stack_confidence
 from .predict import Predictor
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,7 @@ class Worker:
         apply_client(self.push, keys)
         self.push.connect(results_endpoint)
         self.counts = WorkerCounts()
+        self._checker: ThreadPoolExecutor | None = None
         self._running = True
         self._waiting_logged = False
 
@@ -177,16 +180,40 @@ class Worker:
         except zmq.Again:
             log.error("daemon not taking results; the failure of seq %d was not reported", header.seq)
 
+    def _start_checks(self, header: wire.StackHeader, stack: np.ndarray) -> Future | None:
+        """The input checks (`ood.check_stack`: blank, saturated, fluorescence, empty, out of
+        focus, voxel size) on a thread beside the network: numpy releases the GIL, so on
+        the live path they cost the prediction's latency next to nothing."""
+        meta = getattr(self.predictor.model, "meta", None)
+        model_voxel = getattr(meta, "voxel_size_um", None)
+        if self._checker is None:
+            self._checker = ThreadPoolExecutor(1, thread_name_prefix="livestain-checks")
+        return self._checker.submit(check_stack, stack, header.voxel_size_um, model_voxel)
+
+    def _confidence(self, checks: Future | None) -> dict:
+        """The per-stack confidence and flags for the prediction header (empty if the
+        checks failed: a check must never cost a prediction)."""
+        if checks is None:
+            return {}
+        try:
+            return stack_confidence(None, tuple(self.predictor.structures), checks.result()).to_dict()
+        except Exception as e:  # noqa: BLE001 - any failure of a check is logged, not fatal
+            log.warning("input checks failed: %s", e)
+            return {}
+
     def handle(self, header: wire.StackHeader, stack) -> None:  # noqa: ANN001
         received_at = time.time()
         t0 = time.perf_counter()
         segment = self._segment_for(header)
+        checks = self._start_checks(header, stack)
         try:
             pred = self.predictor.predict(stack, header.voxel_size_um, out=segment)
         except (ValueError, RuntimeError, MemoryError) as e:  # RuntimeError: e.g. out of GPU memory
             log.error("could not predict stack seq %d (t=%d p=%d): %s", header.seq, header.t, header.p, e)
+            self._confidence(checks)  # the stack's view must outlive the thread reading it
             self._send_failure(header, f"{type(e).__name__}: {e}")
             return
+        trust = self._confidence(checks)
         out = wire.StackHeader(
             kind="prediction",
             run_id=header.run_id,
@@ -210,6 +237,7 @@ class Worker:
             device=self.predictor.device,
             stack_sent_at=header.sent_at,  # with received_at: the transport time
             received_at=received_at,
+            **trust,  # confidence, confidence_per_structure, flags, flag_reasons
             **({wire.TOKEN_FIELD: token} if (token := self.token) else {}),
         )
         if segment is not None:  # the pixels are in the daemon's segment already
@@ -240,6 +268,8 @@ class Worker:
     def close(self) -> None:
         self.pull.close(linger=0)
         self.push.close()
+        if self._checker is not None:
+            self._checker.shutdown(wait=True)
         if self.shm is not None:
             self.shm.close()
 

@@ -711,7 +711,6 @@ def test_a_prediction_wakes_the_window_without_its_poll_timer(window: LiveWindow
 def test_every_status_field_the_panel_reads_is_one_a_daemon_sends(tmp_path, qapp, monkeypatch) -> None:
     """The panel once read `stacks_total` and `dose`, which no daemon sent: the light-dose
     row showed a fallback and paired-mode progress read "complete" at 25%."""
-    monkeypatch.setenv("PYMM_SIGNALS_BACKEND", "psygnal")  # a daemon's core, in a Qt process
     from livestain.acquisition.daemon import Daemon
     from livestain.devices.simulated import SimulatedScope, build_simulated_core
     from livestain.launch import demo_sequence

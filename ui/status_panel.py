@@ -34,6 +34,7 @@ ROWS: dict[str, str] = {
     "worker": "worker",
     "disk": "disk free",
     "dose": "light dose",
+    "trust": "confidence",
 }
 
 TOOLTIPS: dict[str, str] = {
@@ -50,6 +51,10 @@ TOOLTIPS: dict[str, str] = {
             "'caught up' = predicted late so far",
     "dropped": "stacks dropped from live prediction (backlog overflow); they are on disk",
     "failed": "results the daemon rejected as malformed or unknown, and the run's error",
+    "trust": "the last prediction's confidence (0-1: 1 when no input check flags it; blank, "
+             "saturated, fluorescence-as-brightfield, empty, out-of-focus stacks and a voxel size "
+             "far from the model's lower it) and the stacks below 0.5 so far; red: do not trust "
+             "the overlay without a look at the brightfield",
     "dose": "with a 'dose' field from the daemon: its figures. Otherwise an honest count: "
             "every predicted stack x structure is one fluorescence stack not exposed",
 }
@@ -160,7 +165,7 @@ class StatusPanel(QtWidgets.QGroupBox):
         "stacks_predicted_late", "stacks_dropped", "malformed_results", "stacks_failed", "error", "disk_free_bytes",
         "timepoints", "positions", "stacks_total", "stacks_done_before", "stacks_predicted",
         "uptime_s", "worker_alive", "worker_restarts", "worker_pid", "fluorescence_dose_ms",
-        "equivalent_fluorescence_run_dose_ms", "dose_note",
+        "equivalent_fluorescence_run_dose_ms", "dose_note", "last_confidence", "low_confidence_stacks",
     )
 
     def show_status(self, s: dict[str, Any], now: float | None = None) -> None:
@@ -191,6 +196,7 @@ class StatusPanel(QtWidgets.QGroupBox):
         self._set("disk", "—" if disk is None else _fmt_bytes(float(disk)),
                   alarm=disk is not None and float(disk) < 5e9)
         self._show_dose(s)
+        self._show_trust(s)
 
     # -- rows -----------------------------------------------------------------------
 
@@ -229,6 +235,19 @@ class StatusPanel(QtWidgets.QGroupBox):
                 self._set("eta", "measuring…")
             else:
                 self._set("eta", f"≈ {_fmt_duration(remaining / per_min * 60)}")
+
+    def _show_trust(self, s: dict[str, Any]) -> None:
+        last = s.get("last_confidence")
+        low = int(s.get("low_confidence_stacks", 0) or 0)
+        if not isinstance(last, dict) or "confidence" not in last:
+            self._set("trust", "—")
+            return
+        c = float(last["confidence"])
+        text = f"{c:.2f} at t {int(last.get('t', 0)) + 1} p {int(last.get('p', 0)) + 1}; {low} stack(s) below 0.5"
+        reasons = [str(r) for r in last.get("reasons") or []]
+        if reasons:
+            text += " — " + "; ".join(reasons)
+        self._set("trust", text, alarm=c < 0.5 or bool(reasons))
 
     def _show_worker(self, s: dict[str, Any]) -> None:
         if "worker_alive" not in s:

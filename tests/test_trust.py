@@ -1,0 +1,92 @@
+"""Per-stack confidence and input flags from the worker to the journal, status and window."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import useq
+
+from livestain import wire
+from livestain.acquisition.daemon import Daemon
+from livestain.acquisition.policies import Policies
+from livestain.acquisition.trust import TrustLedger
+from livestain.devices.simulated import SimulatedScope, build_simulated_core
+from livestain.inference.worker import Worker
+from livestain.launch import demo_sequence
+from livestain.stackio import read_stack
+
+from _helpers import QuickPredictor
+
+
+def _run(tmp_path, port: int, stage_z: float) -> tuple[Daemon, dict]:
+    eps = wire.endpoints(base_port=port)
+    plan = demo_sequence(2, 0.0).model_copy(update={"stage_positions": (useq.Position(x=0, y=0, z=stage_z),)})
+    daemon = Daemon(build_simulated_core(SimulatedScope()), plan, tmp_path / "run", eps,
+                    Policies(drain_timeout_s=20.0), report=lambda line: None)
+    statuses: list[dict] = []
+    worker = Worker(eps["stacks"], eps["results"], QuickPredictor())
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    real_drain = daemon._drain_predictions
+
+    def drain_then_look() -> None:
+        real_drain()
+        statuses.append(daemon.status())
+
+    daemon._drain_predictions = drain_then_look
+    try:
+        daemon.run()
+    finally:
+        worker.stop()
+        thread.join(30)
+        worker.close()
+    return daemon, statuses[-1]
+
+
+def test_a_stack_far_out_of_focus_is_flagged_from_worker_to_journal_and_status(tmp_path, base_port) -> None:
+    # the cells sit around z = 4 um; a 16 um stack centred 10 um above them misses focus
+    daemon, status = _run(tmp_path, base_port, stage_z=14.0)
+    assert daemon.summary.predicted == 2
+    last = status["last_confidence"]
+    assert last["flags"] == ["out_of_focus"] and last["confidence"] < 0.5
+    assert any("contrast has no minimum inside the stack" in r for r in last["reasons"])
+    assert status["low_confidence_stacks"] == 2 and status["flagged_stacks"] == 2
+    db = sqlite3.connect(tmp_path / "run" / "journal.sqlite")
+    rows = db.execute("SELECT confidence, flags FROM stacks ORDER BY seq").fetchall()
+    db.close()
+    assert all(c < 0.5 and "out_of_focus" in f for c, f in rows)
+    _, info = read_stack(tmp_path / "run" / "p000" / "t0000_prediction.ome.tif")
+    assert info["confidence"] < 0.5 and "out_of_focus" in info["flags"]
+
+
+def test_a_stack_on_the_cells_is_trusted(tmp_path, base_port) -> None:
+    _, status = _run(tmp_path, base_port, stage_z=4.0)
+    assert status["last_confidence"]["flags"] == [] and status["last_confidence"]["confidence"] > 0.9
+    assert status["low_confidence_stacks"] == 0
+
+
+def test_the_window_shows_the_confidence_and_why_it_is_low(qapp) -> None:
+    from livestain.ui.status_panel import StatusPanel
+
+    panel = StatusPanel()
+    panel.show_status({"run_id": "r", "stacks_acquired": 3, "low_confidence_stacks": 2,
+                       "last_confidence": {"t": 2, "p": 0, "confidence": 0.2, "flags": ["out_of_focus"],
+                                           "reasons": ["no plane of the stack is in focus"]}})
+    assert panel.text("trust") == ("0.20 at t 3 p 1; 2 stack(s) below 0.5 — no plane of the stack is in focus")
+    panel.show_status({"run_id": "r", "stacks_acquired": 4, "low_confidence_stacks": 2,
+                       "last_confidence": {"t": 3, "p": 0, "confidence": 0.97, "flags": [], "reasons": []}})
+    assert panel.text("trust") == "0.97 at t 4 p 1; 2 stack(s) below 0.5"
+
+
+def test_the_ledger_is_bounded_and_says_a_new_flag_once_per_position() -> None:
+    ledger = TrustLedger(max_positions=8)
+    first = ledger.add(0, 0, {"confidence": 0.2, "flags": ["empty"], "flag_reasons": ["no cells"]})
+    again = ledger.add(1, 0, {"confidence": 0.2, "flags": ["empty"], "flag_reasons": ["no cells"]})
+    assert first.new_flags == ("empty",) and "FLAGGED: no cells" in first.line()
+    assert again.new_flags == () and "FLAGGED" not in again.line()
+    for p in range(10_000):
+        ledger.add(5, p, {"confidence": 0.9})
+    assert len(ledger.per_position) == 8 and len(ledger.seen_flags) == 8
+    assert ledger.stacks == 10_002 and ledger.low == 2
+    assert ledger.add(0, 0, {}).confidence is None  # a worker that sends none: nothing made up
