@@ -61,6 +61,7 @@ class AuditReport:
     unjournaled_files: int = 0
     problems: list[StackVerdict] = field(default_factory=list)  # everything but a clean ok
     ended: str = ""
+    n_z: int = 1  # planes per stack in the plan
 
     @property
     def missing(self) -> int:
@@ -232,7 +233,8 @@ def audit_run(run_dir: str | Path, deep: bool = True,
         raise FileNotFoundError(f"{run_dir} has no {Journal.FILENAME}: nothing was recorded")
     rows = _journal_rows(journal_path)
     ended, untaken_reason = _how_it_ended(_run_events(journal_path))
-    report = AuditReport(run_dir, str(run.get("run_id", "?")), ended=ended)
+    report = AuditReport(run_dir, str(run.get("run_id", "?")), ended=ended,
+                         n_z=sequence.sizes.get("z", 1) or 1)
     by_key: dict[Key, list] = {}
     for row in rows:
         by_key.setdefault((row.t, row.p, row.channel), []).append(row)
@@ -271,6 +273,10 @@ def _judge(key: Key, rows: list, streamed: bool, untaken_reason: str | None, dee
         raw = report.run_dir / raw
     if (problem := _file_problem(raw, deep)) is not None:
         v.state, v.reason = UNREADABLE if raw.exists() else MISSING, f"{raw.name}: {problem}"
+        return v
+    if row.gaps >= report.n_z:  # every plane failed: a recorded gap with nothing to predict
+        v.state = INCOMPLETE
+        v.reason = "every plane failed: the camera failed every retry (recorded in the file)"
         return v
     if row.gaps:
         v.state = INCOMPLETE

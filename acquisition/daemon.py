@@ -46,7 +46,7 @@ from .policies import Policies
 from .audit import planned_keys
 from .preflight import check_plan, check_plan_against_core
 from .retry import install_snap_retries
-from .stacks import Stack, StackAssembler
+from .stacks import LostStackTracker, Stack, StackAssembler
 from .trust import TrustLedger
 from .streaming import DaemonSockets
 
@@ -227,6 +227,8 @@ class Daemon:
             self._release_lock()
             raise
         self.assembler = StackAssembler.for_sequence(sequence)
+        self._lost = LostStackTracker(self._pending_keys())
+        self._last_frame: np.ndarray | None = None
         self.frames: queue.Queue[tuple[useq.MDAEvent, np.ndarray, float]] = queue.Queue()
         self._doorbell = Doorbell()  # rung per frame: the loop wakes from its poll at once
         self.sockets.poller.register(self._doorbell, zmq.POLLIN)
@@ -359,6 +361,23 @@ class Daemon:
             return []
         return _PendingEvents(self.sequence, frozenset(self._done), offset, self._key)
 
+    def _pending_keys(self) -> Iterator[tuple[int, int, str]]:
+        """The plan's stacks not yet on disk, in acquisition order, made on demand."""
+        previous = None
+        for event in self.sequence.model_copy(update={"z_plan": None}).iter_events():
+            key = self._key(event)
+            if key != previous and key not in self._done:
+                yield key
+            previous = key
+
+    def _lost_stack(self, key: tuple[int, int, str], like: np.ndarray) -> Stack:
+        """A stack whose every plane failed: written as a recorded gap (zeros, every plane
+        listed missing), never sent for prediction, so the audit finds it with its reason."""
+        n_z = self.assembler.n_z
+        return Stack(key=key, planes=np.zeros((n_z, *like.shape), like.dtype),
+                     received=np.zeros(n_z, bool), positions_um=np.full((n_z, 3), np.nan),
+                     times=np.full(n_z, time.time()))
+
     # -- MDA thread: enqueue only ---------------------------------------------------
     def _on_frame(self, image: np.ndarray, event: useq.MDAEvent, meta: dict) -> None:
         arrived = time.time()
@@ -398,6 +417,9 @@ class Daemon:
                 self._step(timeout_ms=20)
             for stack in self.assembler.flush():
                 self._finish_stack(stack)
+            if not self._stop_requested and self._mda_error is None and self._last_frame is not None:
+                for key in self._lost.remaining():  # the plan's last stacks got no frame
+                    self._finish_stack(self._lost_stack(key, self._last_frame))
             self._drain_predictions()
             if self._mda_error is not None:
                 raise RunStopped(
@@ -482,6 +504,9 @@ class Daemon:
                 event, image, arrived = self.frames.get_nowait()
             except queue.Empty:
                 break
+            for key in self._lost.seen(self._key(event)):
+                self._finish_stack(self._lost_stack(key, image))
+            self._last_frame = image
             for stack in self.assembler.add(event, image, arrived):
                 self._finish_stack(stack)
 
@@ -521,6 +546,10 @@ class Daemon:
             f"{stack.channel} {'x'.join(map(str, stack.planes.shape))}{gaps} -> "
             f"{raw_path.relative_to(self.out_dir)}"
         )
+        if not stack.received.any():
+            self.report(f"[t {stack.t + 1}/{self._n_t} p {stack.p + 1}/{self._n_p}] every plane of "
+                        f"{stack.channel} failed: recorded as a gap, nothing to predict")
+            return
         self.sockets.publish(header, stack.planes)
         if stack.channel in self.stream_channels:
             self.records[seq] = StackRecord(seq, stack.t, stack.p, raw_path, time.time(), header)

@@ -9,6 +9,7 @@ later plane into the wrong place.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -127,3 +128,46 @@ class StackAssembler:
     @property
     def n_open(self) -> int:
         return len(self._open)
+
+
+class LostStackTracker:
+    """Finds the stacks of the plan that got no frame at all.
+
+    The assembler opens a stack on its first frame, so a stack whose every plane failed
+    on the camera never existed: it vanished without a record (found by the soak: the
+    audit counted it missing, with no reason). Frames arrive in the plan's order, so a
+    frame of one stack means every planned stack before it, not yet seen, is lost.
+
+    Parameters
+    ----------
+    keys : iterator of (t, p, channel)
+        The plan's stacks still to acquire, in acquisition order.
+    """
+
+    def __init__(self, keys: Iterator[StackKey]) -> None:
+        self._keys = keys
+        self._current: StackKey | None = None
+        self._next: StackKey | None = next(keys, None)
+        self.enabled = True
+
+    def seen(self, key: StackKey) -> list[StackKey]:
+        """A frame of ``key`` arrived; returns the planned stacks before it that got none."""
+        if key == self._current or not self.enabled:
+            return []
+        lost = []
+        while self._next is not None and self._next != key:
+            lost.append(self._next)
+            self._next = next(self._keys, None)
+        if self._next is None:  # a frame the plan does not list: stop judging, claim nothing
+            self.enabled = False
+            return []
+        self._current, self._next = key, next(self._keys, None)
+        return lost
+
+    def remaining(self) -> Iterator[StackKey]:
+        """Planned stacks after the last frame (lost if the plan ran to its end)."""
+        if not self.enabled:
+            return
+        while self._next is not None:
+            yield self._next
+            self._next = next(self._keys, None)

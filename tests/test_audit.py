@@ -129,3 +129,21 @@ def test_planned_keys_match_the_plans_events(plan) -> None:
     from_events = list(dict.fromkeys(
         (e.index.get("t", 0), e.index.get("p", 0), e.channel.config) for e in plan.iter_events()))
     assert list(planned_keys(plan)) == from_events
+
+
+def test_a_stack_whose_every_plane_failed_is_a_recorded_gap_not_a_missing_stack(tmp_path, base_port) -> None:
+    # 16 planes x 3 tries: snaps 16..63 are every attempt at every plane of the second stack
+    run = _run(tmp_path, base_port, n_t=3, worker=True, scope=SimulatedScope(failing_snaps=set(range(16, 64))))
+    report = audit_run(run)
+    assert report.ok and report.missing == 0 and report.planned == 3
+    lost = [v for v in report.problems if v.state == INCOMPLETE]
+    assert [(v.t, v.reason) for v in lost] == [(1, "every plane failed: the camera failed every retry "
+                                                   "(recorded in the file)")]
+    assert report.predicted_by == {"quick@test": 2} and report.not_predicted == 0
+
+
+def test_the_plans_last_stack_with_no_frame_is_recorded_too(tmp_path, base_port) -> None:
+    run = _run(tmp_path, base_port, n_t=2, scope=SimulatedScope(failing_snaps=set(range(16, 64))))
+    report = audit_run(run)
+    assert report.ok and [(v.t, v.state) for v in report.problems if v.reason.startswith("every plane")] == \
+        [(1, INCOMPLETE)]
