@@ -74,8 +74,10 @@ class Worker:
         keys: str | None = None,
         shm: bool = True,
         token: str | None = None,
+        input_checks: bool = True,
     ) -> None:
         self.predictor = predictor
+        self.input_checks = input_checks
         # with keys, CURVE authenticates us; without, the daemon wants its token
         self._token: WorkerToken | None = None if keys or token is not None else WorkerToken(stacks_endpoint)
         self._fixed_token = token or ""
@@ -184,6 +186,8 @@ class Worker:
         """The input checks (`ood.check_stack`: blank, saturated, fluorescence, empty, out of
         focus, voxel size) on a thread beside the network: numpy releases the GIL, so on
         the live path they cost the prediction's latency next to nothing."""
+        if not self.input_checks:
+            return None
         meta = getattr(self.predictor.model, "meta", None)
         model_voxel = getattr(meta, "voxel_size_um", None)
         if self._checker is None:

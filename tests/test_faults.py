@@ -249,9 +249,14 @@ def test_a_worker_ten_times_slower_than_acquisition_never_delays_frames(tmp_path
     interval = 0.5
     eps = wire.endpoints(base_port=base_port)
     core = build_simulated_core(SimulatedScope())
+    # the simulator renders a field's sample on its first snap (a real camera has no such
+    # cost): render it now, so the first time point is on the clock like the others
+    core.snapImage()
     daemon = Daemon(core, demo_sequence(6, interval), tmp_path / "run", eps,
                     Policies(drain_timeout_s=0.5, live_backlog=2), report=lambda line: None)
-    worker = Worker(eps["stacks"], eps["results"], _SlowPredictor(10 * interval))
+    # in this process the worker's input checks would share the GIL with the MDA thread
+    # (a real worker is a process of its own): off, this test is about the clock
+    worker = Worker(eps["stacks"], eps["results"], _SlowPredictor(10 * interval), input_checks=False)
     thread = threading.Thread(target=worker.serve, daemon=True)
     thread.start()
     try:
