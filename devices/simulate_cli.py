@@ -88,7 +88,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     zs = default_z_planes(args.z_center, args.z, args.z_step)
     tiles = [(0, i) for i in range(args.fields)]
     fy, fx = geo.field_um
-    names = {s: s.capitalize() for s in STRUCTURES}
     common = {
         "generator": "livestain simulate",
         "seed": args.seed,
@@ -107,28 +106,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for i, pair in enumerate(pairs):
         folder = out / f"field{i:03d}"
         x_um, y_um = pair.tile[1] * fx, pair.tile[0] * fy
-        planes = [(x_um, y_um, float(z)) for z in zs]
         vox = pair.voxel_size_um
         base = {**common, "field": i, "tile": list(pair.tile), "stage_xy_um": [x_um, y_um]}
-        written = [write_stack(
-            folder / "brightfield.ome.tif", pair.brightfield, voxel_size_um=vox,
-            channel_names=["Brightfield"], plane_positions_um=planes,
-            info={**base, "kind": "camera", "channel": "Brightfield", "exposure_ms": args.exposure,
-                  "units": "camera counts (ADU)"},
-        )]
-        for k, s in enumerate(pair.structures):
-            written.append(write_stack(
-                folder / f"{s}.ome.tif", pair.targets[k], voxel_size_um=vox,
-                channel_names=[s], plane_positions_um=planes,
-                info={**base, "kind": "truth", "structure": s,
-                      "units": "blurred label density (in-focus unit density ~ 1), noise-free"},
-            ))
-            written.append(write_stack(
-                folder / f"{s}_noisy.ome.tif", pair.fluorescence[k], voxel_size_um=vox,  # type: ignore[index]
-                channel_names=[names[s]], plane_positions_um=planes,
-                info={**base, "kind": "camera", "structure": s, "channel": names[s],
-                      "exposure_ms": args.fl_exposure, "units": "camera counts (ADU)"},
-            ))
+        written = _write_field(folder, pair, base,
+                               {"brightfield": args.exposure, "fluorescence": args.fl_exposure}, {})
         files.append({"field": folder.name, "tile": list(pair.tile), "stage_xy_um": [x_um, y_um],
                       "files": [p.name for p in written]})
         print(f"field {i + 1}/{args.fields}: {folder} ({args.z} x {args.size} x {args.size}, "
@@ -157,7 +138,8 @@ def _write_field(folder: Path, pair: Pair, base: dict, exposure: dict, extra_bf:
     """One field's brightfield, truth and noisy fluorescence files."""
     vox = pair.voxel_size_um
     x_um, y_um = base["stage_xy_um"]
-    planes = [(x_um, y_um, float(z)) for z in pair.z_um]  # type: ignore[union-attr]
+    z_planes = pair.z_um if pair.z_um is not None else base["z_um"]  # fixed planes: in `common`
+    planes = [(x_um, y_um, float(z)) for z in z_planes]
     names = {s: s.capitalize() for s in STRUCTURES}
     written = [write_stack(
         folder / "brightfield.ome.tif", pair.brightfield, voxel_size_um=vox,

@@ -45,7 +45,7 @@ try:
 except ImportError:  # Windows: no advisory locks; one call per set is then the user's to keep
     fcntl = None  # type: ignore[assignment]
 
-from livestain.stackio import write_stack
+from livestain.stackio import fsync_dir, write_stack
 
 SUFFIX = ".ome.tif"
 PREDICTIONS = "predictions"
@@ -326,7 +326,7 @@ class PredictionSet:
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         self.failure_path(ref).unlink(missing_ok=True)
         return True
 
@@ -378,21 +378,6 @@ class PredictionSet:
             path.unlink(missing_ok=True)
             n += 1
         return n
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename or link in ``folder`` survive a power cut (a no-op where folders
-    cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:

@@ -105,11 +105,13 @@ def write_stack(
         # the user needs to recover; the final name was never touched
         partial.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)  # the rename itself must survive a power cut
+    fsync_dir(path.parent)  # the rename itself must survive a power cut
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` survive a power cut (a no-op where folders cannot
+    be opened, e.g. Windows, where the rename is atomic anyway)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # e.g. Windows cannot open folders; the rename is still atomic there
