@@ -268,9 +268,7 @@ def _judge(key: Key, rows: list, streamed: bool, untaken_reason: str | None, dee
                         else "planned but never acquired, and the run recorded no reason")
         return v
     row = rows[-1]
-    raw = Path(row.raw_path)
-    if not raw.is_absolute():
-        raw = report.run_dir / raw
+    raw = row.raw_in(report.run_dir)  # by the layout: runs are moved, and demo paths are relative
     if (problem := _file_problem(raw, deep)) is not None:
         v.state, v.reason = UNREADABLE if raw.exists() else MISSING, f"{raw.name}: {problem}"
         return v
@@ -285,9 +283,7 @@ def _judge(key: Key, rows: list, streamed: bool, untaken_reason: str | None, dee
                     if gaps else f"{row.gaps} plane(s) missing: the camera failed every retry")
     if streamed:
         report.streamed += 1
-        pred = Path(row.predicted_path) if row.predicted_path else None
-        if pred is not None and not pred.is_absolute():
-            pred = report.run_dir / pred
+        pred = row.prediction_in(report.run_dir)
         pred_problem = _file_problem(pred, deep) if pred is not None else "never predicted"
         if pred_problem is None:
             v.predicted = _model_of(pred) if deep else ""

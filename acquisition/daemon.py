@@ -318,7 +318,7 @@ class Daemon:
         """(t, p, channel) of every stack already on disk (a recorded gap is final)."""
         journal = Journal(self.out_dir)
         try:
-            return {(r.t, r.p, r.channel) for r in journal.rows() if Path(r.raw_path).exists()}
+            return {(r.t, r.p, r.channel) for r in journal.rows() if r.raw_in(self.out_dir).exists()}
         finally:
             journal.close()
 
@@ -335,10 +335,11 @@ class Daemon:
     def _load_previous_records(self) -> None:
         """Resuming: stacks acquired before the crash but never predicted are caught up."""
         for row in self.journal.rows():
-            if row.predicted_path and Path(row.predicted_path).exists():
+            predicted = row.prediction_in(self.out_dir)
+            if predicted is not None and predicted.exists():
                 continue  # done; the journal keeps it, the daemon need not
-            elif row.channel in self.stream_channels and Path(row.raw_path).exists():
-                rec = StackRecord(row.seq, row.t, row.p, Path(row.raw_path), time.time())
+            elif row.channel in self.stream_channels and row.raw_in(self.out_dir).exists():
+                rec = StackRecord(row.seq, row.t, row.p, row.raw_in(self.out_dir), time.time())
                 rec.state = "late"
                 self.records[row.seq] = rec
 

@@ -50,6 +50,26 @@ class JournalRow:
     gaps: int
     predicted_path: str | None
 
+    def raw_in(self, out_dir: Path) -> Path:
+        """The raw stack's file inside the dataset folder ``out_dir`` as it is now.
+
+        The journal records paths as the daemon wrote them: relative to the folder it
+        was started from (the demo's default ``livestain-demo/...``), or absolute on a
+        disk the run has since been moved or copied from. The layout (``pNNN/file``)
+        is what stays true, so files are found by it.
+        """
+        return in_dataset(out_dir, self.raw_path)
+
+    def prediction_in(self, out_dir: Path) -> Path | None:
+        """The live prediction's file inside ``out_dir`` (None if never predicted)."""
+        return in_dataset(out_dir, self.predicted_path) if self.predicted_path else None
+
+
+def in_dataset(out_dir: Path, recorded: str) -> Path:
+    """``recorded``'s place in the ``pNNN/`` layout of the dataset folder ``out_dir``."""
+    path = Path(recorded)
+    return Path(out_dir) / path.parent.name / path.name
+
 
 class Journal:
     """Append-mostly SQLite journal of one dataset folder (``journal.sqlite``)."""

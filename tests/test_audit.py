@@ -147,3 +147,20 @@ def test_the_plans_last_stack_with_no_frame_is_recorded_too(tmp_path, base_port)
     report = audit_run(run)
     assert report.ok and [(v.t, v.state) for v in report.problems if v.reason.startswith("every plane")] == \
         [(1, INCOMPLETE)]
+
+
+def test_a_run_written_with_a_relative_folder_or_moved_since_is_audited_by_its_layout(
+        tmp_path, base_port, monkeypatch) -> None:
+    # the demo's default out is relative (livestain-demo/<time>): the journal records
+    # paths relative to the folder the daemon started in
+    monkeypatch.chdir(tmp_path)
+    daemon = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(2, 0.0), Path("rel") / "run",
+                    wire.endpoints(base_port=base_port), Policies(drain_timeout_s=0.3),
+                    report=lambda line: None)
+    daemon.run()
+    moved = tmp_path / "archive" / "run"
+    moved.parent.mkdir()
+    (tmp_path / "rel" / "run").rename(moved)
+    monkeypatch.chdir(moved.parent)  # audited from elsewhere, after a move
+    report = audit_run(moved)
+    assert report.ok and report.counts[OK] == 2, report.lines()

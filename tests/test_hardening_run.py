@@ -424,3 +424,19 @@ def test_a_stack_the_worker_cannot_predict_is_retried_once_then_recorded(
     if failed:
         assert sum("NOT PREDICTED after 2 attempts (RuntimeError: CUDA out of memory" in ln for ln in lines) == 2
         assert exit_code(summary) == 1
+
+
+def test_resuming_a_moved_run_acquires_only_what_is_missing_and_overwrites_nothing(tmp_path, base_port) -> None:
+    first = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(2, 0.0), tmp_path / "a" / "run",
+                   wire.endpoints(base_port=base_port), Policies(drain_timeout_s=0.3), report=lambda line: None)
+    first.run()
+    moved = tmp_path / "b" / "run"
+    moved.parent.mkdir()
+    (tmp_path / "a" / "run").rename(moved)  # copied to the analysis disk, then resumed there
+    before = (moved / "p000" / "t0000_brightfield.ome.tif").read_bytes()
+    resumed = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(3, 0.0), moved,
+                     wire.endpoints(base_port=base_port), Policies(drain_timeout_s=0.3),
+                     report=lambda line: None, resume=True)
+    summary = resumed.run()
+    assert summary.acquired == 1  # only t=2: the journal's old paths point at the old disk
+    assert (moved / "p000" / "t0000_brightfield.ome.tif").read_bytes() == before
