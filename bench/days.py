@@ -194,18 +194,28 @@ class Soak:
                 fault.note = "still alive after the hang: sent SIGCONT; "
             except OSError:
                 fault.note = "the daemon killed it as hung; "
-        # survived: a new worker, and predictions continue
+        # survived: a working worker (a new one; or, for a hang that caught the worker idle,
+        # holding no stack, so nothing to detect, the same one after SIGCONT), and
+        # predictions continue, or nothing is left for them to do
+        continued = fault.note.startswith("still alive")
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             _, _, st, _ = self.progress()
-            if st and st.get("worker_restarts", 0) > restarts and st.get("worker_alive"):
+            if st and st.get("worker_alive") and (st.get("worker_restarts", 0) > restarts or continued):
                 before = st["stacks_predicted"]
                 time.sleep(3)
                 _, _, st2, _ = self.progress()
-                if st2 and st2["stacks_predicted"] > before:
+                idle = st2 is not None and not (st2.get("backlog") or st2.get("stacks_in_flight")
+                                                or st2.get("stacks_late"))
+                if st2 and (st2["stacks_predicted"] > before or idle):
                     fault.survived = True
-                    fault.note += f"restarted (restart #{st2['worker_restarts']}), predicting again"
+                    fault.note += (f"restarted (restart #{st2['worker_restarts']})"
+                                   if st2.get("worker_restarts", 0) > restarts else "the same worker")
+                    fault.note += ", predicting again" if st2["stacks_predicted"] > before else \
+                        ", nothing left to predict"
                     return
+            if self.proc.poll() is not None:
+                break
             time.sleep(0.5)
         fault.survived, fault.note = False, fault.note + "no working worker within 90 s"
 
