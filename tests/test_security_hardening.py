@@ -359,9 +359,8 @@ def test_status_answers_quickly_after_a_flood_of_raw_connections(base_port) -> N
         assert send_command(control, "status", timeout_s=5)["ok"]
         flood = _flood(base_port + 3, 320)
         time.sleep(0.5)  # the daemon has taken what it can
-        started = time.monotonic()
+        # before: no answer for 23-35 s (TimeoutError here); the client's timeout is the bound
         assert send_command(control, "status", timeout_s=5)["ok"]
-        assert time.monotonic() - started < 5
     finally:
         for s in flood:
             s.close()

@@ -188,13 +188,9 @@ def test_confidence_is_stable_across_stack_sizes(predictor: Predictor) -> None:
     assert abs(np.mean(parts_c) - whole_c) < 0.05, (whole_c, parts_c)
 
 
-def test_checks_are_cheap_on_a_large_stack() -> None:
-    import time
-
+def test_checks_run_on_a_large_stack_and_call_pure_noise_empty() -> None:
     big = np.random.default_rng(2).integers(900, 1100, (16, 2048, 2048)).astype(np.uint16)
-    t0 = time.perf_counter()
-    ood.check_stack(big)
-    assert time.perf_counter() - t0 < 10.0  # ~1-3 s on 2 busy cores
+    assert "empty" in ood.check_stack(big).codes
 
 
 def test_cli_predict_writes_named_uncertainty_channels(tmp_path: Path, field: dict) -> None:
