@@ -156,7 +156,10 @@ def _journal_rows(journal_path: Path) -> list[JournalRow]:
     """The journal's stacks, read-only: an audit must never change the run it checks."""
     db = _connect_read_only(journal_path)
     try:
-        cur = db.execute("SELECT seq, t, p, channel, raw_path, gaps, predicted_path FROM stacks ORDER BY seq")
+        have = {row[1] for row in db.execute("PRAGMA table_info(stacks)")}
+        why = "not_predictable" if "not_predictable" in have else "NULL"  # journals from before
+        cur = db.execute(f"SELECT seq, t, p, channel, raw_path, gaps, predicted_path, {why} "
+                         f"FROM stacks ORDER BY seq")
         return [JournalRow(*r) for r in cur]
     finally:
         db.close()
@@ -290,8 +293,12 @@ def _judge(key: Key, rows: list, streamed: bool, untaken_reason: str | None, dee
             report.predicted_by[v.predicted] += 1
         else:
             report.not_predicted += 1
-            v.prediction_problem = (f"not predicted ({pred_problem}): `livestain run --resume` or "
-                                    f"`livestain predict-run` predicts it")
+            if row.not_predictable:
+                v.prediction_problem = (f"not predictable: {row.not_predictable} (fix the cause, then "
+                                        f"`livestain predict-run` predicts it)")
+            else:
+                v.prediction_problem = (f"not predicted ({pred_problem}): `livestain run --resume` or "
+                                        f"`livestain predict-run` predicts it")
     return v
 
 

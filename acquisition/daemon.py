@@ -207,6 +207,7 @@ class Daemon:
         # stacks not yet predicted; predicted ones leave, so the loop's scans stay short
         # on a run of days
         self.records: dict[int, StackRecord] = {}
+        self._late_on_disk = 0  # late stacks not held in `records` (see `LATE_KEPT`)
         # seqs predicted lately, so a duplicate answer is dropped quietly; bounded (a run
         # of days predicts hundreds of thousands): the journal holds the full record, and
         # an answer older than this memory is refused by the sockets anyway (was_handed)
@@ -333,15 +334,14 @@ class Daemon:
         return min(pending, default=self.sequence.sizes.get("t", 1) or 1)  # no list: plans are long
 
     def _load_previous_records(self) -> None:
-        """Resuming: stacks acquired before the crash but never predicted are caught up."""
-        for row in self.journal.rows():
-            predicted = row.prediction_in(self.out_dir)
-            if predicted is not None and predicted.exists():
-                continue  # done; the journal keeps it, the daemon need not
-            elif row.channel in self.stream_channels and row.raw_in(self.out_dir).exists():
-                rec = StackRecord(row.seq, row.t, row.p, row.raw_in(self.out_dir), time.time())
-                rec.state = "late"
-                self.records[row.seq] = rec
+        """Resuming: stacks acquired before the crash but never predicted are caught up.
+
+        Only the oldest `LATE_KEPT` come into memory; the journal holds the rest, and
+        `_catch_up` reads them in as those are done (a run of days resumed after a long
+        worker outage may have tens of thousands waiting).
+        """
+        self._late_on_disk = self.journal.count_waiting(tuple(self.stream_channels))
+        self._reload_late()
 
     def _events(self) -> Iterable[useq.MDAEvent]:
         """The plan less every stack already on disk, its clock shifted to now.
@@ -442,7 +442,7 @@ class Daemon:
             self._note("end")
             self.journal.close()
             self._release_lock()
-        self.summary.not_predicted = len(self.records) + self.summary.unreadable + self.summary.failed
+        self.summary.not_predicted = self._outstanding() + self.summary.unreadable + self.summary.failed
         return self.summary
 
     def _note(self, what: str) -> None:
@@ -634,10 +634,41 @@ class Daemon:
             if rec is not None:  # None: predicted meanwhile by the worker it went to first
                 rec.state, rec.sent_at, rec.holder = "sent", now, worker
 
+    #: Late stacks (waiting to be predicted from disk) held in memory; the rest are only in
+    #: the journal and are read back in batches. Before this bound a run whose workers fell
+    #: behind for days kept a record of every such stack (found by the soak: the daemon
+    #: grew ~0.5 KB per stack after a resume, and `_catch_up` scanned them all each step).
+    LATE_KEPT = 256
+
     def _mark_late(self, seqs: list[int]) -> None:
         for seq in seqs:
             self.records[seq].state = "late"
             log.info("workers behind: stack seq %d will be predicted from disk later", seq)
+        late = sorted(seq for seq, r in self.records.items() if r.state == "late")
+        for seq in late[self.LATE_KEPT:]:  # the newest: caught up last, read back by then
+            del self.records[seq]
+            self._failures.pop(seq, None)
+            self._late_on_disk += 1
+
+    def _reload_late(self) -> None:
+        """Read the oldest late stacks the journal holds back into memory (up to the bound)."""
+        channels = tuple(self.stream_channels)
+        while channels and self._late_on_disk:
+            room = self.LATE_KEPT - sum(r.state == "late" for r in self.records.values())
+            rows = self.journal.waiting(channels, room, skip=set(self.records)) if room > 0 else []
+            skipped = 0
+            for row in rows:
+                raw = row.raw_in(self.out_dir)
+                if not raw.exists():  # cut short by a crash (its .partial removed): re-acquired
+                    self._journal_not_predictable(row.seq, "raw stack not on disk")
+                    skipped += 1
+                    continue
+                rec = StackRecord(row.seq, row.t, row.p, raw, time.time())
+                rec.state = "late"
+                self.records[row.seq] = rec
+            self._late_on_disk = max(0, self.journal.count_waiting(channels) - len(self.records))
+            if not rows or not skipped:  # nothing more to read, or the room is filled
+                return
 
     def requeue_in_flight(self, worker: str | None = None) -> None:
         """A worker died: what it held is lost in transit; predict it again from disk.
@@ -667,6 +698,9 @@ class Daemon:
         if self.sockets.backlog or any(r.state == "sent" for r in self.records.values()):
             return
         late = [r for r in self.records.values() if r.state == "late"]
+        if not late and self._late_on_disk:
+            self._reload_late()
+            late = [r for r in self.records.values() if r.state == "late"]
         if not late:
             return
         rec = min(late, key=lambda r: r.seq)
@@ -680,6 +714,7 @@ class Daemon:
             self.sockets.release(rec.seq, reuse=False)  # a hung worker may still hold its segments
             del self.records[rec.seq]
             self.summary.unreadable += 1
+            self._journal_not_predictable(rec.seq, f"raw stack unreadable: {e}")
             return
         rec.state, rec.caught_up = "queued", True
         rec.header = header
@@ -693,6 +728,10 @@ class Daemon:
         if header.run_id == self.run_id and seq in self._predicted:
             return  # a duplicate (a re-sent stack, or a second worker): the first stands
         record = self.records.get(seq)
+        if header.run_id == self.run_id and record is None and 0 <= seq < self._seq:
+            # late, and set aside to the journal meanwhile (`LATE_KEPT`): predicted again
+            log.info("prediction of seq %d came after it was left to catch-up; dropped", seq)
+            return
         if header.run_id != self.run_id or record is None:
             self.sockets.counts.malformed_results += 1
             log.warning("dropped a prediction for an unknown stack (run %s seq %s)", header.run_id, seq)
@@ -772,6 +811,7 @@ class Daemon:
         self._failures.pop(seq, None)
         self.sockets.discard(seq)
         self.summary.failed += 1
+        self._journal_not_predictable(seq, failure.error)
         self._note(f"prediction failed: seq {seq} t {record.t} p {record.p}: {failure.error}")
         self.report(f"{where} NOT PREDICTED after {attempts} attempts ({failure.error}); the raw "
                     f"stack is on disk: fix the cause and re-predict with `livestain predict-run`")
@@ -785,8 +825,15 @@ class Daemon:
         while len(self._predicted) > self.PREDICTED_MEMORY:
             self._predicted.popitem(last=False)
 
+    def _journal_not_predictable(self, seq: int, reason: str) -> None:
+        try:
+            self.journal.not_predictable(seq, reason)
+        except OSError as e:
+            raise RunStopped(f"{e}. Raw stacks and predictions so far are intact; free some "
+                             f"space and continue with --resume.") from None
+
     def _outstanding(self) -> int:
-        return len(self.records)
+        return len(self.records) + self._late_on_disk
 
     def _drain_predictions(self) -> None:
         """After the plan: wait (bounded) for predictions of every streamed stack."""
@@ -822,7 +869,7 @@ class Daemon:
             "stacks_acquired": self.summary.acquired,
             "stacks_predicted": self.summary.predicted,
             "stacks_predicted_late": self.summary.predicted_late,
-            "stacks_late": states.count("late"),
+            "stacks_late": states.count("late") + self._late_on_disk,
             "stacks_in_flight": states.count("sent"),
             "stacks_sent": counts.sent,
             "stacks_dropped": counts.dropped,

@@ -49,6 +49,7 @@ class JournalRow:
     raw_path: str
     gaps: int
     predicted_path: str | None
+    not_predictable: str | None = None  # why no worker could predict it (None: not tried, or fine)
 
     def raw_in(self, out_dir: Path) -> Path:
         """The raw stack's file inside the dataset folder ``out_dir`` as it is now.
@@ -85,13 +86,17 @@ class Journal:
         self._add_missing_columns()
 
     #: Columns added after the first release: a journal from before gains them on open.
-    LATER_COLUMNS = {"confidence": "REAL", "flags": "TEXT"}
+    LATER_COLUMNS = {"confidence": "REAL", "flags": "TEXT", "not_predictable": "TEXT"}
 
     def _add_missing_columns(self) -> None:
         have = {row[1] for row in self.db.execute("PRAGMA table_info(stacks)")}
         for name, kind in self.LATER_COLUMNS.items():
             if name not in have:
                 self.db.execute(f"ALTER TABLE stacks ADD COLUMN {name} {kind}")
+        # the stacks still waiting for a prediction, found without reading the whole run
+        # (a partial index: it holds only them, so it stays small however long the run)
+        self.db.execute("CREATE INDEX IF NOT EXISTS waiting ON stacks(seq) "
+                        "WHERE predicted_path IS NULL AND not_predictable IS NULL")
 
     def _write(self, sql: str, params: tuple) -> None:
         """One committed change; SQLite's failures (a full disk) become `JournalWriteError`."""
@@ -116,6 +121,32 @@ class Journal:
             "flags = ? WHERE seq = ?",
             (str(path), time.time(), latency_s, confidence, flags, seq),
         )
+
+    def not_predictable(self, seq: int, reason: str) -> None:
+        """A stack no worker could predict (or whose raw file is unreadable): recorded with
+        the reason, so it is not tried again after a ``--resume`` and the audit says why."""
+        self._write("UPDATE stacks SET not_predictable = ? WHERE seq = ?", (reason, seq))
+
+    def _waiting_where(self, channels: tuple[str, ...]) -> tuple[str, tuple]:
+        marks = ",".join("?" * len(channels))
+        return (f"predicted_path IS NULL AND not_predictable IS NULL AND channel IN ({marks})",
+                tuple(channels))
+
+    def waiting(self, channels: tuple[str, ...], limit: int, skip: set[int] | frozenset = frozenset()
+                ) -> list[JournalRow]:
+        """The oldest ``limit`` stacks of ``channels`` with no prediction yet (and not
+        recorded as not predictable), less the seqs in ``skip`` (those the caller holds)."""
+        where, params = self._waiting_where(channels)
+        cur = self.db.execute(
+            f"SELECT seq, t, p, channel, raw_path, gaps, predicted_path FROM stacks WHERE {where} "
+            f"ORDER BY seq LIMIT ?", (*params, limit + len(skip)))
+        return [row for row in (JournalRow(*r) for r in cur.fetchall()) if row.seq not in skip][:limit]
+
+    def count_waiting(self, channels: tuple[str, ...]) -> int:
+        """How many stacks of ``channels`` still wait for a prediction."""
+        where, params = self._waiting_where(channels)
+        (n,) = self.db.execute(f"SELECT COUNT(*) FROM stacks WHERE {where}", params).fetchone()
+        return int(n)
 
     def note(self, what: str) -> None:
         """A run event worth keeping (start, resume, stop reason)."""

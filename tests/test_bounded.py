@@ -110,3 +110,59 @@ def test_resume_makes_pending_events_on_demand() -> None:
     first = next(iter(events))
     assert first.index["t"] == 1 and first.min_start_time == 0.0  # its clock shifted to now
     assert daemon._first_incomplete_t() == 1
+
+
+def _late_daemon(tmp_path: Path, n: int) -> Daemon:
+    """A daemon's late-stack bookkeeping over a journal of ``n`` unpredicted stacks."""
+    from livestain.acquisition.daemon import StackRecord
+    from livestain.acquisition.journal import Journal
+
+    daemon = Daemon.__new__(Daemon)  # only the structures under test
+    daemon.out_dir, daemon.stream_channels = tmp_path, ["BF"]
+    daemon.journal = Journal(tmp_path)
+    daemon.records, daemon._failures, daemon._late_on_disk = {}, {}, 0
+    (tmp_path / "p000").mkdir()
+    for seq in range(n):
+        raw = tmp_path / "p000" / f"t{seq:05d}.ome.tif"
+        raw.touch()
+        daemon.journal.stack_written(seq, seq, 0, "BF", raw, 0)
+        daemon.journal.stack_written(n + seq, seq, 0, "DNA", raw, 0)  # not streamed: never late
+        daemon.records[seq] = StackRecord(seq, seq, 0, raw, 0.0)
+    return daemon
+
+
+def test_late_stacks_wait_in_the_journal_not_in_memory(tmp_path: Path) -> None:
+    n = 2_000
+    daemon = _late_daemon(tmp_path, n)
+    daemon._mark_late(list(range(n)))  # the workers fell far behind
+    assert len(daemon.records) == Daemon.LATE_KEPT
+    assert sorted(daemon.records) == list(range(Daemon.LATE_KEPT))  # the oldest stay
+    assert daemon._outstanding() == n  # none forgotten
+    caught_up = []
+    while daemon._outstanding():
+        late = sorted(daemon.records)
+        assert late, "stacks left on disk but none read back"
+        for seq in late:  # what `_catch_up` does with each, one by one
+            daemon.journal.prediction_written(seq, tmp_path / "pred", 0.1)
+            del daemon.records[seq]
+            caught_up.append(seq)
+        daemon._reload_late()
+        assert len(daemon.records) <= Daemon.LATE_KEPT
+    assert caught_up == list(range(n))  # each once, oldest first
+
+
+def test_a_resume_reads_back_only_a_bounded_batch_and_skips_the_unpredictable(tmp_path: Path) -> None:
+    n = 1_000
+    _late_daemon(tmp_path, n).journal.not_predictable(0, "worker: stack too small")
+    (tmp_path / "p000" / "t00001.ome.tif").unlink()  # cut short by the crash
+    from livestain.acquisition.journal import Journal
+
+    resumed = Daemon.__new__(Daemon)
+    resumed.out_dir, resumed.stream_channels = tmp_path, ["BF"]
+    resumed.journal = Journal(tmp_path)
+    resumed.records, resumed._failures, resumed._late_on_disk = {}, {}, 0
+    resumed._load_previous_records()
+    assert len(resumed.records) == Daemon.LATE_KEPT
+    assert min(resumed.records) == 2  # 0: not predictable; 1: its raw file is gone
+    assert resumed._outstanding() == n - 2
+    assert resumed.journal.count_waiting(("BF",)) == n - 2

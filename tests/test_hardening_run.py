@@ -420,6 +420,14 @@ def test_a_stack_the_worker_cannot_predict_is_retried_once_then_recorded(
     if failed:
         assert sum("NOT PREDICTED after 2 attempts (RuntimeError: CUDA out of memory" in ln for ln in lines) == 2
         assert exit_code(summary) == 1
+        # recorded with its reason: the audit says why, and a --resume does not try again
+        from livestain.acquisition.audit import audit_run
+        from livestain.acquisition.journal import Journal
+
+        problems = [v.prediction_problem for v in audit_run(tmp_path / "run", deep=False).problems]
+        assert len(problems) == 2 and all("not predictable: RuntimeError: CUDA out of memory" in p
+                                          for p in problems)
+        assert Journal(tmp_path / "run").count_waiting(("Brightfield",)) == 0
 
 
 def test_resuming_a_moved_run_acquires_only_what_is_missing_and_overwrites_nothing(tmp_path, base_port) -> None:
