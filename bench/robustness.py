@@ -79,7 +79,8 @@ def render_condition(edit: Callable[[dict[str, Any]], dict[str, Any]], seeds: Se
 
 
 def run(model: str | None, seeds: Sequence[int], size: int,
-        only: Sequence[str] | None = None, device: str | None = None) -> dict[str, Any]:
+        only: Sequence[str] | None = None, device: str | None = None,
+        focus_window: bool = True) -> dict[str, Any]:
     """Mean Pearson r per structure of every condition, the worst per structure, and
     whether it meets `TARGETS`."""
     from livestain.inference.evaluate import evaluate_model
@@ -87,7 +88,7 @@ def run(model: str | None, seeds: Sequence[int], size: int,
 
     if set(seeds) & set(TRAINING_SEEDS):
         raise ValueError(f"seeds {sorted(set(seeds) & set(TRAINING_SEEDS))} trained the bundled model")
-    predictor = Predictor(model, device)
+    predictor = Predictor(model, device, focus_window=focus_window)
     rows: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
     for name, edit in conditions():
@@ -106,7 +107,7 @@ def run(model: str | None, seeds: Sequence[int], size: int,
             name = min(vals, key=vals.get)  # type: ignore[arg-type]
             worst[s] = {"condition": name, "pearson": vals[name], "target": TARGETS[s],
                         "meets": vals[name] >= TARGETS[s]}
-    return {"model": predictor.model.name, "seeds": list(seeds), "size": size,
+    return {"model": predictor.model.name, "seeds": list(seeds), "size": size, "focus_window": focus_window,
             "rows": rows, "worst": worst, "seconds": seconds,
             "not_simulated": ["DIC"], "targets": TARGETS}
 
@@ -134,12 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=None, help="field width in pixels")
     p.add_argument("--only", nargs="+", default=None, help="conditions to run (by name)")
     p.add_argument("--device", default=None)
+    p.add_argument("--focus-window", action=argparse.BooleanOptionalAction, default=True,
+                   help="predict from the model's z window centred on the cells (default: on)")
     p.add_argument("--json", type=Path, default=None, help="write the result here")
     a = p.parse_args(argv)
     seeds = a.seeds or (HELD_OUT_SEEDS[:1] if a.quick else HELD_OUT_SEEDS)
     size = a.size or (128 if a.quick else 256)
     t0 = time.perf_counter()
-    result = run(a.model, seeds, size, a.only, a.device)
+    result = run(a.model, seeds, size, a.only, a.device, a.focus_window)
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
     print(table(result))
     print(f"{len(result['rows'])} conditions x {len(seeds)} field(s) of {size} px in "

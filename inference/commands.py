@@ -121,6 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .model import UNetConfig
     from .normalize import PercentileNorm
     from .predict import pick_device
+    from .zwindow import training_geometry
     from .train import TrainSettings, resolve_precision, train
 
     if args.steps < 1 or args.batch < 1 or args.depth < 1 or args.base_channels < 1:
@@ -213,6 +214,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             },
             "val_pearson": val_pearson,
             "train_seconds": round(result.seconds, 1),
+            # the z window the worker predicts from (inference.zwindow)
+            **training_geometry([f.brightfield for f in trn], fields[0].voxel_size_um[0]),
             "resumed_from_step": result.resumed_from,
             "device": device,
             "history": result.history,

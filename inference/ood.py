@@ -60,17 +60,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy import ndimage as ndi
+
+from livestain.focus import CHECK_CROP, FOCUS_DIP_RATIO, MIN_FOCUS_PLANES, focus_dip, plane_contrast  # noqa: F401
 
 SATURATED_FRACTION = 0.1
 FLUORESCENCE_SKEW = 3.0
 FLUORESCENCE_LOW_SPREAD = 4.0
 FLUORESCENCE_NOISE_FREE_SKEW = 30.0
 EMPTY_SNR = 0.45
-FOCUS_DIP_RATIO = 0.75
-MIN_FOCUS_PLANES = 5
 VOXEL_RATIO_LIMIT = 2.5
-CHECK_CROP = 192
 SAMPLE_VOXELS = 1_000_000
 
 #: Confidence multiplier per flag: how much of the prediction survives the condition.
@@ -133,50 +131,6 @@ class StackReport:
 
 def _flag(code: str, reason: str) -> Flag:
     return Flag(code, reason, FLAG_FACTORS[code])
-
-
-def _crops(plane: np.ndarray) -> list[np.ndarray]:
-    """Where the contrast is measured: the whole plane up to 2 x `CHECK_CROP` pixels a
-    side, else one `CHECK_CROP` square centred in each quadrant (four samples of a large
-    field, so cells off its centre still count, at a fixed cost per plane)."""
-    ny, nx = plane.shape
-    c = CHECK_CROP
-    if ny <= 2 * c and nx <= 2 * c:
-        return [plane]
-    ys = [max(0, min(ny - c, cy - c // 2)) for cy in (ny // 4, 3 * ny // 4)] if ny > 2 * c else [0]
-    xs = [max(0, min(nx - c, cx - c // 2)) for cx in (nx // 4, 3 * nx // 4)] if nx > 2 * c else [0]
-    return [plane[y : y + c, x : x + c] for y in ys for x in xs]
-
-
-def plane_contrast(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(band-pass contrast, noise) per plane: the std of a difference of Gaussians
-    (sigma 1 and 6 px: cell-sized detail, no illumination gradient, little noise) and
-    the camera noise estimated from horizontally neighbouring pixels (median absolute
-    difference / 0.6745 / sqrt 2), both in the stack's units, over `_crops`."""
-    c, n = [], []
-    for plane in stack:
-        band, diffs = [], []
-        for crop in _crops(plane):
-            p = crop.astype(np.float32)
-            band.append((ndi.gaussian_filter(p, 1.0, truncate=3.0) - ndi.gaussian_filter(p, 6.0, truncate=3.0)).ravel())
-            if p.shape[1] > 1:
-                diffs.append(np.abs(np.diff(p, axis=1)).ravel())
-        c.append(float(np.concatenate(band).std()))
-        n.append(float(np.median(np.concatenate(diffs))) / 0.6745 / math.sqrt(2.0) if diffs else 0.0)
-    return np.asarray(c), np.asarray(n)
-
-
-def focus_dip(contrast: np.ndarray) -> float:
-    """Depth of the deepest interior minimum of a contrast-through-focus curve: the
-    smallest ``c[i] / min(max(c[:i]), max(c[i+1:]))`` over interior planes (below 1:
-    contrast rises on both sides; inf for fewer than 3 planes)."""
-    c = np.asarray(contrast, float)
-    best = math.inf
-    for i in range(1, len(c) - 1):
-        side = min(c[:i].max(), c[i + 1 :].max())
-        if side > 0:
-            best = min(best, c[i] / side)
-    return best
 
 
 def check_stack(

@@ -29,6 +29,9 @@ import torch.nn.functional as F
 
 from livestain.stackio import MIN_YX
 
+from livestain.focus import FocusEstimate, estimate_focus
+
+from . import zwindow
 from .checkpoint import LoadedModel, load_checkpoint
 from .model import window_indices
 from .fast import FastNet
@@ -54,10 +57,15 @@ class Predictor:
         fast: bool = False,
         bf16: bool | None = None,
         compile: bool = False,
+        focus_window: bool = True,
     ) -> None:
         """``fast`` predicts with `FastNet` (BatchNorm folded, channels-last, bf16 where
         native unless ``bf16=False``, ``torch.compile`` if ``compile``): the live
-        worker's path. 3D models only."""
+        worker's path. 3D models only.
+
+        ``focus_window`` (default on) predicts 3D models from the z window they were
+        trained on, centred on the cells' focal plane found in the brightfield
+        (`inference.zwindow`), and 2.5D models from the window at that plane."""
         self.device = pick_device(device)
         self.model = model if isinstance(model, LoadedModel) else load_checkpoint(model, self.device)
         self.model.net.to(self.device).eval()
@@ -66,6 +74,9 @@ class Predictor:
         #: seconds of the last `predict`: normalising and resampling in, the network, and
         #: resampling back and copying out (the worker reports them per stack)
         self.last_timing: dict[str, float] = {}
+        self.focus_window = focus_window
+        #: where the last `predict` found the cells (None: not looked for)
+        self.last_focus: FocusEstimate | None = None
         if fast and not self.is_2_5d:
             self.net = FastNet(self.model.net, self.device, bf16=bf16, compile=compile)
 
@@ -95,6 +106,7 @@ class Predictor:
         z_centre: int | None = None,
         out: np.ndarray | None = None,
         on_tile: Callable[[int, int], None] | None = None,
+        focus_window: bool | None = None,
     ) -> np.ndarray:
         """Prediction in z-score units, float32, shape ``(len(structures), *stack.shape)``
         (2.5D: ``(len(structures), 1, y, x)`` unless ``slide``); written into ``out``
@@ -108,7 +120,8 @@ class Predictor:
         and ``z_centre`` (a plane of ``stack``) only apply to 2.5D models.
         ``on_tile(done, total)`` reports the progress of a tiled prediction, after each
         tile (2.5D with ``slide``: tiles of all planes together); one-pass predictions
-        do not call it.
+        do not call it. ``focus_window`` overrides the predictor's own setting for
+        this call.
         """
         if stack.ndim != 3:
             raise ValueError(
@@ -122,6 +135,17 @@ class Predictor:
             if tuple(out.shape) != want or out.dtype != np.float32:
                 raise ValueError(f"out must be float32 {want}, got {out.dtype} {tuple(out.shape)}")
         t0 = time.perf_counter()
+        self.last_focus = None
+        if self.focus_window if focus_window is None else focus_window:
+            if self.is_2_5d:
+                if z_centre is None and not slide:
+                    self.last_focus = estimate_focus(stack, zwindow.z_step_of(voxel_size_um, self.model.meta.voxel_size_um))
+                    if self.last_focus.plane is not None:
+                        z_centre = int(round(self.last_focus.plane))
+            else:
+                windowed = self._predict_window(stack, voxel_size_um, tile, tta, overlap, out, on_tile)
+                if windowed is not None:
+                    return windowed
         t = self.staging(stack)  # normalised, on the device; reused by the next call
         scale = self._scale(voxel_size_um)
         with torch.inference_mode():
@@ -146,6 +170,32 @@ class Predictor:
         self.last_timing = {"preprocess_s": t1 - t0, "network_s": t2 - t1,
                             "postprocess_s": time.perf_counter() - t2}
         return result
+
+    def _predict_window(self, stack: np.ndarray, voxel_size_um: Sequence[float] | None,
+                        tile: Sequence[int] | None, tta: bool, overlap: Sequence[int] | int | None,
+                        out: np.ndarray | None, on_tile: Callable[[int, int], None] | None,
+                        ) -> np.ndarray | None:
+        """A 3D model's prediction from its training z window centred on the cells, or
+        None when the whole stack is what it should see (`zwindow.plan_window`)."""
+        t0 = time.perf_counter()
+        meta = self.model.meta
+        dz = zwindow.z_step_of(voxel_size_um, meta.voxel_size_um)
+        focus = estimate_focus(stack, dz)
+        self.last_focus = focus
+        window = zwindow.plan_window(stack, dz, zwindow.training_extent_um(meta.extra, meta.voxel_size_um[0]),
+                                     focus, float(meta.extra.get("train_focus_offset_um", 0.0)))
+        if window is None:
+            return None
+        t1 = time.perf_counter()
+        part = self.predict(stack[window.indices], voxel_size_um, tile, tta, overlap,
+                            on_tile=on_tile, focus_window=False)
+        full = zwindow.place(part, window, stack.shape[0])
+        self.last_focus = focus
+        self.last_timing["focus_s"] = t1 - t0
+        if out is None:
+            return full
+        out[...] = full
+        return out
 
     def predict_with_uncertainty(
         self,

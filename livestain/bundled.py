@@ -16,6 +16,7 @@ from livestain.inference.commands import Progress
 from livestain.inference.model import UNetConfig
 from livestain.inference.normalize import PercentileNorm
 from livestain.inference.train import TrainSettings, evaluate, train
+from livestain.inference.zwindow import training_geometry
 
 TRAIN_TILES = [(i, j) for i in range(3) for j in range(3)]
 VAL_TILES = [(40, 40), (40, 41), (41, 40)]  # far from the demo's tiles: unseen cells
@@ -45,6 +46,8 @@ def train_bundled(out: Path, steps: int = 600, seed: int = 0) -> dict:
             "val_pearson": metrics,
             "train_seconds": round(result.seconds, 1),
             "history": result.history,
+            # the z window the worker predicts from (inference.zwindow)
+            **training_geometry([b for b, _ in train_pairs], val[0].voxel_size_um[0]),
         },
     )
     path = save_checkpoint(out, result.net, meta)

@@ -1,0 +1,106 @@
+"""Predict from the z window the model was trained on, centred on the cells.
+
+A 3D model learns its training stacks' geometry: how many micrometres of z they span
+and where the cells sit in them. Fed a taller stack, or one off-centre on the cells,
+it sees something it never learned, and its r collapses (bundled model, measured in
+bench/robustness.py: DNA r 0.97 at its 16 um stack, 0.26 at 32 um, ~0 at 8 um off).
+
+So before predicting, the stack's focal plane is found from the brightfield itself
+(`livestain.focus.estimate_focus`), the planes spanning the model's training z extent
+around it are cut out (planes beyond the stack's ends repeat the edge plane), the model
+predicts that window, and the prediction is put back in place. Planes of the stack
+outside the window lie far from the cells: they get the window's own background (the
+median of its nearest edge plane, per structure), not a guess of the network on data
+it never saw. Stacks without a focus estimate (phase contrast, no cells, the cells
+outside the stack) are predicted as they are, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from livestain.focus import FocusEstimate, estimate_focus
+
+#: z extent (um) assumed for a model whose checkpoint does not record its training
+#: stacks' (the bundled recipe's: 16 planes, 1 um apart).
+DEFAULT_EXTENT_UM = 16.0
+
+
+def training_geometry(stacks: Sequence[np.ndarray], z_step_um: float) -> dict[str, float]:
+    """What a checkpoint records of its training stacks' z geometry: their extent
+    (``train_extent_um``, the median) and where the cells' focal plane sat in them
+    (``train_focus_offset_um`` from the stack's centre, the median over stacks where it
+    was found; 0 when none)."""
+    offsets = [f.offset_um for f in (estimate_focus(s, z_step_um) for s in stacks) if f.offset_um is not None]
+    return {"train_extent_um": float(np.median([s.shape[0] * z_step_um for s in stacks])),
+            "train_focus_offset_um": round(float(np.median(offsets)), 3) if offsets else 0.0}
+
+
+def training_extent_um(meta_extra: dict, voxel_z_um: float) -> float:
+    """The z extent of a model's training stacks, from its checkpoint's provenance:
+    ``train_extent_um`` when recorded, else the training patch's z size, else
+    `DEFAULT_EXTENT_UM`."""
+    if (extent := meta_extra.get("train_extent_um")) is not None:
+        return float(extent)
+    patch = (meta_extra.get("settings") or {}).get("patch")
+    if patch:
+        return float(patch[0]) * float(voxel_z_um)
+    return DEFAULT_EXTENT_UM
+
+
+@dataclass(frozen=True)
+class Window:
+    """Planes ``indices`` of the stack (clipped: repeats at the ends) make the window;
+    plane ``i`` of the window is plane ``first + i`` of the stack when that exists."""
+
+    first: int
+    indices: np.ndarray
+    focus: FocusEstimate
+
+    @property
+    def size(self) -> int:
+        return len(self.indices)
+
+
+def plan_window(stack: np.ndarray, z_step_um: float, extent_um: float,
+                focus: FocusEstimate | None = None, focus_offset_um: float = 0.0) -> Window | None:
+    """The window to predict from, or None to predict the whole stack as it is (no
+    focus found, or the stack already is the model's window).
+
+    ``focus_offset_um`` is where the cells' focal plane sat in the model's training
+    stacks, from their centre (`training_geometry`): the window puts it there again.
+    """
+    nz = stack.shape[0]
+    focus = focus or estimate_focus(stack, z_step_um)
+    if focus.plane is None:
+        return None
+    size = max(1, int(round(extent_um / float(z_step_um))))
+    centre = focus.plane - float(focus_offset_um) / float(z_step_um)
+    first = int(round(centre - (size - 1) / 2))
+    if size == nz and first == 0:
+        return None
+    indices = np.clip(np.arange(first, first + size), 0, nz - 1)
+    return Window(first, indices, focus)
+
+
+def place(window_prediction: np.ndarray, window: Window, nz: int) -> np.ndarray:
+    """(s, nz, y, x) from the window's (s, w, y, x) prediction (see the module docstring)."""
+    s, w = window_prediction.shape[:2]
+    out = np.empty((s, nz, *window_prediction.shape[2:]), np.float32)
+    lo, hi = max(0, window.first), min(nz, window.first + w)
+    if hi > lo:
+        out[:, lo:hi] = window_prediction[:, lo - window.first : hi - window.first]
+    below = np.median(window_prediction[:, 0].reshape(s, -1), axis=1)
+    above = np.median(window_prediction[:, -1].reshape(s, -1), axis=1)
+    out[:, :lo] = below[:, None, None, None]
+    out[:, hi:] = above[:, None, None, None]
+    return out
+
+
+def z_step_of(voxel_size_um: Sequence[float] | None, model_voxel_um: Sequence[float]) -> float:
+    """The stack's z step: its declared one, else the model's (the stack is then
+    assumed to be at the model's voxel size, as `Predictor` assumes)."""
+    return float((voxel_size_um or model_voxel_um)[0])

@@ -1,0 +1,148 @@
+"""Where are the cells along z? The sample's focal plane, from the brightfield stack alone.
+
+Cells are nearly transparent phase objects. In brightfield their contrast comes from
+defocus: a plane above the cells shows them with bright halos, a plane below with dark
+ones, and the plane through their middle shows them barely at all. So the contrast of
+the planes through a z-stack has a sharp minimum at the cells' focal plane, flanked by
+maxima on both sides (measured on the simulator, 0.25 um steps: the minimum lies within
+0.15 um of the cells' refractive-index-weighted mid-height, and is ~1.5 um wide).
+
+`estimate_focus` finds that minimum. It is what both sides of a run use:
+
+- the worker (`inference.predict`) predicts from a window of the stack centred on the
+  cells, the z extent the model was trained on, so a stack taller than the model's, or
+  off-centre on the cells, is predicted as the model knows how;
+- the daemon (focus tracking) re-centres the next stacks of a position on its cells, so
+  a drifting sample stays in the stack.
+
+Numpy and scipy only: the daemon imports it and stays torch-free. Phase contrast shows
+a maximum at focus, not a minimum: its stacks get no estimate (None), which callers
+treat as "predict the stack as it is" and "do not move".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+#: The contrast is measured on at most four squares of this many pixels a side per plane
+#: (`_crops`): a fixed cost per plane however large the camera.
+CHECK_CROP = 192
+#: A minimum counts as the focal plane when its contrast is below this fraction of the
+#: highest contrast on *both* sides of it (stacks through the cells: ~0.4-0.6; stacks
+#: whose cells are outside: > 0.95).
+FOCUS_DIP_RATIO = 0.75
+#: Fewer planes than this show no dip worth trusting.
+MIN_FOCUS_PLANES = 5
+
+
+def _crops(plane: np.ndarray) -> list[np.ndarray]:
+    """Where the contrast is measured: the whole plane up to 2 x `CHECK_CROP` pixels a
+    side, else one `CHECK_CROP` square centred in each quadrant (four samples of a large
+    field, so cells off its centre still count, at a fixed cost per plane)."""
+    ny, nx = plane.shape
+    c = CHECK_CROP
+    if ny <= 2 * c and nx <= 2 * c:
+        return [plane]
+    ys = [max(0, min(ny - c, cy - c // 2)) for cy in (ny // 4, 3 * ny // 4)] if ny > 2 * c else [0]
+    xs = [max(0, min(nx - c, cx - c // 2)) for cx in (nx // 4, 3 * nx // 4)] if nx > 2 * c else [0]
+    return [plane[y : y + c, x : x + c] for y in ys for x in xs]
+
+
+def plane_contrast(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(band-pass contrast, noise) per plane: the std of a difference of Gaussians
+    (sigma 1 and 6 px: cell-sized detail, no illumination gradient, little noise) and
+    the camera noise estimated from horizontally neighbouring pixels (median absolute
+    difference / 0.6745 / sqrt 2), both in the stack's units, over `_crops`."""
+    c, n = [], []
+    for plane in stack:
+        band, diffs = [], []
+        for crop in _crops(plane):
+            p = crop.astype(np.float32)
+            band.append((ndi.gaussian_filter(p, 1.0, truncate=3.0) - ndi.gaussian_filter(p, 6.0, truncate=3.0)).ravel())
+            if p.shape[1] > 1:
+                diffs.append(np.abs(np.diff(p, axis=1)).ravel())
+        c.append(float(np.concatenate(band).std()))
+        n.append(float(np.median(np.concatenate(diffs))) / 0.6745 / math.sqrt(2.0) if diffs else 0.0)
+    return np.asarray(c), np.asarray(n)
+
+
+def _dips(contrast: np.ndarray) -> np.ndarray:
+    """Per plane, ``c[i] / min(max(c[:i]), max(c[i+1:]))`` (inf at the ends): below 1
+    where the contrast rises on both sides."""
+    c = np.asarray(contrast, float)
+    out = np.full(len(c), math.inf)
+    if len(c) < 3:
+        return out
+    left = np.maximum.accumulate(c)[:-2]  # max(c[:i]) for i = 1..n-2
+    right = np.maximum.accumulate(c[::-1])[::-1][2:]  # max(c[i+1:])
+    side = np.minimum(left, right)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out[1:-1] = np.where(side > 0, c[1:-1] / side, math.inf)
+    return out
+
+
+def focus_dip(contrast: np.ndarray) -> float:
+    """Depth of the deepest interior minimum of a contrast-through-focus curve: the
+    smallest ``c[i] / min(max(c[:i]), max(c[i+1:]))`` over interior planes (below 1:
+    contrast rises on both sides; inf for fewer than 3 planes)."""
+    return float(_dips(contrast).min())
+
+
+@dataclass(frozen=True)
+class FocusEstimate:
+    """Where the cells' focal plane lies in a stack, or why it was not found.
+
+    Attributes
+    ----------
+    plane : float | None
+        Fractional plane index of the focal plane (0 = the first plane), None when no
+        contrast minimum lies inside the stack.
+    offset_um : float | None
+        The focal plane's distance from the stack's centre, in um (positive: towards the
+        last plane). Moving the stack's centre by this much centres it on the cells.
+    dip : float
+        The minimum's depth (`focus_dip`): lower is clearer.
+    reason : str
+        Why there is no estimate ("" when there is one).
+    """
+
+    plane: float | None
+    offset_um: float | None
+    dip: float
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, float | str | None]:
+        return {"focus_plane": None if self.plane is None else round(self.plane, 3),
+                "focus_offset_um": None if self.offset_um is None else round(self.offset_um, 3),
+                "focus_dip": round(min(self.dip, 1e9), 4), "focus_reason": self.reason}
+
+
+def estimate_focus(stack: np.ndarray, z_step_um: float = 1.0,
+                   contrast: np.ndarray | None = None) -> FocusEstimate:
+    """The cells' focal plane in a (z, y, x) brightfield stack (see the module docstring).
+
+    The deepest contrast minimum below `FOCUS_DIP_RATIO`, refined to a fraction of a plane
+    by the parabola through it and its neighbours. ``contrast`` saves recomputing
+    `plane_contrast` when the caller has it.
+    """
+    nz = int(np.shape(stack)[0])
+    if nz < MIN_FOCUS_PLANES:
+        return FocusEstimate(None, None, math.inf, f"{nz} planes: too few to find the focus "
+                                                   f"(needs {MIN_FOCUS_PLANES})")
+    c = plane_contrast(stack)[0] if contrast is None else np.asarray(contrast, float)
+    dips = _dips(c)
+    i = int(np.argmin(dips))
+    dip = float(dips[i])
+    if not dip < FOCUS_DIP_RATIO:
+        return FocusEstimate(None, None, dip, f"no contrast minimum inside the stack (deepest dip "
+                                              f"{min(dip, 9.99):.2f} >= {FOCUS_DIP_RATIO}): the "
+                                              f"cells are outside it, or it holds none")
+    a, b, d = c[i - 1], c[i], c[i + 1]
+    curvature = a - 2 * b + d
+    shift = 0.5 * (a - d) / curvature if curvature > 0 else 0.0
+    plane = i + float(np.clip(shift, -0.5, 0.5))
+    return FocusEstimate(plane, (plane - (nz - 1) / 2) * float(z_step_um), dip)
