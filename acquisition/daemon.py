@@ -37,10 +37,12 @@ import zmq
 
 from livestain import __version__, wire
 from livestain.security import apply_client
+from livestain.focus import FocusEstimate, estimate_focus
 from livestain.stackio import read_stack, write_stack
 
 from .dataset_lock import LOCK_NAME, DatasetLock
 from .doorbell import Doorbell
+from .focus_tracking import FocusTracker, tracked_events
 from .journal import Journal
 from .policies import Policies
 from .audit import planned_keys
@@ -208,6 +210,7 @@ class Daemon:
         # on a run of days
         self.records: dict[int, StackRecord] = {}
         self._late_on_disk = 0  # late stacks not held in `records` (see `LATE_KEPT`)
+        self.focus = FocusTracker(policies.track_focus, policies.focus_max_step_um, policies.focus_deadband_um)
         # seqs predicted lately, so a duplicate answer is dropped quietly; bounded (a run
         # of days predicts hundreds of thousands): the journal holds the full record, and
         # an answer older than this memory is refused by the sockets anyway (was_handed)
@@ -412,6 +415,8 @@ class Daemon:
             if isinstance(events, list) and not events:
                 self._mda_done.set()
             else:
+                if self.focus.enabled:  # each stack at its position's latest correction
+                    events = tracked_events(events, self.focus, self.core.mda)
                 threading.Thread(target=self._run_mda, args=(events,), name="livestain-mda",
                                  daemon=True).start()
             while not (self._mda_done.is_set() and self.frames.empty()):
@@ -518,6 +523,9 @@ class Daemon:
         raw_path, _ = stack_paths(self.out_dir, stack.t, stack.p, stack.channel)
         header = self._stack_header(seq, stack, raw_path)
         info = header.model_dump(by_alias=True) | {"gaps": stack.gaps, "exposure_ms": stack.exposure_ms}
+        focus = self._track_focus(stack, header)
+        if focus is not None:
+            info["focus"] = focus
         if (ledger := self._ledgers.pop(stack.key, None)) is not None:
             info["dose_ledger"] = self._last_ledger = ledger
         self._check_disk(stack.planes.nbytes + self._prediction_bytes(stack.planes.shape))
@@ -533,7 +541,8 @@ class Daemon:
                 f"{_write_fix(e)} and continue with --resume."
             ) from None
         try:
-            self.journal.stack_written(seq, stack.t, stack.p, stack.channel, raw_path, len(stack.gaps))
+            self.journal.stack_written(seq, stack.t, stack.p, stack.channel, raw_path, len(stack.gaps),
+                                       *((focus["focus_offset_um"], focus["z_correction_um"]) if focus else ()))
         except OSError as e:
             raise RunStopped(f"{e}. {raw_path.name} and earlier stacks are intact; free some "
                              f"space and continue with --resume.") from None
@@ -555,6 +564,25 @@ class Daemon:
         if stack.channel in self.stream_channels:
             self.records[seq] = StackRecord(seq, stack.t, stack.p, raw_path, time.time(), header)
             self._mark_late(self.sockets.offer(header, stack.planes))
+
+    def _track_focus(self, stack: Stack, header: wire.StackHeader) -> dict[str, Any] | None:
+        """Where this brightfield stack's cells are (`livestain.focus`), recorded in its
+        metadata and the journal; with ``policies.track_focus`` the position's next stacks
+        move to centre them (`FocusTracker`). None for channels that are not streamed."""
+        if stack.channel not in self.stream_channels:
+            return None
+        taken_with = self.focus.correction_of(stack.t, stack.p)
+        if stack.gaps:
+            estimate = FocusEstimate(None, None, float("inf"), "planes missing: focus not estimated")
+        else:
+            estimate = estimate_focus(stack.planes, header.voxel_size_um[0])
+        move = self.focus.observe(stack.t, stack.p, estimate)
+        if move.moved_um:
+            self.report(f"[t {stack.t + 1}/{self._n_t} p {stack.p + 1}/{self._n_p}] focus: cells "
+                        f"{estimate.offset_um:+.1f} um from the stack's centre; next stacks of this "
+                        f"position move {move.moved_um:+.1f} um (z correction {move.correction_um:+.1f} um)")
+        return estimate.to_dict() | {"z_correction_um": round(taken_with, 3),
+                                     "next_z_correction_um": round(move.correction_um, 3)}
 
     def _stack_header(self, seq: int, stack: Stack, raw_path: Path) -> wire.StackHeader:
         px = self._pixel_size_um
@@ -886,7 +914,7 @@ class Daemon:
             "positions": self._n_p,
             "disk_free_bytes": self.free_space(self.out_dir),
             "uptime_s": round(time.time() - self.started_at, 1),
-        } | self.trust.status() | self._light_dose() | self._snap_counts() | self.extra_status()
+        } | self.trust.status() | self.focus.status() | self._light_dose() | self._snap_counts() | self.extra_status()
 
     def _on_control(self) -> None:
         frames = self.sockets.control.recv_multipart()

@@ -86,7 +86,8 @@ class Journal:
         self._add_missing_columns()
 
     #: Columns added after the first release: a journal from before gains them on open.
-    LATER_COLUMNS = {"confidence": "REAL", "flags": "TEXT", "not_predictable": "TEXT"}
+    LATER_COLUMNS = {"confidence": "REAL", "flags": "TEXT", "not_predictable": "TEXT",
+                     "focus_offset_um": "REAL", "z_correction_um": "REAL"}
 
     def _add_missing_columns(self) -> None:
         have = {row[1] for row in self.db.execute("PRAGMA table_info(stacks)")}
@@ -105,11 +106,15 @@ class Journal:
         except sqlite3.Error as e:
             raise JournalWriteError(f"could not record the run's progress in {self.path}: {e}") from None
 
-    def stack_written(self, seq: int, t: int, p: int, channel: str, raw_path: Path, gaps: int) -> None:
+    def stack_written(self, seq: int, t: int, p: int, channel: str, raw_path: Path, gaps: int,
+                      focus_offset_um: float | None = None, z_correction_um: float | None = None) -> None:
+        """A stack is on disk; with where its cells' focal plane was found (from the
+        stack's centre, um; None: not found or not estimated) and the focus-tracking
+        correction it was taken with."""
         self._write(
-            "INSERT OR REPLACE INTO stacks (seq, t, p, channel, raw_path, gaps, acquired_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (seq, t, p, channel, str(raw_path), gaps, time.time()),
+            "INSERT OR REPLACE INTO stacks (seq, t, p, channel, raw_path, gaps, acquired_at, "
+            "focus_offset_um, z_correction_um) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, t, p, channel, str(raw_path), gaps, time.time(), focus_offset_um, z_correction_um),
         )
 
     def prediction_written(self, seq: int, path: Path, latency_s: float,

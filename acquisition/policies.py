@@ -35,6 +35,13 @@ class Policies(BaseModel):
     equivalent_fluorescence_exposure_ms : float
         Exposure per plane and structure that the same run with real fluorescence would
         use; the status reports the light dose livestain avoided with it.
+    track_focus : bool
+        Re-centre each position's next stacks on its cells, found in the brightfield
+        stack itself (`acquisition.focus_tracking`). Off: the focus is only recorded.
+    focus_max_step_um : float
+        Largest z move per time point of a position when tracking.
+    focus_deadband_um : float
+        Offsets of the cells from the stack's centre smaller than this are left alone.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -46,6 +53,9 @@ class Policies(BaseModel):
     stream_channels: tuple[str, ...] = ("Brightfield",)
     snap_retries: int = Field(2, ge=0, le=10)
     equivalent_fluorescence_exposure_ms: float = Field(50.0, ge=0)
+    track_focus: bool = False
+    focus_max_step_um: float = Field(2.0, gt=0)
+    focus_deadband_um: float = Field(0.5, ge=0)
 
     @property
     def min_free_bytes(self) -> int:

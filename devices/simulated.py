@@ -133,6 +133,10 @@ class SimulatedScope:
         Camera settings (see the module docstring).
     z_sequence_max_length : int
         > 0 makes the focus drive sequenceable (hardware z-stacks).
+    z_drift_um_per_s : float
+        The sample drifts up (positive) or down in z at this rate of its clock from the
+        first frame on, as a warming stage or a settling dish does over a long run
+        (``livestain demo --scenario focus-drift``); the focus drive does not know.
     """
 
     seed: int = 0
@@ -153,6 +157,8 @@ class SimulatedScope:
     binning_mode: str = "Sum"
     bit_depth: int = 16
     z_sequence_max_length: int = 0
+    z_drift_um_per_s: float = 0.0
+    drift_t0_s: float | None = None  # the sample clock at the first frame: drift starts there
     z_sequence: ZSequence = field(default_factory=ZSequence, repr=False)
     ledger: DoseLedger = field(default_factory=DoseLedger, repr=False)
     _renderers: OrderedDict[tuple[int, int], FieldRenderer] = field(
@@ -212,6 +218,13 @@ class SimulatedScope:
         t = t_s if harmed is None else min(t_s, harmed)
         return self.renderer(tile).sample.displacement(t)
 
+    def sample_z(self, stage_z_um: float, t_s: float) -> float:
+        """Where the focal plane at stage z ``stage_z_um`` lies in the sample at ``t_s``
+        (the sample's own z, which drifts by ``z_drift_um_per_s``)."""
+        if not self.z_drift_um_per_s or self.drift_t0_s is None:
+            return stage_z_um
+        return stage_z_um - self.z_drift_um_per_s * max(0.0, t_s - self.drift_t0_s)
+
     def dose_ledger(self) -> dict:
         """Cumulative light dose per position and channel (see `devices.dose`)."""
         return self.ledger.as_dict()
@@ -228,6 +241,7 @@ class SimulatedScope:
         r = self.renderer(tile)
         shifts = self.displacement(tile, t_s)
         power = self.intensity_pct / 100.0
+        z_um = self.sample_z(z_um, t_s)
         if channel == BRIGHTFIELD:
             rel, per_ms = r.brightfield(z_um, shifts), self.optics.bf_photons_per_ms
         else:
@@ -257,6 +271,8 @@ class SimulatedScope:
             self.z_um = z_next
         tile = self.tile_at(*self.xy_um)
         t = self.now()
+        if self.drift_t0_s is None:
+            self.drift_t0_s = t
         channel = self.light_path
         meta: dict[str, object] = {
             "livestain_tile": tile_key(tile),

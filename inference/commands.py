@@ -111,18 +111,28 @@ def tile_progress(label: str = "predicting: tile", stream: TextIO | None = None)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train a model on a paired dataset folder and save it with its provenance."""
+    """Train a model on a paired dataset folder (from scratch, or fine-tuning ``--init``)
+    and save it with its provenance: the weights of its best validation, not its last step's."""
     import torch
 
     from livestain.stackio import MIN_YX
 
     from .checkpoint import ModelMeta, save_checkpoint
     from .dataset import fingerprint, load_fields, split_for_validation
-    from .model import UNetConfig
+    from .model import UNet3D, UNetConfig
     from .normalize import PercentileNorm
     from .predict import pick_device
     from .zwindow import training_geometry
-    from .train import TrainSettings, resolve_precision, train
+    from .train import (TrainSettings, data_patch, data_steps, describe_architecture, plan_transfer,
+                        resolve_precision, train)
+
+    # options the user typed (the parser records them): the data-derived defaults and the
+    # --init architecture note must tell a default from a choice; a Namespace built by
+    # hand (no record) counts every value as chosen, which is the behaviour before them
+    given = getattr(args, "given", None)
+
+    def chose(dest: str) -> bool:
+        return given is None or dest in given
 
     if args.steps < 1 or args.batch < 1 or args.depth < 1 or args.base_channels < 1:
         raise ValueError("--steps, --batch, --depth and --base-channels must be at least 1")
@@ -132,35 +142,87 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--intensity, --gamma, --noise and --z-shift must not be negative")
     if args.val_every is not None and args.val_every < 1 or args.save_every < 0:
         raise ValueError("--val-every must be at least 1 and --save-every at least 0")
-    z_window = args.z_window if args.z_window is not None else (5 if args.mode == "2.5d" else 1)
-    if args.mode == "3d" and z_window != 1:
-        raise ValueError("--z-window is for --mode 2.5d; a 3D model takes the whole stack")
+    lr, patience = getattr(args, "lr", None), getattr(args, "patience", None)
+    if lr is not None and not lr >= 0 or patience is not None and patience < 0:
+        raise ValueError("--lr and --patience must not be negative (--patience 0: no early stopping)")
+    init = load_init(args.init) if getattr(args, "init", None) else None
+    if patience is None:
+        # Early stopping by default only for a fine-tune: it starts near a good solution,
+        # and on a few fields its validation r typically peaks early and then slides as it
+        # overfits. From scratch the cosine schedule's low-rate second half is where r
+        # still climbs (the bundled recipe's rose at every validation to the end), and a
+        # plateau in the high-rate first half is no reason to stop.
+        patience = 5 if init is not None else 0
+    if init is not None:
+        c0 = init.meta.config  # a fine-tune keeps the architecture its weights belong to
+        mode, depth, base_channels, z_window, target_2d = c0.mode, c0.depth, c0.base_channels, c0.z_window, c0.target_2d
+        ignored = [f"--{dest.replace('_', '-')} {mine}" for dest, mine, theirs in (
+            ("mode", args.mode, mode), ("depth", args.depth, depth), ("base_channels", args.base_channels, base_channels),
+            ("z_window", args.z_window, z_window), ("target_2d", args.target_2d, target_2d),
+        ) if chose(dest) and mine is not None and mine != theirs]
+        if ignored:
+            print(f"note: the architecture comes from --init {init.name} ({describe_architecture(c0)}); "
+                  f"ignoring {', '.join(ignored)}")
+    else:
+        mode, depth, base_channels, target_2d = args.mode, args.depth, args.base_channels, args.target_2d
+        z_window = args.z_window if args.z_window is not None else (5 if mode == "2.5d" else 1)
+        if mode == "3d" and z_window != 1:
+            raise ValueError("--z-window is for --mode 2.5d; a 3D model takes the whole stack")
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
-    fields = load_fields(args.data, args.structures, args.voxel_size, min_yx=max(MIN_YX, 2**args.depth))
+    fields = load_fields(args.data, args.structures, args.voxel_size, min_yx=max(MIN_YX, 2**depth))
     _check_voxel_sizes(fields)
-    if args.mode == "3d" and any(f.planar for f in fields):
+    if mode == "3d" and any(f.planar for f in fields):
         raise ValueError(
             f"the structures in {args.data} are single planes (YX) beside brightfield stacks: "
-            "train a 2.5D model on them (--mode 2.5d --z-window N)"
+            + ("train a 2.5D model on them (--mode 2.5d --z-window N)" if init is None else
+               f"--init {init.name} is a 3D model; fine-tune a 2.5D one, or train one from scratch (--mode 2.5d)")
         )
     trn, val, note = split_for_validation(fields, args.val_fields, args.val_fraction, args.seed,
-                                          min_yx=max(MIN_YX, 2**args.depth))
+                                          min_yx=max(MIN_YX, 2**depth))
     if note:
         print(note)
     smallest = np.min([f.brightfield.shape for f in trn], axis=0)  # patches come from these only
-    patch = tuple(int(min(p, s)) for p, s in zip(args.patch, smallest))
-    if args.mode == "2.5d":
-        patch = (z_window, *patch[1:])  # the z of a 2.5D patch is its window
-    if patch[1:] != tuple(args.patch)[1:] or (args.mode == "3d" and patch != tuple(args.patch)):
-        print(f"note: patch {tuple(args.patch)} larger than the smallest field {tuple(smallest)}; using {patch}")
-    cfg = UNetConfig(structures=tuple(args.structures), depth=args.depth, base_channels=args.base_channels,
-                     mode=args.mode, z_window=z_window, target_2d=args.target_2d)
+    if chose("patch"):
+        patch = tuple(int(min(p, s)) for p, s in zip(args.patch, smallest))
+        if mode == "2.5d":
+            patch = (z_window, *patch[1:])  # the z of a 2.5D patch is its window
+        if patch[1:] != tuple(args.patch)[1:] or (mode == "3d" and patch != tuple(args.patch)):
+            print(f"note: patch {tuple(args.patch)} larger than the smallest field {tuple(smallest)}; using {patch}")
+    else:
+        patch, why = data_patch(smallest, depth, mode, z_window)
+        print(f"patch {'x'.join(map(str, patch))}: {why} (--patch to choose)")
+    if chose("steps"):
+        steps = args.steps
+    else:
+        max_projection = mode == "2.5d" and target_2d == "max"
+        voxels = sum(f.targets[0][0].size if max_projection and not f.planar else f.targets[0].size for f in trn)
+        steps, why = data_steps(voxels, args.batch, patch, mode, finetune=init is not None)
+        print(f"steps {steps}: {why} (--steps to choose)")
+    if lr is None:
+        # A fine-tune's default is a quarter of the from-scratch rate: Adam's first steps
+        # move every weight by about lr whatever the gradient, and at the full rate those
+        # first steps on a few fields would undo much of what the initial model learnt.
+        lr = TrainSettings.lr / 4 if init is not None else TrainSettings.lr
+        if init is not None:
+            print(f"lr {lr:g}: a fine-tune, a quarter of the {TrainSettings.lr:g} used from scratch (--lr to choose)")
+    cfg = UNetConfig(structures=tuple(args.structures), depth=depth, base_channels=base_channels,
+                     mode=mode, z_window=z_window, target_2d=target_2d)
     settings = TrainSettings(
-        steps=args.steps, patch=patch, batch=args.batch, seed=args.seed,  # type: ignore[arg-type]
+        steps=steps, patch=patch, batch=args.batch, lr=lr, seed=args.seed,  # type: ignore[arg-type]
         intensity=args.intensity, gamma=args.gamma, noise=args.noise, z_shift=args.z_shift,
         precision=precision,
     )
+    if init is not None:
+        with torch.device("meta"):  # the names and shapes alone, nothing allocated
+            shapes = {k: v.shape for k, v in UNet3D(cfg).state_dict().items()}
+        plan = plan_transfer(shapes, {k: v.shape for k, v in init.net.state_dict().items()},
+                             cfg.structures, c0.structures)
+        print(f"fine-tuning {init.name} ({', '.join(c0.structures)}): {plan.describe()}")
+        if not np.allclose(fields[0].voxel_size_um, init.meta.voxel_size_um, rtol=0.02):
+            print(f"note: your data's voxel size {tuple(fields[0].voxel_size_um)} um differs from "
+                  f"{init.name}'s {tuple(init.meta.voxel_size_um)} um; the fine-tuned model is for yours "
+                  "(resample the data to the initial model's voxel size for the closest transfer)")
     fp = fingerprint(args.data)
     out_path = Path(args.out).with_suffix(".safetensors")
     state_path = training_state_path(out_path)
@@ -174,6 +236,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{settings.steps} steps of {settings.batch} x {shape} patches; {cfg.mode} U-Net depth {cfg.depth}, "
         f"{cfg.base_channels} base channels; {precision} on {device}"
     )
+    if patience and not val:
+        print("note: no validation fields, so no early stopping (--patience) and the last step's weights are saved")
     torch.manual_seed(args.seed)
     progress: Progress | None = None
 
@@ -195,10 +259,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         state_path=state_path,
         save_every=args.save_every,
         resume=args.resume,
+        init=init.net if init is not None else None,
+        keep_best=True,
+        patience=patience,
     )
+    if progress is not None and progress.tty and result.steps_run != settings.steps:
+        print()  # the progress line ends its line only at the last step
     if result.resumed_from:
         print(f"resumed from step {result.resumed_from} of {settings.steps} ({state_path})")
-    val_pearson = result.history[-1]["val_pearson"] if result.history else None
+    if result.stopped_early_at is not None:
+        print(f"stopped early at step {result.stopped_early_at} of {settings.steps}: the mean validation r has "
+              f"not improved on step {result.best_step}'s for {patience} validations (--patience)")
+    val_pearson = result.best_val_pearson  # the saved weights' own scores
+    extra: dict[str, Any] = {}
+    if init is not None:
+        extra["init"] = {"model": init.name, "path": str(init.path.resolve()),
+                         **(result.transfer.to_dict() if result.transfer else {})}
+        before = next((h["val_pearson"] for h in result.history if h["step"] == 0), None)
+        if before:
+            print(f"{init.name} before fine-tuning: validation Pearson r "
+                  + ", ".join(f"{s} {r:.3f}" for s, r in before.items()))
     meta = ModelMeta(
         config=cfg,
         norm=PercentileNorm(),
@@ -212,7 +292,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "train_fields": [f.name for f in trn],
                 "val_fields": [f.name for f in val],
             },
+            **extra,
             "val_pearson": val_pearson,
+            "best_step": result.best_step,
+            "steps_run": result.steps_run,
+            "stopped_early_at": result.stopped_early_at,
+            "patience": patience,
             "train_seconds": round(result.seconds, 1),
             # the z window the worker predicts from (inference.zwindow)
             **training_geometry([f.brightfield for f in trn], fields[0].voxel_size_um[0]),
@@ -223,10 +308,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     path = save_checkpoint(out_path, result.net.cpu(), meta)
     curve = save_curve(path.with_suffix(".curve.png"), result.losses, result.history, cfg.structures)
-    summary = ", ".join(f"{s} {r:.3f}" for s, r in val_pearson.items()) if val_pearson else "n/a"
+    if val_pearson:
+        summary = (", ".join(f"{s} {r:.3f}" for s, r in val_pearson.items())
+                   + f" (mean {result.best_score:.3f}) at step {result.best_step} (of {result.steps_run} run)")
+        if result.best_step == 0:
+            summary += f": fine-tuning did not improve on {init.name if init else 'the initial model'}"
+    else:
+        summary = "n/a (no validation fields: the last step's weights)"
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {curve}; "
-          f"{result.seconds:.0f} s; validation Pearson r: {summary}")
+          f"{result.seconds:.0f} s; best validation Pearson r: {summary}")
     return 0
+
+
+def load_init(text: str) -> Any:
+    """The model ``--init`` names (``bundled``: the bundled model), as a `LoadedModel`;
+    a ValueError naming the file and the fix when it is missing or not a livestain model."""
+    from .checkpoint import CheckpointError, load_checkpoint
+
+    if text == "bundled":
+        return load_checkpoint(None, "cpu")
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(
+            f"--init {path}: no such model file{' (it is a folder)' if path.is_dir() else ''}. Give the "
+            ".safetensors model to fine-tune (one `livestain train` wrote), or --init bundled for the "
+            "bundled model"
+        )
+    try:
+        return load_checkpoint(path, "cpu")
+    except CheckpointError as e:
+        raise ValueError(f"--init {path}: {e}") from None
 
 
 def training_state_path(model_path: str | Path) -> Path:
@@ -460,6 +571,17 @@ def check_input_text(model: Any) -> str:
 # ---------------------------------------------------------------- parsers
 
 
+class _Given(argparse.Action):
+    """Store an option's value and record its name in ``namespace.given``: `cmd_train`
+    derives --steps and --patch from the data and takes the architecture from --init
+    unless the user chose them, and a default value alone cannot tell it which."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = frozenset({*getattr(namespace, "given", ()), self.dest})
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train``, ``predict``, ``evaluate`` and ``export`` to the main parser's subcommands."""
     p = subparsers.add_parser("train", help="train a model on a paired dataset folder",
@@ -470,12 +592,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--structures", type=parse_structures, required=True,
                    help="comma-separated structures to learn, e.g. dna,membrane,mitochondria")
     p.add_argument("--out", type=Path, required=True, metavar="MODEL", help="model file to write (.safetensors)")
-    p.add_argument("--steps", type=int, default=600, help="optimiser steps (default: %(default)s)")
-    p.add_argument("--patch", type=parse_ints, default=(16, 64, 64), metavar="Z,Y,X",
-                   help="training patch size (default: 16,64,64)")
+    p.add_argument("--init", default=None, metavar="MODEL0",
+                   help="fine-tune from this model (.safetensors, or 'bundled' for the bundled model): its "
+                        "architecture and weights are the start; structures it lacks get a fresh output head "
+                        "row (default: train from scratch)")
+    p.add_argument("--steps", type=int, default=600, action=_Given,
+                   help="optimiser steps (default: from the data, ~16 passes over the training voxels within "
+                        "300-3000; with --init ~4 passes within 100-750)")
+    p.add_argument("--patch", type=parse_ints, default=(16, 64, 64), metavar="Z,Y,X", action=_Given,
+                   help="training patch size (default: 16,64,64 fitted to the smallest training stack, y/x "
+                        "multiples of 2**depth)")
     p.add_argument("--batch", type=int, default=4, help="patches per step (default: %(default)s)")
-    p.add_argument("--depth", type=int, default=2, help="U-Net levels (default: %(default)s)")
-    p.add_argument("--base-channels", type=int, default=8, help="channels of the first level (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: 2e-3; with --init 5e-4)")
+    p.add_argument("--patience", type=int, default=None, metavar="N",
+                   help="stop when the mean validation Pearson r has not improved for N validations; the "
+                        "saved model is always the best validation's (default: 5 with --init, else 0: "
+                        "never stop early)")
+    p.add_argument("--depth", type=int, default=2, action=_Given, help="U-Net levels (default: %(default)s)")
+    p.add_argument("--base-channels", type=int, default=8, action=_Given,
+                   help="channels of the first level (default: %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of fields held out for validation, at random (seeded by --seed); with a "
                         "single field, the share of its y rows held out: the last rows validate, patches "
@@ -484,11 +620,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="validate on these fields (folder names, e.g. field003,field007) and train on "
                         "the others; overrides --val-fraction")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, patches and weights (default: %(default)s)")
-    p.add_argument("--mode", choices=("3d", "2.5d"), default="3d",
+    p.add_argument("--mode", choices=("3d", "2.5d"), default="3d", action=_Given,
                    help="3d: stack in, stack out; 2.5d: a window of planes in, one plane out (default: %(default)s)")
-    p.add_argument("--z-window", type=int, default=None, metavar="N",
+    p.add_argument("--z-window", type=int, default=None, metavar="N", action=_Given,
                    help="2.5d: planes the model sees (default: 5); the z of --patch is ignored")
-    p.add_argument("--target-2d", choices=("plane", "max"), default="plane",
+    p.add_argument("--target-2d", choices=("plane", "max"), default="plane", action=_Given,
                    help="2.5d with stack targets: learn the centre plane of each window, or the max "
                         "projection (default: %(default)s; single-plane targets are used as they are)")
     p.add_argument("--intensity", type=float, default=0.1,
@@ -512,7 +648,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     _voxel_size_arg(p, "voxel size in um of every field, needed when the files have no OME "
                        "metadata (default: from each brightfield file)")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, given=frozenset())
 
     p = subparsers.add_parser("predict", help="predict structures for one brightfield stack",
                               description="Write a CZYX float32 OME-TIFF, one named channel per structure (z-score "

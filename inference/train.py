@@ -24,10 +24,23 @@ defaults to fp32 so library callers (and the bundled-model recipe) stay bit-repr
 across machines; ``livestain train`` defaults to ``auto``.
 
 Resumable: with ``state_path`` the full training state (weights, optimiser moments,
-learning-rate schedule, random generators, step, history) is written every
-``save_every`` steps and at the end, as safetensors (tensors) plus JSON
-(everything else) in one file; never a pickle. ``resume=True`` continues from it and
-reaches exactly the weights an uninterrupted run would have (same device and threads).
+learning-rate schedule, random generators, step, history, the best weights so far and
+the early-stopping count) is written every ``save_every`` steps and at the end, as
+safetensors (tensors) plus JSON (everything else) in one file; never a pickle.
+``resume=True`` continues from it and reaches exactly the weights an uninterrupted run
+would have (same device and threads).
+
+Best weights and early stopping: every validation's mean Pearson r (over structures)
+is compared with the best so far; ``keep_best`` returns the best validation's weights
+rather than the last step's, and ``patience`` stops a run that has not improved for
+that many validations. Library callers get neither by default: `experiments` validates
+on its *test* fields (selecting weights on them would bias the reported scores) and the
+bundled recipe must reproduce the shipped model; ``livestain train`` turns both on.
+
+Fine-tuning (``init``): the network starts from another network of the same
+architecture (`transfer_weights`: every tensor whose name and shape match, the output
+head row by row for the structures both know); the data-derived defaults of
+``livestain train`` (`data_patch`, `data_steps`) live here too.
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +59,7 @@ import torch
 
 from .model import UNet3D, UNetConfig, window_indices
 from .normalize import PercentileNorm, zscore
+from .structures import match
 from .tiling import predict_volume
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -106,13 +120,77 @@ class TrainSettings:
 
 
 @dataclass
+class Transfer:
+    """What `transfer_weights` copied from an initial network into a new one.
+
+    Attributes
+    ----------
+    kept : list[str]
+        Tensors copied whole (same name and shape; the head when every structure of
+        the new network has its row in the initial one).
+    total : int
+        Tensors of the new network.
+    head_rows : dict[str, str]
+        New structure -> the initial network's structure whose output-head row it got
+        (the same structure, by name or alias).
+    new_structures : list[str]
+        Structures the initial network lacks: their head rows keep their fresh
+        (seeded) initialisation.
+    skipped : list[str]
+        Other tensors left at their fresh initialisation (no tensor of that name and
+        shape in the initial network).
+    """
+
+    kept: list[str]
+    total: int
+    head_rows: dict[str, str]
+    new_structures: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kept_tensors": len(self.kept), "total_tensors": self.total, "head_rows": dict(self.head_rows),
+                "new_structures": list(self.new_structures), "skipped": list(self.skipped)}
+
+    def describe(self) -> str:
+        """One line for the user: how much of the initial network the new one starts from."""
+        text = f"kept {len(self.kept)} of {self.total} tensors"
+        if self.new_structures:
+            rows = ", ".join(self.head_rows) or "none"
+            text += (f"; output head re-initialised for {', '.join(self.new_structures)} "
+                     f"(rows kept for: {rows})")
+        if self.skipped:
+            text += f"; {len(self.skipped)} other tensor(s) fresh: {', '.join(self.skipped[:4])}"
+        return text
+
+
+@dataclass
 class TrainResult:
+    """A trained network and how it got there.
+
+    ``net`` holds the best validation's weights when `train` was asked to keep them
+    (``restored_best``), else the last step's. ``history`` keeps every validation.
+    """
+
     net: UNet3D
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     precision: str = "fp32"
     resumed_from: int = 0  # the step a resumed run started after; seconds include the earlier run's
+    best_step: int | None = None  # step of the best mean validation r (0: the initial network); None: no validation
+    best_score: float | None = None  # that mean validation r
+    steps_run: int = 0  # the last step trained (< settings.steps when stopped early)
+    stopped_early_at: int | None = None  # the step early stopping ended the run at
+    restored_best: bool = False  # net holds best_step's weights, not the last step's
+    transfer: Transfer | None = None  # what a fine-tune kept of its initial network
+
+    @property
+    def best_val_pearson(self) -> dict[str, float] | None:
+        """Validation r per structure of the best validation (None without validation)."""
+        for h in self.history:
+            if h["step"] == self.best_step:
+                return dict(h["val_pearson"])
+        return None
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -352,6 +430,150 @@ def _optimizer_from_flat(meta: dict[str, Any], tensors: dict[str, torch.Tensor])
     return {"state": state, "param_groups": groups}
 
 
+# ------------------------------------------------------------------ fine-tuning
+
+#: Prefix of the output layer's tensors (`UNet3D.head`: one 1x1(x1) conv, a row per structure).
+HEAD = "head."
+
+
+def same_architecture(a: UNetConfig, b: UNetConfig) -> bool:
+    """Whether two configs build the same network apart from the structures it outputs."""
+    return a.to_dict() | {"structures": None} == b.to_dict() | {"structures": None}
+
+
+def plan_transfer(
+    target: Mapping[str, torch.Size], source: Mapping[str, torch.Size],
+    target_structures: Sequence[str], source_structures: Sequence[str],
+) -> Transfer:
+    """What `transfer_weights` would copy, from the tensors' names and shapes alone.
+
+    Every tensor whose name and shape match is kept. The output head is matched per
+    structure instead (by name or alias, `structures.match`): a shape match alone would
+    copy, say, membrane's row into actin's when both have two structures.
+    """
+    rows = match(list(target_structures), list(source_structures))
+    new = [t for t in target_structures if t not in rows]
+    kept, skipped = [], []
+    for name, shape in target.items():
+        if name.startswith(HEAD):
+            if not new and name in source and tuple(source[name])[1:] == tuple(shape)[1:]:
+                kept.append(name)
+        elif name in source and tuple(source[name]) == tuple(shape):
+            kept.append(name)
+        else:
+            skipped.append(name)
+    return Transfer(kept=kept, total=len(target), head_rows=rows, new_structures=new, skipped=skipped)
+
+
+def transfer_weights(net: UNet3D, init: UNet3D) -> Transfer:
+    """Copy ``init``'s weights into ``net`` (same architecture; structures may differ).
+
+    Tensors with the same name and shape are copied; the output head gets, for each of
+    ``net``'s structures that ``init`` also predicts, that structure's row of ``init``'s
+    head (so a subset, or a reordering, of ``init``'s structures starts exactly where
+    ``init`` was); rows of structures ``init`` lacks keep ``net``'s fresh initialisation.
+    """
+    if not same_architecture(net.config, init.config):
+        raise ValueError(
+            f"cannot fine-tune from a {describe_architecture(init.config)} network into a "
+            f"{describe_architecture(net.config)} one: "
+            "a fine-tune keeps the initial network's architecture (build the config from it with "
+            "dataclasses.replace(init.config, structures=...))"
+        )
+    dst, src = net.state_dict(), init.state_dict()
+    plan = plan_transfer({k: v.shape for k, v in dst.items()}, {k: v.shape for k, v in src.items()},
+                         net.config.structures, init.config.structures)
+    index = {name: i for i, name in enumerate(init.config.structures)}
+    with torch.no_grad():
+        for name in dst:
+            if name.startswith(HEAD) and name in src:
+                for i, structure in enumerate(net.config.structures):
+                    if structure in plan.head_rows:
+                        dst[name][i].copy_(src[name][index[plan.head_rows[structure]]])
+            elif name in plan.kept:
+                dst[name].copy_(src[name])
+    return plan
+
+
+def describe_architecture(c: UNetConfig) -> str:
+    """``3d, depth 2, 8 base channels`` (2.5D: with its window and target): for messages."""
+    window = f", {c.z_window}-plane window" + (", max projection" if c.target_2d == "max" else "") \
+        if c.mode == "2.5d" else ""
+    return f"{c.mode}, depth {c.depth}, {c.base_channels} base channels{window}"
+
+
+def _tensors_signature(state: Mapping[str, torch.Tensor]) -> str:
+    """Short hash of a state dict's names and values: identifies a fine-tune's start for `train`'s resume check."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ data-derived defaults
+
+#: ``livestain train``'s patch when the data allow it (fnet's 32x64x64 halved in z: the
+#: simulated and typical widefield stacks have 16-40 planes).
+DEFAULT_PATCH = (16, 64, 64)
+#: Passes over the training voxels a run from scratch makes: the bundled recipe's 600
+#: steps of 4 x 16x64x64 patches over its 9 fields of 16x256x256 are ~16 (and its
+#: validation r has levelled off by then). A fine-tune starts from features that already
+#: read brightfield and only adapts them: 4 passes.
+PASSES, FINETUNE_PASSES = 16.0, 4.0
+#: Sane bounds on the derived steps: below 300 a run from scratch has barely left its
+#: initialisation even on one small field; above 3000 (~10-20 min on a CPU for the
+#: default network) more data buys little that --steps cannot ask for explicitly. A
+#: fine-tune: at least 100 (the step-0 baseline and early stopping guard the rest), at
+#: most 750 ("minutes", not hours, on a CPU).
+STEP_BOUNDS, FINETUNE_STEP_BOUNDS = (300, 3000), (100, 750)
+
+
+def data_patch(
+    smallest: Sequence[int], depth: int, mode: str = "3d", z_window: int = 1,
+    upper: Sequence[int] = DEFAULT_PATCH,
+) -> tuple[tuple[int, int, int], str]:
+    """``(patch, why)``: the default patch fitted to the smallest training stack.
+
+    z never exceeds the smallest stack's planes (2.5D: z is the window); y and x never
+    exceed the smallest field's and are rounded down to a multiple of ``2**depth``, so
+    the network pads nothing in the image plane (padding would make it learn reflected
+    borders). A field at least as large as ``upper`` gets ``upper``.
+    """
+    m = 2**depth
+    sz, sy, sx = (int(v) for v in smallest)
+    pz = z_window if mode == "2.5d" else min(int(upper[0]), sz)
+    py, px = (max(m, min(int(u), s) // m * m) if s >= m else s for u, s in zip(upper[1:], (sy, sx)))
+    patch = (pz, py, px)
+    if mode == "3d" and patch == tuple(upper):
+        why = f"the default; every training stack is at least {'x'.join(map(str, upper))}"
+    else:
+        why = (f"the default {'x'.join(map(str, upper))} fitted to the smallest training stack "
+               f"{sz}x{sy}x{sx}" + (f" (z: the {z_window}-plane window)" if mode == "2.5d" else "")
+               + f", y/x multiples of {m} (2**depth)")
+    return patch, why
+
+
+def data_steps(
+    target_voxels: int, batch: int, patch: Sequence[int], mode: str = "3d", finetune: bool = False
+) -> tuple[int, str]:
+    """``(steps, why)``: steps for ``PASSES`` (fine-tune: ``FINETUNE_PASSES``) over the
+    training target voxels in ``batch`` patches per step, within ``STEP_BOUNDS``
+    (``FINETUNE_STEP_BOUNDS``). A 2.5D patch teaches one plane of y x x voxels."""
+    per_step = batch * (int(np.prod(patch)) if mode == "3d" else int(patch[1]) * int(patch[2]))
+    passes = FINETUNE_PASSES if finetune else PASSES
+    lo, hi = FINETUNE_STEP_BOUNDS if finetune else STEP_BOUNDS
+    raw = math.ceil(passes * target_voxels / max(1, per_step))
+    steps = int(min(hi, max(lo, raw)))
+    why = f"~{passes:g} passes{' (a fine-tune)' if finetune else ''} over {target_voxels / 1e6:.2f} M training voxels"
+    why += f" in {batch} patches a step would be {raw}" if raw != steps else f" in {batch} patches a step"
+    if raw < lo:
+        why += f"; raised to the minimum {lo}"
+    elif raw > hi:
+        why += f"; capped at {hi} (--steps asks for more)"
+    return steps, why
+
+
 # ------------------------------------------------------------------ training
 
 
@@ -367,6 +589,9 @@ def train(
     state_path: str | Path | None = None,
     save_every: int = 0,
     resume: bool = False,
+    init: UNet3D | None = None,
+    keep_best: bool = False,
+    patience: int = 0,
 ) -> TrainResult:
     """Fit a fresh network (or continue one, ``resume``); ``pairs`` are
     ``(brightfield (z,y,x), targets (s,z,y,x) or (s,y,x))``.
@@ -374,10 +599,25 @@ def train(
     With ``state_path`` the training state is saved every ``save_every`` steps (0: only
     at the end) and at the end; an interrupted run resumes from the last save (a state
     written mid-step would not be consistent, so Ctrl-C writes none).
-    ``resume`` loads it and continues after its step; settings, architecture and data
-    must be those it was saved with (ValueError naming the difference otherwise).
+    ``resume`` loads it and continues after its step; settings, architecture, data and
+    initial network must be those it was saved with (ValueError naming the difference
+    otherwise). A state written before best weights were saved resumes with the best
+    tracked from the resumed step on.
+
+    ``init``: fine-tune from this network (same architecture as ``config``; structures
+    may differ, see `transfer_weights`); with validation pairs, it is validated first, as
+    step 0, so the run reports where it started and ``keep_best`` never returns weights
+    that validate worse than the initial network's.
+
+    ``keep_best``: return the weights of the validation with the best mean Pearson r
+    (over structures; ties keep the earlier) instead of the last step's.
+    ``patience`` (validations; 0: off): stop when the mean validation r has not
+    improved for that many validations in a row (``stopped_early_at``). A resumed run
+    that had stopped early stays stopped unless ``patience`` now allows more.
     """
     s = settings or TrainSettings()
+    if patience < 0:
+        raise ValueError(f"patience must be at least 0 (0: no early stopping), got {patience}")
     norm = norm or PercentileNorm()
     device = torch.device(device)
     precision = resolve_precision(s.precision, device)
@@ -386,20 +626,27 @@ def train(
     data = _prepare(train_pairs, norm, config)
     fg_index = [_foreground(y) for _, y in data]
     net = UNet3D(config).to(device)
+    transfer = transfer_weights(net, init) if init is not None else None
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=s.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.steps, eta_min=s.lr * 0.05)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    result = TrainResult(net=net, precision=precision)
+    result = TrainResult(net=net, precision=precision, transfer=transfer)
     signature = data_signature(data)
     identity = {"settings": s.to_dict(), "config": config.to_dict(), "norm": norm.to_dict(), "data": signature}
+    if init is not None:  # only then: states of runs from scratch stay resumable
+        identity["init"] = _tensors_signature(init.state_dict())
     start = 0
     seconds_before = 0.0
+    # the best validation so far: its step, mean r, weights (on the device), and the
+    # validations since it that did not beat it (early stopping's count)
+    best: dict[str, Any] = {"step": None, "score": None, "weights": None, "since": 0, "stopped": None}
     if resume:
         if state_path is None:
             raise ValueError("resume needs the path of a saved training state")
         state, tensors = load_training_state(state_path)
-        for key, value in identity.items():
+        for key in [*identity, *(["init"] if "init" in state and "init" not in identity else [])]:
+            value = identity.get(key)  # a fine-tune's state resumed without its init: None
             if state.get(key) != json.loads(json.dumps(value)):
                 raise ValueError(
                     f"the training state in {state_path} was saved with other {key} "
@@ -418,6 +665,10 @@ def train(
         result.losses = [float(v) for v in state["losses"]]
         result.resumed_from = start
         seconds_before = float(state.get("seconds", 0.0))
+        saved_best = {k[len("best/"):]: v.to(device) for k, v in tensors.items() if k.startswith("best/")}
+        if state.get("best_step") is not None and saved_best:
+            best.update(step=int(state["best_step"]), score=float(state["best_score"]), weights=saved_best,
+                        since=int(state.get("since_best", 0)), stopped=state.get("stopped_early_at"))
 
     def save_state(step: int) -> None:
         if state_path is None:
@@ -426,6 +677,8 @@ def train(
         tensors = {f"model/{k}": v for k, v in net.state_dict().items()}
         tensors.update(opt_tensors)
         tensors["rng/torch"] = torch.get_rng_state()
+        if best["weights"] is not None:
+            tensors.update({f"best/{k}": v for k, v in best["weights"].items()})
         save_training_state(state_path, {
             **identity,
             "step": step,
@@ -437,13 +690,38 @@ def train(
             "losses": result.losses,
             "precision": precision,
             "seconds": seconds_before + time.perf_counter() - t0,
+            "best_step": best["step"],
+            "best_score": best["score"],
+            "since_best": best["since"],
+            "stopped_early_at": best["stopped"],
         }, tensors)
+
+    def validate(step: int, loss: float | None) -> bool:
+        """Validate at ``step``, track the best; True when patience has run out."""
+        r = [float(v) for v in evaluate(net, val_pairs, norm)]
+        result.history.append({"step": step, "loss": loss, "val_pearson": dict(zip(config.structures, r))})
+        score = float(np.mean(r))
+        if math.isfinite(score) and (best["score"] is None or score > best["score"]):  # a diverged net is never best
+            weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            best.update(step=step, score=score, weights=weights, since=0)
+        else:
+            best["since"] += 1
+        return bool(patience) and best["since"] >= patience
 
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.bfloat16)
     if precision == "fp32":
         autocast_dtype = None
     t0 = time.perf_counter()
-    for step in range(start + 1, s.steps + 1):
+    end = s.steps
+    if best["stopped"] is not None:
+        if patience and best["since"] >= patience:
+            end = start  # it stopped early and this patience would stop it again: nothing to run
+        else:
+            best["stopped"] = None  # more patience now: carry on
+    if val_pairs and init is not None and start == 0:
+        validate(0, None)  # where the fine-tune starts (its loss is not defined yet)
+    last = start
+    for step in range(start + 1, end + 1):
         batch = [_sample(rng, data, fg_index, s, config) for _ in range(s.batch)]
         xb = torch.from_numpy(np.stack([b[0] for b in batch])).to(device)
         yb = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
@@ -457,16 +735,21 @@ def train(
         sched.step()
         value = float(loss.detach())
         result.losses.append(value)
+        last = step
         if on_step is not None:
             on_step(step, value)
         if val_pairs and (step % val_every == 0 or step == s.steps):
-            r = evaluate(net, val_pairs, norm)
-            result.history.append(
-                {"step": step, "loss": value, "val_pearson": dict(zip(config.structures, map(float, r)))}
-            )
+            if validate(step, value) and step < s.steps:
+                best["stopped"] = step
+                break
         if save_every and step % save_every == 0 and step != s.steps:
             save_state(step)
-    save_state(s.steps)
+    save_state(last)
+    result.steps_run = last
+    result.best_step, result.best_score, result.stopped_early_at = best["step"], best["score"], best["stopped"]
+    if keep_best and best["weights"] is not None and best["step"] != last:
+        net.load_state_dict(best["weights"])
+        result.restored_best = True
     net.eval()
     result.seconds = seconds_before + time.perf_counter() - t0
     return result

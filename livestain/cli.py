@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device for the worker (default: cuda if present, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="sample seed of the simulated scope")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after a crash")
+    p.add_argument("--scenario", choices=tuple(SCENARIOS), default="steady",
+                   help="what the simulated sample does: " + "; ".join(f"{k}: {v}" for k, v in SCENARIOS.items()))
+    p.add_argument("--track-focus", action="store_true",
+                   help="re-centre each position's stacks on its cells (policies.track_focus)")
     _connect_args(p)
 
     p = sub.add_parser("run", help="run a plan from a YAML run configuration")
@@ -153,9 +157,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+#: ``livestain demo --scenario``: what the simulated sample does during the run.
+SCENARIOS = {
+    "steady": "the sample stays put (default)",
+    "focus-drift": "the sample drifts 8 um up over the run, as a warming stage does; "
+                   "try it with and without --track-focus",
+}
+FOCUS_DRIFT_UM = 8.0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
+    from livestain.acquisition.policies import Policies
     from livestain.devices.simulated import SimulatedScope, build_simulated_core
     from livestain.launch import SessionOptions, demo_sequence, exit_code, has_display, run_session
 
@@ -171,12 +185,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out DIR: the dataset folder of the run to continue")
     out = args.out or Path("livestain-demo") / time.strftime("%Y%m%d-%H%M%S")
-    core = build_simulated_core(SimulatedScope(seed=args.seed))
+    drift = 0.0
+    if args.scenario == "focus-drift":
+        if args.interval <= 0 or args.timepoints < 2:
+            raise ValueError("--scenario focus-drift drifts over the run's time: give --interval > 0 "
+                             "and --timepoints of 2 or more")
+        drift = FOCUS_DRIFT_UM / (args.interval * (args.timepoints - 1))
+    core = build_simulated_core(SimulatedScope(seed=args.seed, z_drift_um_per_s=drift))
     seq = demo_sequence(args.timepoints, args.interval, args.positions)
     opts = SessionOptions(out_dir=out, host=args.connect, base_port=args.port, model=args.model,
-                          device=args.device, show_window=show, resume=args.resume, keys=args.keys)
+                          device=args.device, show_window=show, resume=args.resume, keys=args.keys,
+                          policies=Policies(track_focus=args.track_focus))
     print(f"livestain demo: simulated microscope, {args.timepoints} time points x {args.positions} "
-          f"position(s) x 16 planes, daemon on {args.connect}:{args.port}")
+          f"position(s) x 16 planes, daemon on {args.connect}:{args.port}"
+          + (f"; scenario {args.scenario}" if args.scenario != "steady" else "")
+          + ("; tracking focus" if args.track_focus else ""))
     summary = run_session(core, seq, opts)
     for line in summary.lines():
         print(line)

@@ -35,6 +35,7 @@ ROWS: dict[str, str] = {
     "disk": "disk free",
     "dose": "light dose",
     "trust": "confidence",
+    "focus": "focus",
 }
 
 TOOLTIPS: dict[str, str] = {
@@ -55,6 +56,9 @@ TOOLTIPS: dict[str, str] = {
              "saturated, fluorescence-as-brightfield, empty, out-of-focus stacks and a voxel size "
              "far from the model's lower it) and the stacks below 0.5 so far; red: do not trust "
              "the overlay without a look at the brightfield",
+    "focus": "where each position's cells are along z, from its last brightfield stack (the "
+             "contrast minimum between the reversed halos): their offset from the stack's centre, "
+             "and the z correction focus tracking applied; red: cells not found in the stack",
     "dose": "with a 'dose' field from the daemon: its figures. Otherwise an honest count: "
             "every predicted stack x structure is one fluorescence stack not exposed",
 }
@@ -166,6 +170,7 @@ class StatusPanel(QtWidgets.QGroupBox):
         "timepoints", "positions", "stacks_total", "stacks_done_before", "stacks_predicted",
         "uptime_s", "worker_alive", "worker_restarts", "worker_pid", "fluorescence_dose_ms",
         "equivalent_fluorescence_run_dose_ms", "dose_note", "last_confidence", "low_confidence_stacks",
+        "focus", "track_focus",
     )
 
     def show_status(self, s: dict[str, Any], now: float | None = None) -> None:
@@ -197,6 +202,7 @@ class StatusPanel(QtWidgets.QGroupBox):
                   alarm=disk is not None and float(disk) < 5e9)
         self._show_dose(s)
         self._show_trust(s)
+        self._show_focus(s)
 
     # -- rows -----------------------------------------------------------------------
 
@@ -248,6 +254,25 @@ class StatusPanel(QtWidgets.QGroupBox):
         if reasons:
             text += " — " + "; ".join(reasons)
         self._set("trust", text, alarm=c < 0.5 or bool(reasons))
+
+    def _show_focus(self, s: dict[str, Any]) -> None:
+        focus = s.get("focus")
+        if not isinstance(focus, dict) or not focus:
+            self._set("focus", "—")
+            return
+        parts, lost = [], False
+        for p, f in sorted(focus.items(), key=lambda kv: int(kv[0]))[:6]:
+            offset, correction = f.get("offset_um"), float(f.get("correction_um") or 0.0)
+            if offset is None:
+                lost = True
+                parts.append(f"p{int(p) + 1}: cells not found")
+            else:
+                parts.append(f"p{int(p) + 1}: cells {float(offset):+.1f} um"
+                             + (f", stack moved {correction:+.1f} um" if correction else ""))
+        if len(focus) > 6:
+            parts.append(f"… {len(focus) - 6} more")
+        mode = "tracking" if s.get("track_focus") else "not tracking (policies.track_focus)"
+        self._set("focus", f"{'; '.join(parts)} — {mode}", alarm=lost)
 
     def _show_worker(self, s: dict[str, Any]) -> None:
         if "worker_alive" not in s:
