@@ -41,6 +41,7 @@ from livestain.focus import FocusEstimate, estimate_focus
 from livestain.stackio import read_stack, write_stack
 
 from .dataset_lock import LOCK_NAME, DatasetLock
+from .checks import CheckScore, CheckScorer, check_channel_of, with_check_channels
 from .doorbell import Doorbell
 from .focus_tracking import FocusTracker, tracked_events
 from .journal import Journal
@@ -48,6 +49,7 @@ from .policies import Policies
 from .audit import planned_keys
 from .preflight import check_plan, check_plan_against_core
 from .retry import install_snap_retries
+from .run_report import write_summary
 from .stacks import LostStackTracker, Stack, StackAssembler
 from .trust import TrustLedger
 from .streaming import DaemonSockets
@@ -190,10 +192,16 @@ class Daemon:
         provenance: dict[str, Any] | None = None,
     ) -> None:
         _check_axis_order(sequence)
-        # a bad plan fails here, in seconds, before any folder or socket exists
-        check_plan(sequence, (policies or Policies()).stream_channels)
-        check_plan_against_core(sequence, core)
+        policies = policies or Policies()
         self.provenance = provenance or {}
+        # check frames are channels of the plan (acquire_every): counted, audited, budgeted
+        sequence = with_check_channels(
+            sequence, policies.checks, _channel_presets(core, sequence),
+            len((self.provenance.get("model") or {}).get("structures") or ()) or 3,
+            policies.equivalent_fluorescence_exposure_ms)
+        # a bad plan fails here, in seconds, before any folder or socket exists
+        check_plan(sequence, policies.stream_channels)
+        check_plan_against_core(sequence, core)
         self._lock: DatasetLock | None = None
         self._mda_error: BaseException | None = None
         self.core = core
@@ -210,7 +218,13 @@ class Daemon:
         # on a run of days
         self.records: dict[int, StackRecord] = {}
         self._late_on_disk = 0  # late stacks not held in `records` (see `LATE_KEPT`)
+        self._streamed_acquired = 0  # this session's stacks of streamed channels
         self.focus = FocusTracker(policies.track_focus, policies.focus_max_step_um, policies.focus_deadband_um)
+        self.checks: CheckScorer | None = None
+        if policies.checks is not None:
+            presets = _channel_presets(core, sequence)
+            self.checks = CheckScorer(policies.checks, {check_channel_of(policies.checks, s, presets): s
+                                                        for s in policies.checks.structures})
         # seqs predicted lately, so a duplicate answer is dropped quietly; bounded (a run
         # of days predicts hundreds of thousands): the journal holds the full record, and
         # an answer older than this memory is refused by the sockets anyway (was_handed)
@@ -445,10 +459,25 @@ class Daemon:
             self.sockets.close()
             self._doorbell.close()
             self._note("end")
+            self._write_summary()
             self.journal.close()
             self._release_lock()
         self.summary.not_predicted = self._outstanding() + self.summary.unreadable + self.summary.failed
         return self.summary
+
+    def _write_summary(self) -> None:
+        """``summary.json`` (`acquisition.run_report`); a failure to write it is logged,
+        never allowed to hide how the run ended."""
+        self.summary.not_predicted = self._outstanding() + self.summary.unreadable + self.summary.failed
+        session = {"acquired": self.summary.acquired, "predicted": self.summary.predicted,
+                   "predicted_late": self.summary.predicted_late, "not_predicted": self.summary.not_predicted,
+                   "failed": self.summary.failed, "unreadable": self.summary.unreadable,
+                   "mean_latency_s": round(self.summary.mean_latency_s, 3) if self.summary.latency_count else None,
+                   "error": self.summary.error}
+        try:
+            write_summary(self.out_dir, self.journal, session, self.status(), tuple(self.stream_channels))
+        except (OSError, ValueError) as e:
+            log.warning("could not write %s/summary.json: %s", self.out_dir, e)
 
     def _note(self, what: str) -> None:
         """Journal a run event; on a full disk the event is logged instead of ending the run
@@ -547,7 +576,10 @@ class Daemon:
             raise RunStopped(f"{e}. {raw_path.name} and earlier stacks are intact; free some "
                              f"space and continue with --resume.") from None
         self.summary.acquired += 1
+        self._streamed_acquired += stack.channel in self.stream_channels
         self._last_tp = (stack.t, stack.p)
+        if self.checks is not None and stack.received.any():
+            self._record_checks(self.checks.stack_written(stack.t, stack.p, stack.channel, raw_path))
         if stack.gaps:
             self.summary.incomplete += 1
         gaps = f", missing planes {stack.gaps}" if stack.gaps else ""
@@ -618,7 +650,9 @@ class Daemon:
         """Fluorescence light used so far, and what the same run with fluorescence would use."""
         planes = self.assembler.n_z
         structures = self._n_structures
-        avoided = self.summary.acquired * planes * structures * self.policies.equivalent_fluorescence_exposure_ms
+        # per brightfield (streamed) stack: paired and check-frame fluorescence stacks are
+        # the light being counted, not stacks a fluorescence run would also take
+        avoided = self._streamed_acquired * planes * structures * self.policies.equivalent_fluorescence_exposure_ms
         ledger = self._last_ledger
         used = None
         if ledger is not None:
@@ -803,6 +837,8 @@ class Daemon:
             raise RunStopped(f"{e}. Raw stacks and predictions so far are intact; free some "
                              f"space and continue with --resume.") from None
         self.summary.predicted += 1
+        if self.checks is not None:
+            self._record_checks(self.checks.prediction_written(record.t, record.p, pred_path, header.structures))
         if late:
             self.summary.predicted_late += 1
         else:
@@ -813,6 +849,22 @@ class Daemon:
             f"latency {record.latency_s:.2f} s{' (caught up)' if late else ''} -> "
             f"{pred_path.relative_to(self.out_dir)}{trust.line()}"
         )
+
+    def _record_checks(self, scores: list[CheckScore]) -> None:
+        """Journal and report check-frame scores (`acquisition.checks`)."""
+        for score in scores:
+            try:
+                self.journal.check_scored(score)
+            except OSError as e:
+                raise RunStopped(f"{e}. Raw stacks and predictions so far are intact; free some "
+                                 f"space and continue with --resume.") from None
+            self.report(f"[t {score.t + 1}/{self._n_t} p {score.p + 1}/{self._n_p}] check {score.structure}: "
+                        f"prediction vs real fluorescence r {score.pearson:.2f}, SSIM {score.ssim:.2f}, "
+                        f"NRMSE {score.nrmse:.2f} ({score.reason})")
+        if self.checks is not None and self.checks.failed:
+            for problem in self.checks.failed:
+                self.report(f"check frame not scored: {problem}")
+            self.checks.failed.clear()
 
     #: Attempts at predicting one stack before it is recorded as not predictable.
     PREDICTION_ATTEMPTS = 2
@@ -914,7 +966,8 @@ class Daemon:
             "positions": self._n_p,
             "disk_free_bytes": self.free_space(self.out_dir),
             "uptime_s": round(time.time() - self.started_at, 1),
-        } | self.trust.status() | self.focus.status() | self._light_dose() | self._snap_counts() | self.extra_status()
+        } | self.trust.status() | self.focus.status() | (self.checks.status() if self.checks else {}) \
+          | self._light_dose() | self._snap_counts() | self.extra_status()
 
     def _on_control(self) -> None:
         frames = self.sockets.control.recv_multipart()
@@ -1018,6 +1071,15 @@ def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(data, indent=2))
     os.replace(partial, path)
+
+
+def _channel_presets(core: Any, sequence: useq.MDASequence) -> list[str]:
+    """The presets of the plan's channel group on this scope (where check channels come from)."""
+    group = sequence.channels[0].group if sequence.channels else "Channel"
+    try:
+        return list(core.getAvailableConfigs(group))
+    except (RuntimeError, ValueError):
+        return []
 
 
 def _check_axis_order(sequence: useq.MDASequence) -> None:

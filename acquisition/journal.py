@@ -13,6 +13,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS stacks (
@@ -26,6 +27,16 @@ CREATE TABLE IF NOT EXISTS stacks (
     predicted_path TEXT,
     predicted_at REAL,
     latency_s REAL
+);
+CREATE TABLE IF NOT EXISTS checks (
+    t INTEGER NOT NULL,
+    p INTEGER NOT NULL,
+    structure TEXT NOT NULL,
+    pearson REAL,
+    ssim REAL,
+    nrmse REAL,
+    reason TEXT,
+    at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS events (
     at REAL NOT NULL,
@@ -152,6 +163,19 @@ class Journal:
         where, params = self._waiting_where(channels)
         (n,) = self.db.execute(f"SELECT COUNT(*) FROM stacks WHERE {where}", params).fetchone()
         return int(n)
+
+    def check_scored(self, score: Any) -> None:
+        """A check frame's scores against the prediction of its (t, p) (`acquisition.checks`)."""
+        self._write("INSERT INTO checks (t, p, structure, pearson, ssim, nrmse, reason, at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (score.t, score.p, score.structure, score.pearson, score.ssim, score.nrmse,
+                     score.reason, score.at))
+
+    def check_scores(self) -> list[dict[str, Any]]:
+        """Every check frame's scores, in time order."""
+        cur = self.db.execute("SELECT t, p, structure, pearson, ssim, nrmse, reason, at FROM checks ORDER BY t, p")
+        keys = ("t", "p", "structure", "pearson", "ssim", "nrmse", "reason", "at")
+        return [dict(zip(keys, row)) for row in cur.fetchall()]
 
     def note(self, what: str) -> None:
         """A run event worth keeping (start, resume, stop reason)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .checks import CheckPolicy
+
 
 class Policies(BaseModel):
     """Run policies.
@@ -42,6 +44,9 @@ class Policies(BaseModel):
         Largest z move per time point of a position when tracking.
     focus_deadband_um : float
         Offsets of the cells from the stack's centre smaller than this are left alone.
+    checks : CheckPolicy | None
+        Check frames: real fluorescence of some structures every few time points,
+        scored against the predictions (`acquisition.checks`). None: no checks.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -56,6 +61,7 @@ class Policies(BaseModel):
     track_focus: bool = False
     focus_max_step_um: float = Field(2.0, gt=0)
     focus_deadband_um: float = Field(0.5, ge=0)
+    checks: CheckPolicy | None = None
 
     @property
     def min_free_bytes(self) -> int:

@@ -57,6 +57,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from livestain.metrics import pearson  # noqa: F401  (re-exported: callers import it from here)
+
 from .model import UNet3D, UNetConfig, window_indices
 from .normalize import PercentileNorm, zscore
 from .structures import match
@@ -191,16 +193,6 @@ class TrainResult:
             if h["step"] == self.best_step:
                 return dict(h["val_pearson"])
         return None
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two arrays (0 when either is constant)."""
-    a = np.asarray(a, np.float64).ravel()
-    b = np.asarray(b, np.float64).ravel()
-    a = a - a.mean()
-    b = b - b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else 0.0
 
 
 def cpu_has_native_bf16() -> bool:

@@ -36,6 +36,7 @@ ROWS: dict[str, str] = {
     "dose": "light dose",
     "trust": "confidence",
     "focus": "focus",
+    "checks": "check frames",
 }
 
 TOOLTIPS: dict[str, str] = {
@@ -59,6 +60,9 @@ TOOLTIPS: dict[str, str] = {
     "focus": "where each position's cells are along z, from its last brightfield stack (the "
              "contrast minimum between the reversed halos): their offset from the stack's centre, "
              "and the z correction focus tracking applied; red: cells not found in the stack",
+    "checks": "real fluorescence taken every few time points (policies.checks) and scored "
+              "against the prediction of the same stack: the last Pearson r per structure and how "
+              "many were scored; red: the last r is below 0.7",
     "dose": "with a 'dose' field from the daemon: its figures. Otherwise an honest count: "
             "every predicted stack x structure is one fluorescence stack not exposed",
 }
@@ -203,6 +207,7 @@ class StatusPanel(QtWidgets.QGroupBox):
         self._show_dose(s)
         self._show_trust(s)
         self._show_focus(s)
+        self._show_checks(s)
 
     # -- rows -----------------------------------------------------------------------
 
@@ -254,6 +259,26 @@ class StatusPanel(QtWidgets.QGroupBox):
         if reasons:
             text += " — " + "; ".join(reasons)
         self._set("trust", text, alarm=c < 0.5 or bool(reasons))
+
+    #: A check frame's r below this turns the row red.
+    CHECK_ALARM_R = 0.7
+
+    def _show_checks(self, s: dict[str, Any]) -> None:
+        checks = s.get("checks")
+        if not isinstance(checks, dict) or not checks:
+            self._set("checks", "— (none planned: policies.checks)")
+            return
+        parts, alarm = [], False
+        for structure, c in checks.items():
+            last = c.get("last") if isinstance(c, dict) else None
+            if not last:
+                parts.append(f"{structure}: none yet (every {s.get('checks_every', '?')} time points)")
+                continue
+            r = float(last["pearson"])
+            alarm |= r < self.CHECK_ALARM_R
+            parts.append(f"{structure}: r {r:.2f} at t {int(last['t']) + 1} p {int(last['p']) + 1} "
+                         f"({c.get('count', 0)} checked)")
+        self._set("checks", "; ".join(parts), alarm=alarm)
 
     def _show_focus(self, s: dict[str, Any]) -> None:
         focus = s.get("focus")
