@@ -41,7 +41,8 @@ from livestain.focus import FocusEstimate, estimate_focus
 from livestain.stackio import read_stack, write_stack
 
 from .dataset_lock import LOCK_NAME, DatasetLock
-from .checks import CheckScore, CheckScorer, check_channel_of, with_check_channels
+from .checks import (CheckScore, CheckScorer, check_channel_of, doubt_checks, extra_checks_allowed,
+                     with_check_channels)
 from .doorbell import Doorbell
 from .focus_tracking import FocusTracker, tracked_events
 from .journal import Journal
@@ -195,10 +196,9 @@ class Daemon:
         policies = policies or Policies()
         self.provenance = provenance or {}
         # check frames are channels of the plan (acquire_every): counted, audited, budgeted
-        sequence = with_check_channels(
-            sequence, policies.checks, _channel_presets(core, sequence),
-            len((self.provenance.get("model") or {}).get("structures") or ()) or 3,
-            policies.equivalent_fluorescence_exposure_ms)
+        self._n_predicted = len((self.provenance.get("model") or {}).get("structures") or ()) or 3
+        sequence = with_check_channels(sequence, policies.checks, _channel_presets(core, sequence),
+                                       self._n_predicted, policies.equivalent_fluorescence_exposure_ms)
         # a bad plan fails here, in seconds, before any folder or socket exists
         check_plan(sequence, policies.stream_channels)
         check_plan_against_core(sequence, core)
@@ -219,12 +219,8 @@ class Daemon:
         self.records: dict[int, StackRecord] = {}
         self._late_on_disk = 0  # late stacks not held in `records` (see `LATE_KEPT`)
         self._streamed_acquired = 0  # this session's stacks of streamed channels
+        self._budget_spent_said = False
         self.focus = FocusTracker(policies.track_focus, policies.focus_max_step_um, policies.focus_deadband_um)
-        self.checks: CheckScorer | None = None
-        if policies.checks is not None:
-            presets = _channel_presets(core, sequence)
-            self.checks = CheckScorer(policies.checks, {check_channel_of(policies.checks, s, presets): s
-                                                        for s in policies.checks.structures})
         # seqs predicted lately, so a duplicate answer is dropped quietly; bounded (a run
         # of days predicts hundreds of thousands): the journal holds the full record, and
         # an answer older than this memory is refused by the sockets anyway (was_handed)
@@ -252,6 +248,14 @@ class Daemon:
         self.sockets.poller.register(self._doorbell, zmq.POLLIN)
         self._n_t = sequence.sizes.get("t", 1) or 1
         self._n_p = sequence.sizes.get("p", 1) or 1
+        self.checks: CheckScorer | None = None
+        if policies.checks is not None:
+            presets = _channel_presets(core, sequence)
+            self.checks = CheckScorer(
+                policies.checks, {check_channel_of(policies.checks, s, presets): s for s in policies.checks.structures},
+                extra_checks_allowed(policies.checks, self._n_t, self._n_p, self._n_predicted,
+                                     policies.equivalent_fluorescence_exposure_ms))
+        self._injected: set[tuple[int, int, str]] = set()  # check stacks added on doubt, not in the plan
         # every stack of the plan, all channels (paired mode: 4 per time point and position)
         self._stacks_total = sum(1 for _ in planned_keys(sequence))
         self._mda_done = threading.Event()
@@ -429,6 +433,7 @@ class Daemon:
             if isinstance(events, list) and not events:
                 self._mda_done.set()
             else:
+                events = self._with_doubt_checks(events)
                 if self.focus.enabled:  # each stack at its position's latest correction
                     events = tracked_events(events, self.focus, self.core.mda)
                 threading.Thread(target=self._run_mda, args=(events,), name="livestain-mda",
@@ -539,8 +544,9 @@ class Daemon:
                 event, image, arrived = self.frames.get_nowait()
             except queue.Empty:
                 break
-            for key in self._lost.seen(self._key(event)):
-                self._finish_stack(self._lost_stack(key, image))
+            if self._key(event) not in self._injected:  # an added check stack is not in the plan
+                for key in self._lost.seen(self._key(event)):
+                    self._finish_stack(self._lost_stack(key, image))
             self._last_frame = image
             for stack in self.assembler.add(event, image, arrived):
                 self._finish_stack(stack)
@@ -576,6 +582,7 @@ class Daemon:
             raise RunStopped(f"{e}. {raw_path.name} and earlier stacks are intact; free some "
                              f"space and continue with --resume.") from None
         self.summary.acquired += 1
+        self._injected.discard(stack.key)
         self._streamed_acquired += stack.channel in self.stream_channels
         self._last_tp = (stack.t, stack.p)
         if self.checks is not None and stack.received.any():
@@ -839,6 +846,9 @@ class Daemon:
         self.summary.predicted += 1
         if self.checks is not None:
             self._record_checks(self.checks.prediction_written(record.t, record.p, pred_path, header.structures))
+            unsure = self.policies.checks.when_unsure if self.policies.checks else None
+            if unsure is not None and trust.confidence is not None and trust.confidence < unsure:
+                self._request_check(record.t, record.p, f"confidence {trust.confidence:.2f} < {unsure:g}")
         if late:
             self.summary.predicted_late += 1
         else:
@@ -849,6 +859,35 @@ class Daemon:
             f"latency {record.latency_s:.2f} s{' (caught up)' if late else ''} -> "
             f"{pred_path.relative_to(self.out_dir)}{trust.line()}"
         )
+
+    def _with_doubt_checks(self, events: Iterable[useq.MDAEvent]) -> Iterable[useq.MDAEvent]:
+        """``events``, plus check stacks on doubt when ``checks.when_unsure`` or
+        ``when_r_below`` is set (`acquisition.checks.doubt_checks`)."""
+        policy = self.policies.checks
+        if self.checks is None or policy is None or (policy.when_unsure is None and policy.when_r_below is None):
+            return events
+        index = {c.config: i for i, c in enumerate(self.sequence.channels)}
+        channels = {c.config: c.model_copy(update={"acquire_every": 1})
+                    for c in self.sequence.channels if self.checks.is_check_channel(c.config)}
+
+        def added(key: tuple[int, int, str]) -> None:  # on the MDA thread, before its first frame
+            self._injected.add(key)
+            self._stacks_total += 1
+
+        return doubt_checks(events, self.checks, self.stream_channels, channels, index, added)
+
+    def _request_check(self, t: int, p: int, reason: str) -> None:
+        """Fluorescence on doubt: a check frame at position ``p``'s next time point."""
+        if self.checks is None or p in self.checks.requests:
+            return
+        where = f"[t {t + 1}/{self._n_t} p {p + 1}/{self._n_p}]"
+        if self.checks.request(p, reason):
+            self.report(f"{where} {reason}: a check frame of {', '.join(self.checks.policy.structures)} "
+                        f"is taken at this position's next time point")
+        elif not self._budget_spent_said:
+            self._budget_spent_said = True
+            self.report(f"{where} {reason}, but the check frames' light budget (checks.dose_budget "
+                        f"{self.checks.policy.dose_budget:.1%}) is spent: no more check frames on doubt")
 
     def _record_checks(self, scores: list[CheckScore]) -> None:
         """Journal and report check-frame scores (`acquisition.checks`)."""
@@ -861,6 +900,9 @@ class Daemon:
             self.report(f"[t {score.t + 1}/{self._n_t} p {score.p + 1}/{self._n_p}] check {score.structure}: "
                         f"prediction vs real fluorescence r {score.pearson:.2f}, SSIM {score.ssim:.2f}, "
                         f"NRMSE {score.nrmse:.2f} ({score.reason})")
+            threshold = self.policies.checks.when_r_below if self.policies.checks else None
+            if threshold is not None and score.pearson < threshold:
+                self._request_check(score.t, score.p, f"check r {score.pearson:.2f} < {threshold:g} ({score.structure})")
         if self.checks is not None and self.checks.failed:
             for problem in self.checks.failed:
                 self.report(f"check frame not scored: {problem}")

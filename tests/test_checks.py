@@ -95,3 +95,39 @@ def test_check_frames_are_scored_in_a_real_run_within_the_budget(tmp_path, base_
     panel = StatusPanel()  # the window, fed the real daemon's reply
     panel.show_status(status)
     assert panel.text("checks") == f"dna: r {checks['last']['pearson']:.2f} at t 3 p 1 (2 checked)"
+
+
+def test_doubt_adds_a_check_frame_at_the_next_time_point_until_the_budget_is_spent(tmp_path, base_port) -> None:
+    """Fluorescence on doubt (issue 12, item 3): a check scoring below ``when_r_below``
+    brings a check frame at the position's next time point, and the light budget caps
+    them (here: room for one beyond the planned check at t 1)."""
+    from livestain.inference.predict import Predictor
+    from livestain.inference.worker import Worker
+
+    eps = wire.endpoints(base_port=base_port)
+    # every 4 of 4 time points: 1 planned check of 12 fluorescence stacks (4 t x 3 structures);
+    # a budget of 17% allows 2: one on doubt. r < 1.0 is always doubtful.
+    policies = Policies(checks=CheckPolicy(every=4, dose_budget=0.17, when_r_below=1.0), drain_timeout_s=120.0)
+    lines: list[str] = []
+    daemon = Daemon(build_simulated_core(SimulatedScope(seed=3)), demo_sequence(4, 2.0), tmp_path / "run", eps,
+                    policies, report=lines.append)
+    worker = Worker(eps["stacks"], eps["results"], Predictor(None, "cpu"), input_checks=False)
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    try:
+        summary = daemon.run()
+        status = daemon.status()
+    finally:
+        worker.stop()
+        thread.join(30)
+        worker.close()
+    assert summary.acquired == 6 and summary.predicted == 4  # 4 brightfield, 1 planned + 1 doubt check
+    assert status["checks"]["dna"]["count"] == 2 and status["checks_on_doubt"] == 1
+    assert status["stacks_total"] == 6  # the added stack counts towards the plan's progress
+    report = json.loads((tmp_path / "run" / "summary.json").read_text())
+    first, second = report["checks"]["structures"]["dna"]["live_r"]
+    assert first["t"] == 0 and first["reason"] == "every 4 time points"
+    assert second["t"] > 0 and second["reason"].startswith("check r ") and "< 1 (dna)" in second["reason"]
+    assert any("light budget" in ln and "is spent" in ln for ln in lines)  # the third is refused, and said
+    assert report["fluorescence_dose"]["fraction"] <= 0.17
+    assert audit_run(tmp_path / "run", deep=False).ok
