@@ -41,6 +41,7 @@ from livestain.focus import FocusEstimate, estimate_focus
 from livestain.stackio import read_stack, write_stack
 
 from .dataset_lock import LOCK_NAME, DatasetLock
+from .adaptation import Adaptation, ModelVersion
 from .checks import (CheckScore, CheckScorer, check_channel_of, doubt_checks, extra_checks_allowed,
                      with_check_channels)
 from .doorbell import Doorbell
@@ -191,6 +192,7 @@ class Daemon:
         extra_status: Callable[[], dict[str, Any]] = dict,
         keys: str | Path | None = None,
         provenance: dict[str, Any] | None = None,
+        swap_model: Callable[[str | None], None] | None = None,
     ) -> None:
         _check_axis_order(sequence)
         policies = policies or Policies()
@@ -256,6 +258,16 @@ class Daemon:
                 extra_checks_allowed(policies.checks, self._n_t, self._n_p, self._n_predicted,
                                      policies.equivalent_fluorescence_exposure_ms))
         self._injected: set[tuple[int, int, str]] = set()  # check stacks added on doubt, not in the plan
+        self.adaptation: Adaptation | None = None
+        if policies.adapt:
+            if swap_model is None:
+                raise ValueError("policies.adapt needs workers the daemon can move to a new model "
+                                 "(a local worker); with remote workers, leave adapt off")
+            model = self.provenance.get("model") or {}
+            self._swap_to = swap_model
+            self.adaptation = Adaptation(self.out_dir, ModelVersion(model.get("path"), model.get("name", "bundled")),
+                                         swap=self._swap_model, report=report,
+                                         after_checks=policies.adapt_after_checks, steps=policies.adapt_steps)
         # every stack of the plan, all channels (paired mode: 4 per time point and position)
         self._stacks_total = sum(1 for _ in planned_keys(sequence))
         self._mda_done = threading.Event()
@@ -463,12 +475,31 @@ class Daemon:
             self._halt_acquisition()
             self.sockets.close()
             self._doorbell.close()
+            if self.adaptation is not None:
+                self.adaptation.stop()
             self._note("end")
             self._write_summary()
             self.journal.close()
             self._release_lock()
         self.summary.not_predicted = self._outstanding() + self.summary.unreadable + self.summary.failed
         return self.summary
+
+    def _swap_model(self, path: str | None) -> None:
+        """Adaptation's swap (or roll-back): every worker onto ``path``, recorded in run.json."""
+        assert self.adaptation is not None
+        version = self.adaptation.model
+        marker = self.out_dir / "run.json"
+        try:
+            run = json.loads(marker.read_text())
+            run.setdefault("model_changes", []).append({
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": run.get("model"),
+                "to": {"path": path, "name": version.name}, "why": version.why, "from_seq": self._seq})
+            run["model"] = {**(run.get("model") or {}), "path": path, "name": version.name}
+            _write_json_atomically(marker, run)
+        except (OSError, ValueError) as e:
+            log.warning("could not record the model change in run.json: %s", e)
+        self._note(f"model: {version.name} ({version.why}) from seq {self._seq}")
+        self._swap_to(path)
 
     def _write_summary(self) -> None:
         """``summary.json`` (`acquisition.run_report`); a failure to write it is logged,
@@ -516,6 +547,8 @@ class Daemon:
         """One turn of the loop: frames -> stacks, predictions in, control answered."""
         self._take_frames()
         self.on_tick()
+        if self.adaptation is not None:
+            self.adaptation.poll()
         self._hold_pause()
         self._catch_up()
         self._mark_sent(self.sockets.pump())
@@ -839,7 +872,7 @@ class Daemon:
         trust = self.trust.add(record.t, record.p, header.model_extra or {})
         try:
             self.journal.prediction_written(record.seq, pred_path, record.latency_s,
-                                            trust.confidence, ",".join(trust.flags))
+                                            trust.confidence, ",".join(trust.flags), header.model)
         except OSError as e:
             raise RunStopped(f"{e}. Raw stacks and predictions so far are intact; free some "
                              f"space and continue with --resume.") from None
@@ -900,6 +933,8 @@ class Daemon:
             self.report(f"[t {score.t + 1}/{self._n_t} p {score.p + 1}/{self._n_p}] check {score.structure}: "
                         f"prediction vs real fluorescence r {score.pearson:.2f}, SSIM {score.ssim:.2f}, "
                         f"NRMSE {score.nrmse:.2f} ({score.reason})")
+            if self.adaptation is not None:
+                self.adaptation.on_check(score.pearson)
             threshold = self.policies.checks.when_r_below if self.policies.checks else None
             if threshold is not None and score.pearson < threshold:
                 self._request_check(score.t, score.p, f"check r {score.pearson:.2f} < {threshold:g} ({score.structure})")
@@ -1009,6 +1044,7 @@ class Daemon:
             "disk_free_bytes": self.free_space(self.out_dir),
             "uptime_s": round(time.time() - self.started_at, 1),
         } | self.trust.status() | self.focus.status() | (self.checks.status() if self.checks else {}) \
+          | (self.adaptation.status() if self.adaptation else {}) \
           | self._light_dose() | self._snap_counts() | self.extra_status()
 
     def _on_control(self) -> None:

@@ -98,7 +98,7 @@ class Journal:
 
     #: Columns added after the first release: a journal from before gains them on open.
     LATER_COLUMNS = {"confidence": "REAL", "flags": "TEXT", "not_predictable": "TEXT",
-                     "focus_offset_um": "REAL", "z_correction_um": "REAL"}
+                     "focus_offset_um": "REAL", "z_correction_um": "REAL", "model": "TEXT"}
 
     def _add_missing_columns(self) -> None:
         have = {row[1] for row in self.db.execute("PRAGMA table_info(stacks)")}
@@ -129,13 +129,14 @@ class Journal:
         )
 
     def prediction_written(self, seq: int, path: Path, latency_s: float,
-                           confidence: float | None = None, flags: str = "") -> None:
-        """A stack's prediction is on disk, with the worker's per-stack confidence and the
-        input checks' flags (comma-separated codes, "" when none)."""
+                           confidence: float | None = None, flags: str = "", model: str = "") -> None:
+        """A stack's prediction is on disk, with the worker's per-stack confidence, the
+        input checks' flags (comma-separated codes, "" when none) and the model that made
+        it (``name@hash``)."""
         self._write(
             "UPDATE stacks SET predicted_path = ?, predicted_at = ?, latency_s = ?, confidence = ?, "
-            "flags = ? WHERE seq = ?",
-            (str(path), time.time(), latency_s, confidence, flags, seq),
+            "flags = ?, model = ? WHERE seq = ?",
+            (str(path), time.time(), latency_s, confidence, flags, model or None, seq),
         )
 
     def not_predictable(self, seq: int, reason: str) -> None:

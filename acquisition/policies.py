@@ -7,7 +7,7 @@ recorded in ``run.json``.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .checks import CheckPolicy
 
@@ -47,6 +47,13 @@ class Policies(BaseModel):
     checks : CheckPolicy | None
         Check frames: real fluorescence of some structures every few time points,
         scored against the predictions (`acquisition.checks`). None: no checks.
+    adapt : bool
+        Fine-tune the model on the check frames during the run and swap the workers to
+        it when it validates better (`acquisition.adaptation`). Needs ``checks``.
+    adapt_after_checks : int
+        New check frames that start a fine-tuning round.
+    adapt_steps : int
+        Fine-tuning steps per round.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -62,6 +69,16 @@ class Policies(BaseModel):
     focus_max_step_um: float = Field(2.0, gt=0)
     focus_deadband_um: float = Field(0.5, ge=0)
     checks: CheckPolicy | None = None
+    adapt: bool = False
+    adapt_after_checks: int = Field(2, ge=2)
+    adapt_steps: int = Field(60, ge=1)
+
+    @model_validator(mode="after")
+    def _adapt_needs_checks(self) -> Policies:
+        if self.adapt and self.checks is None:
+            raise ValueError("policies.adapt learns from check frames: add policies.checks "
+                             "(e.g. checks: {every: 10, structures: [dna]})")
+        return self
 
     @property
     def min_free_bytes(self) -> int:

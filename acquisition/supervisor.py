@@ -142,6 +142,32 @@ class WorkerSupervisor:
         """The name the worker gives itself on the wire (``host:pid``)."""
         return f"{socket.gethostname()}:{self.pid}"
 
+    def use_model(self, model: str | None) -> None:
+        """Restart the worker on ``model`` (None: the bundled one): adaptation's swap.
+
+        The old worker is stopped (SIGTERM, then kill after 10 s) and a new one started at
+        once, no back-off; ``on_restart`` re-queues what the old one held, so no stack is
+        dropped across the swap, and every prediction names the model that made it.
+        """
+        args = list(self.args)
+        if "--model" in args:
+            i = args.index("--model")
+            del args[i : i + 2]
+        if model:
+            args += ["--model", str(model)]
+        self.args = args
+        dead = self.name
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.start()
+        self.report(f"worker restarted on model {model or 'bundled'} (pid {self.pid})")
+        self.on_restart(dead)
+
     def kill_hung(self, holders: list[str]) -> None:
         """Stacks held by these workers got no prediction: kill ours if it is one of them
         (`check` then restarts it); workers on other hosts are theirs to look after."""

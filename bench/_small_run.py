@@ -27,11 +27,12 @@ class CachedScope(SimulatedScope):
     measure the sample simulator instead of livestain.
     """
 
-    def renderer(self, tile: tuple[int, int]) -> FieldRenderer:
+    def renderer(self, tile: tuple[int, int], t_s: float | None = None) -> FieldRenderer:
         cache = self.__dict__.setdefault("_all_renderers", {})
-        if tile not in cache:
-            cache[tile] = super().renderer(tile)
-        return cache[tile]
+        key = (tile, self.novel(t_s))
+        if key not in cache:
+            cache[key] = super().renderer(tile, t_s)
+        return cache[key]
 
 
 def small_scope(yx: int = 32, seed: int = 0) -> CachedScope:

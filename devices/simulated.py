@@ -60,7 +60,7 @@ from pymmcore_plus.experimental.unicore import (
 from ._quiet import quiet_unicore
 from .dose import DoseLedger, PhotoConfig, bleach_factor, tile_key
 from .optics import FieldRenderer, OpticsConfig, bin_pixels, to_camera_counts
-from .sample import STRUCTURES, SampleGeometry, make_field
+from .sample import STRUCTURES, CellPopulation, SampleGeometry, make_field
 
 BRIGHTFIELD = "Brightfield"
 #: Light-path / channel preset names, brightfield first, then one per structure.
@@ -159,6 +159,16 @@ class SimulatedScope:
     z_sequence_max_length: int = 0
     z_drift_um_per_s: float = 0.0
     drift_t0_s: float | None = None  # the sample clock at the first frame: drift starts there
+    #: the cells of every tile (None: `CellPopulation`'s defaults, the bundled model's)
+    population: CellPopulation | None = None
+    #: from this sample time on (seconds after the first frame), ``novel_population``
+    #: replaces ``population`` (``livestain demo --scenario novel-cells``)
+    novel_population: CellPopulation | None = None
+    novel_after_s: float = 0.0
+    #: > 0: in every window of this many seconds (after the first frame), the frames of
+    #: its second third are blank (no light) and of its last third saturated (``livestain
+    #: demo --scenario out-of-distribution``)
+    faulty_every_s: float = 0.0
     z_sequence: ZSequence = field(default_factory=ZSequence, repr=False)
     ledger: DoseLedger = field(default_factory=DoseLedger, repr=False)
     _renderers: OrderedDict[tuple[int, int], FieldRenderer] = field(
@@ -196,16 +206,25 @@ class SimulatedScope:
         fy, fx = self.geometry.field_um
         return (round(y_um / fy), round(x_um / fx))
 
-    def renderer(self, tile: tuple[int, int]) -> FieldRenderer:
-        """The (cached, at most 8 tiles) renderer of one tile's cells."""
+    def novel(self, t_s: float | None = None) -> bool:
+        """Whether the novel population has replaced the first one at ``t_s`` (default: now)."""
+        if self.novel_population is None or self.drift_t0_s is None:
+            return False
+        return (self.now() if t_s is None else t_s) - self.drift_t0_s >= self.novel_after_s
+
+    def renderer(self, tile: tuple[int, int], t_s: float | None = None) -> FieldRenderer:
+        """The (cached, at most 8 tiles) renderer of one tile's cells at ``t_s``."""
+        novel = self.novel(t_s)
+        key = (tile, novel)
         with self._lock:
-            if tile in self._renderers:
-                self._renderers.move_to_end(tile)
-                return self._renderers[tile]
-        sample = make_field(self.seed, tile, self.geometry)
+            if key in self._renderers:
+                self._renderers.move_to_end(key)
+                return self._renderers[key]
+        population = self.novel_population if novel else self.population
+        sample = make_field(self.seed + (7919 if novel else 0), tile, self.geometry, population)
         r = FieldRenderer(sample, self.optics)
         with self._lock:
-            self._renderers[tile] = r
+            self._renderers[key] = r
             while len(self._renderers) > 8:
                 self._renderers.popitem(last=False)
         return r
@@ -216,7 +235,7 @@ class SimulatedScope:
         cells stay where they were when harmed."""
         harmed = self.ledger.harmed_at(tile)
         t = t_s if harmed is None else min(t_s, harmed)
-        return self.renderer(tile).sample.displacement(t)
+        return self.renderer(tile, t_s).sample.displacement(t)
 
     def sample_z(self, stage_z_um: float, t_s: float) -> float:
         """Where the focal plane at stage z ``stage_z_um`` lies in the sample at ``t_s``
@@ -224,6 +243,13 @@ class SimulatedScope:
         if not self.z_drift_um_per_s or self.drift_t0_s is None:
             return stage_z_um
         return stage_z_um - self.z_drift_um_per_s * max(0.0, t_s - self.drift_t0_s)
+
+    def _fault(self, t_s: float) -> str:
+        """"blank", "saturated" or "" at ``t_s`` (see ``faulty_every_s``)."""
+        if self.faulty_every_s <= 0 or self.drift_t0_s is None:
+            return ""
+        phase = ((t_s - self.drift_t0_s) % self.faulty_every_s) / self.faulty_every_s
+        return "blank" if 1 / 3 <= phase < 2 / 3 else "saturated" if phase >= 2 / 3 else ""
 
     def dose_ledger(self) -> dict:
         """Cumulative light dose per position and channel (see `devices.dose`)."""
@@ -238,7 +264,7 @@ class SimulatedScope:
         self, channel: str, z_um: float, tile: tuple[int, int], t_s: float
     ) -> tuple[np.ndarray, float]:
         """Noise-free relative image and photons per unit (before bleaching)."""
-        r = self.renderer(tile)
+        r = self.renderer(tile, t_s)
         shifts = self.displacement(tile, t_s)
         power = self.intensity_pct / 100.0
         z_um = self.sample_z(z_um, t_s)
@@ -279,8 +305,13 @@ class SimulatedScope:
             "livestain_channel": channel,
             "livestain_time_s": round(t, 6),
         }
-        if self.shutter_open:
+        fault = self._fault(t)
+        if fault:
+            meta["livestain_fault"] = fault
+        if self.shutter_open and fault != "blank":
             rel, photons = self._relative(channel, self.z_um, tile, t)
+            if fault == "saturated":
+                photons *= 1000.0
             fluorescent = channel != BRIGHTFIELD
             before, after = self.ledger.expose(
                 tile, channel, self.exposure_ms * self.intensity_pct / 100.0, t,

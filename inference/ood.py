@@ -175,8 +175,9 @@ def check_stack(
     if skew > FLUORESCENCE_SKEW and flat_background:
         report.flags.append(_flag("fluorescence", f"dark flat background with sparse bright structures (histogram "
                                                   f"skew {min(skew, 1e12):.3g} > {FLUORESCENCE_SKEW}, only noise below "
-                                                  "the median): this looks like a fluorescence channel, not "
-                                                  "brightfield; pick the transmitted-light channel"))
+                                                  "the median): this looks like a fluorescence channel, or a "
+                                                  "frame taken without transmitted light; pick the "
+                                                  "transmitted-light channel and check its lamp"))
         return report
     snr = contrast / np.maximum(noise, 1e-12 * max(abs(med), 1.0))
     report.stats["best_plane_snr"] = float(snr.max())

@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the simulated sample does: " + "; ".join(f"{k}: {v}" for k, v in SCENARIOS.items()))
     p.add_argument("--track-focus", action="store_true",
                    help="re-centre each position's stacks on its cells (policies.track_focus)")
+    p.add_argument("--checks-every", type=int, default=None, metavar="N",
+                   help="a real DNA check frame every N time points, scored against the prediction "
+                        "(policies.checks; its light budget is --dose-budget)")
+    p.add_argument("--dose-budget", type=float, default=0.05,
+                   help="check frames' light, as a fraction of a run with fluorescence at every time point "
+                        "(default: %(default)s)")
+    p.add_argument("--adapt", action="store_true",
+                   help="fine-tune the model on the check frames during the run (policies.adapt; needs --checks-every)")
     _connect_args(p)
 
     p = sub.add_parser("run", help="run a plan from a YAML run configuration")
@@ -128,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     from livestain.inference.batch_cli import register as register_batch_commands
 
     register_batch_commands(sub)
+    from livestain.inference.adapt import register as register_adapt
+
+    register_adapt(sub)
     from livestain.devices.simulate_cli import add_simulate_parser
 
     add_simulate_parser(sub)
@@ -162,14 +173,24 @@ SCENARIOS = {
     "steady": "the sample stays put (default)",
     "focus-drift": "the sample drifts 8 um up over the run, as a warming stage does; "
                    "try it with and without --track-focus",
+    "novel-cells": "after two time points the field is a dense colony of touching cells, which "
+                   "the bundled model never saw (DNA r ~0.5); try --checks-every 1 --adapt",
+    "out-of-distribution": "of every three time points one is normal, one dark (the lamp fails) and one "
+                           "saturated (the exposure runs away): the confidence row and flags say so",
 }
+
+#: The novel-cells scenario's colony (devices.randomize's "dense" kind).
+NOVEL_POPULATION = dict(n_cells=(22, 30), body_xy_um=(6.0, 10.0), body_z_um=(2.5, 4.5), max_overlap=0.35,
+                        attempts_per_cell=10)
 FOCUS_DRIFT_UM = 8.0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
+    from livestain.acquisition.checks import CheckPolicy
     from livestain.acquisition.policies import Policies
+    from livestain.devices.sample import CellPopulation
     from livestain.devices.simulated import SimulatedScope, build_simulated_core
     from livestain.launch import SessionOptions, demo_sequence, exit_code, has_display, run_session
 
@@ -191,11 +212,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise ValueError("--scenario focus-drift drifts over the run's time: give --interval > 0 "
                              "and --timepoints of 2 or more")
         drift = FOCUS_DRIFT_UM / (args.interval * (args.timepoints - 1))
-    core = build_simulated_core(SimulatedScope(seed=args.seed, z_drift_um_per_s=drift))
+    scope = SimulatedScope(seed=args.seed, z_drift_um_per_s=drift)
+    if args.scenario == "novel-cells":
+        scope.novel_population = CellPopulation(**NOVEL_POPULATION)
+        scope.novel_after_s = 1.5 * max(args.interval, 1.0)
+    elif args.scenario == "out-of-distribution":
+        scope.faulty_every_s = 3 * max(args.interval, 1.0)
+    checks = None
+    if args.checks_every is not None:
+        checks = CheckPolicy(every=args.checks_every, structures=("dna",), dose_budget=args.dose_budget)
+    core = build_simulated_core(scope)
     seq = demo_sequence(args.timepoints, args.interval, args.positions)
     opts = SessionOptions(out_dir=out, host=args.connect, base_port=args.port, model=args.model,
                           device=args.device, show_window=show, resume=args.resume, keys=args.keys,
-                          policies=Policies(track_focus=args.track_focus))
+                          policies=Policies(track_focus=args.track_focus, checks=checks, adapt=args.adapt))
     print(f"livestain demo: simulated microscope, {args.timepoints} time points x {args.positions} "
           f"position(s) x 16 planes, daemon on {args.connect}:{args.port}"
           + (f"; scenario {args.scenario}" if args.scenario != "steady" else "")

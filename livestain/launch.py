@@ -181,7 +181,8 @@ def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=p
     daemon = Daemon(core, sequence, opts.out_dir, eps, report=report_and_log,
                     policies=opts.policies, resume=opts.resume, on_tick=supervisor.check,
                     on_hung_worker=supervisor.kill_hung, extra_status=supervisor.status,
-                    keys=opts.keys, provenance={"model": model})
+                    keys=opts.keys, provenance={"model": model},
+                    swap_model=supervisor.use_model if opts.spawn_worker else None)
     file_log = _log_to_dataset(opts.out_dir)
     run_log.addHandler(file_log)
     supervisor.on_restart = daemon.requeue_in_flight
