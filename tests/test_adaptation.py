@@ -64,7 +64,7 @@ def test_adapt_needs_check_frames() -> None:
 
 
 @pytest.mark.slow
-def test_novel_cells_live_r_rises_after_adaptation_with_nothing_lost(tmp_path, base_port) -> None:
+def test_novel_cells_live_r_rises_after_adaptation_with_nothing_lost(tmp_path, base_port, qapp) -> None:
     """The issue's done-when: a population the bundled model never saw; with adapt, live
     r against the simulator's truth (every stack, not only check frames) rises by >= 0.15
     within 10 check frames; no stack lost or duplicated across the swap; every
@@ -102,6 +102,7 @@ def test_novel_cells_live_r_rises_after_adaptation_with_nothing_lost(tmp_path, b
     thread.start()
     try:
         summary = daemon.run()
+        status = daemon.status()
     finally:
         worker.stop()
         thread.join(30)
@@ -130,3 +131,8 @@ def test_novel_cells_live_r_rises_after_adaptation_with_nothing_lost(tmp_path, b
     assert run["model_changes"][0]["why"].startswith("adapted")
     report = json.loads((out / "summary.json").read_text())
     assert report["models"]["changes"] and report["stacks"]["predicted"] == timepoints
+    from livestain.ui.status_panel import StatusPanel
+
+    panel = StatusPanel()  # the window shows the model now in use and what adaptation did
+    panel.show_status(status)
+    assert panel.text("model").startswith("adapted-") and "swap(s)" in panel.text("model")

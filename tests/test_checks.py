@@ -92,9 +92,16 @@ def test_check_frames_are_scored_in_a_real_run_within_the_budget(tmp_path, base_
     assert audit_run(tmp_path / "run", deep=False).ok  # the check stacks are planned, on disk
     from livestain.ui.status_panel import StatusPanel
 
-    panel = StatusPanel()  # the window, fed the real daemon's reply
+    from livestain.ui.focus_plot import CheckPlot
+
+    panel, plot = StatusPanel(), CheckPlot()  # the window, fed the real daemon's replies
     panel.show_status(status)
     assert panel.text("checks") == f"dna: r {checks['last']['pearson']:.2f} at t 3 p 1 (2 checked)"
+    plot.add_status(status | {"checks": {"dna": {"last": {"t": 0, "p": 0, "pearson": 0.5}}}})
+    plot.add_status(status)
+    plot.add_status(status)  # the same check again: drawn once
+    xs, ys = plot._curves[("dna", "0")].getData()
+    assert list(xs) == [1, 3] and ys[-1] == pytest.approx(checks["last"]["pearson"])
 
 
 def test_doubt_adds_a_check_frame_at_the_next_time_point_until_the_budget_is_spent(tmp_path, base_port) -> None:

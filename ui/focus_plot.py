@@ -68,3 +68,51 @@ class FocusPlot(pg.PlotWidget):
             found = [(t, z) for t, z, _ in track if z is not None]
             sample.setData([t + 1 for t, _ in found], [z for _, z in found])
             stage.setData([t + 1 for t, _, _ in track], [c for _, _, c in track])
+
+
+class CheckPlot(pg.PlotWidget):
+    """Live r of each check frame (prediction against real fluorescence) over time, per
+    structure and position: the closed loop's evidence that the overlay is still right."""
+
+    def __init__(self, parent=None) -> None:  # noqa: ANN001
+        super().__init__(parent)
+        self.setMinimumHeight(120)
+        self.setLabel("left", "check r")
+        self.setLabel("bottom", "time point")
+        self.setTitle("check frames: Pearson r against real fluorescence")
+        self.setYRange(0.0, 1.0)
+        self.addLegend(offset=(5, 5))
+        self.showGrid(x=True, y=True, alpha=0.3)
+        #: (structure, position) -> (t, r), one per check frame seen
+        self.scores: dict[tuple[str, str], collections.deque[tuple[int, float]]] = {}
+        self._curves: dict[tuple[str, str], pg.PlotDataItem] = {}
+
+    def add_status(self, status: dict[str, Any]) -> None:
+        """Take one status reply's ``checks`` (the last score per structure)."""
+        checks = status.get("checks")
+        if not isinstance(checks, dict):
+            return
+        changed = False
+        for structure, c in checks.items():
+            last = c.get("last") if isinstance(c, dict) else None
+            if not isinstance(last, dict):
+                continue
+            key = (str(structure), str(last.get("p", 0)))
+            series = self.scores.setdefault(key, collections.deque(maxlen=KEPT))
+            point = (int(last["t"]), float(last["pearson"]))
+            if series and series[-1][0] == point[0]:
+                continue
+            series.append(point)
+            changed = True
+        if changed:
+            self._redraw()
+
+    def _redraw(self) -> None:
+        from livestain.ui.colors import structure_color
+
+        for key, series in self.scores.items():
+            if key not in self._curves:
+                structure, p = key
+                self._curves[key] = self.plot([], [], pen=pg.mkPen(structure_color(structure), width=2),
+                                              symbol="o", symbolSize=5, name=f"{structure} p{int(p) + 1}")
+            self._curves[key].setData([t + 1 for t, _ in series], [r for _, r in series])

@@ -37,6 +37,7 @@ ROWS: dict[str, str] = {
     "trust": "confidence",
     "focus": "focus",
     "checks": "check frames",
+    "model": "model",
 }
 
 TOOLTIPS: dict[str, str] = {
@@ -63,6 +64,8 @@ TOOLTIPS: dict[str, str] = {
     "checks": "real fluorescence taken every few time points (policies.checks) and scored "
               "against the prediction of the same stack: the last Pearson r per structure and how "
               "many were scored; red: the last r is below 0.7",
+    "model": "the model the workers use now (name@hash; every prediction file names its own) and, "
+             "with policies.adapt, the fine-tuning rounds, swaps and roll-backs so far",
     "dose": "with a 'dose' field from the daemon: its figures. Otherwise an honest count: "
             "every predicted stack x structure is one fluorescence stack not exposed",
 }
@@ -208,6 +211,7 @@ class StatusPanel(QtWidgets.QGroupBox):
         self._show_trust(s)
         self._show_focus(s)
         self._show_checks(s)
+        self._show_model(s)
 
     # -- rows -----------------------------------------------------------------------
 
@@ -276,9 +280,24 @@ class StatusPanel(QtWidgets.QGroupBox):
                 continue
             r = float(last["pearson"])
             alarm |= r < self.CHECK_ALARM_R
+            why = "" if str(last.get("reason", "")).startswith("every") else f", taken because {last['reason']}"
             parts.append(f"{structure}: r {r:.2f} at t {int(last['t']) + 1} p {int(last['p']) + 1} "
-                         f"({c.get('count', 0)} checked)")
+                         f"({c.get('count', 0)} checked{why})")
         self._set("checks", "; ".join(parts), alarm=alarm)
+
+    def _show_model(self, s: dict[str, Any]) -> None:
+        name = s.get("model_version")
+        adaptation = s.get("adaptation")
+        if not name:
+            self._set("model", "—")
+            return
+        text = str(name)
+        if isinstance(adaptation, dict):
+            swaps = sum(1 for v in adaptation.get("versions", []) if str(v.get("why", "")).startswith("adapted"))
+            text += (f" — adapting: {adaptation.get('rounds', 0)} round(s)"
+                     f"{' (one running)' if adaptation.get('running') else ''}, {swaps} swap(s), "
+                     f"{adaptation.get('rollbacks', 0)} roll-back(s)")
+        self._set("model", text)
 
     def _show_focus(self, s: dict[str, Any]) -> None:
         focus = s.get("focus")

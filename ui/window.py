@@ -27,7 +27,7 @@ from livestain.ui.control_bar import ControlBar
 from livestain.ui.control_client import ControlClient
 from livestain.ui.frames import FrameRenderer
 from livestain.ui.history import History, Received
-from livestain.ui.focus_plot import FocusPlot
+from livestain.ui.focus_plot import CheckPlot, FocusPlot
 from livestain.ui.status_panel import StatusPanel
 from livestain.ui.structure_panel import StructurePanel
 from livestain.ui.subscriber import DisplaySubscriber
@@ -165,6 +165,8 @@ class LiveWindow(QtWidgets.QMainWindow):
         slay.addWidget(self.panel)
         self.focus_plot = FocusPlot()
         slay.addWidget(self.focus_plot)
+        self.check_plot = CheckPlot()
+        slay.addWidget(self.check_plot)
         slay.addWidget(self.controls)
         slay.addWidget(self.structures)
         slay.addStretch(1)
@@ -216,6 +218,7 @@ class LiveWindow(QtWidgets.QMainWindow):
         self._control = client
         client.status.connect(self.panel.show_status)
         client.status.connect(self.focus_plot.add_status)
+        client.status.connect(self.check_plot.add_status)
         client.not_answering.connect(self.panel.show_not_answering)
         self.controls.attach(client)
         client.start()
