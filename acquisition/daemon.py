@@ -198,6 +198,9 @@ class Daemon:
         policies = policies or Policies()
         self.provenance = provenance or {}
         # check frames are channels of the plan (acquire_every): counted, audited, budgeted
+        if policies.track_focus and _autofocus_device(core) and sequence.autofocus_plan is None:
+            sequence = sequence.model_copy(update={"autofocus_plan": useq.AxesBasedAF(
+                autofocus_device_name=_autofocus_device(core), axes=("t", "p"))})
         self._n_predicted = len((self.provenance.get("model") or {}).get("structures") or ()) or 3
         sequence = with_check_channels(sequence, policies.checks, _channel_presets(core, sequence),
                                        self._n_predicted, policies.equivalent_fluorescence_exposure_ms)
@@ -222,7 +225,13 @@ class Daemon:
         self._late_on_disk = 0  # late stacks not held in `records` (see `LATE_KEPT`)
         self._streamed_acquired = 0  # this session's stacks of streamed channels
         self._budget_spent_said = False
-        self.focus = FocusTracker(policies.track_focus, policies.focus_max_step_um, policies.focus_deadband_um)
+        # a hardware autofocus device does the tracking itself (useq's autofocus_plan, run by
+        # pymmcore-plus); the brightfield estimate is then only recorded
+        self.focus_mode = "brightfield" if policies.track_focus else "off"
+        if policies.track_focus and _autofocus_device(core):
+            self.focus_mode = f"hardware autofocus ({_autofocus_device(core)})"
+        self.focus = FocusTracker(self.focus_mode == "brightfield", policies.focus_max_step_um,
+                                  policies.focus_deadband_um)
         # seqs predicted lately, so a duplicate answer is dropped quietly; bounded (a run
         # of days predicts hundreds of thousands): the journal holds the full record, and
         # an answer older than this memory is refused by the sockets anyway (was_handed)
@@ -399,6 +408,8 @@ class Daemon:
         """The plan's stacks not yet on disk, in acquisition order, made on demand."""
         previous = None
         for event in self.sequence.model_copy(update={"z_plan": None}).iter_events():
+            if event.action is not None and type(event.action).__name__ != "AcquireImage":
+                continue  # an autofocus event takes no image
             key = self._key(event)
             if key != previous and key not in self._done:
                 yield key
@@ -1043,6 +1054,7 @@ class Daemon:
             "positions": self._n_p,
             "disk_free_bytes": self.free_space(self.out_dir),
             "uptime_s": round(time.time() - self.started_at, 1),
+            "focus_mode": self.focus_mode,
         } | self.trust.status() | self.focus.status() | (self.checks.status() if self.checks else {}) \
           | (self.adaptation.status() if self.adaptation else {}) \
           | self._light_dose() | self._snap_counts() | self.extra_status()
@@ -1149,6 +1161,14 @@ def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(data, indent=2))
     os.replace(partial, path)
+
+
+def _autofocus_device(core: Any) -> str:
+    """The scope's hardware autofocus device, "" when it has none."""
+    try:
+        return str(core.getAutoFocusDevice() or "")
+    except (RuntimeError, AttributeError):
+        return ""
 
 
 def _channel_presets(core: Any, sequence: useq.MDASequence) -> list[str]:

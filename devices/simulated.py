@@ -169,6 +169,11 @@ class SimulatedScope:
     #: its second third are blank (no light) and of its last third saturated (``livestain
     #: demo --scenario out-of-distribution``)
     faulty_every_s: float = 0.0
+    #: a hardware autofocus device (as a Nikon PFS or Zeiss Definite Focus): its full
+    #: focus puts the stage where the sample's reference plane is now, drift included
+    autofocus: bool = False
+    #: the stage z the autofocus reference maps to at the first frame (the plan's centre)
+    autofocus_reference_um: float = 4.0
     z_sequence: ZSequence = field(default_factory=ZSequence, repr=False)
     ledger: DoseLedger = field(default_factory=DoseLedger, repr=False)
     _renderers: OrderedDict[tuple[int, int], FieldRenderer] = field(
@@ -250,6 +255,14 @@ class SimulatedScope:
             return ""
         phase = ((t_s - self.drift_t0_s) % self.faulty_every_s) / self.faulty_every_s
         return "blank" if 1 / 3 <= phase < 2 / 3 else "saturated" if phase >= 2 / 3 else ""
+
+    def focus_reference_um(self) -> float:
+        """Where a hardware autofocus puts the stage now: its reference plane, moved by the
+        sample's drift since the first frame."""
+        t = self.now()
+        if not self.z_drift_um_per_s or self.drift_t0_s is None:
+            return self.autofocus_reference_um
+        return self.autofocus_reference_um + self.z_drift_um_per_s * max(0.0, t - self.drift_t0_s)
 
     def dose_ledger(self) -> dict:
         """Cumulative light dose per position and channel (see `devices.dose`)."""
@@ -640,4 +653,30 @@ def build_simulated_core(scope: SimulatedScope | None = None):  # -> UniMMCore
     core.setPixelSizeUm("Sim20x", scope.pixel_size_um)
     core.setPixelSizeConfig("Sim20x")
     core.livestain_scope = scope  # type: ignore[attr-defined]
+    if scope.autofocus:
+        _add_hardware_autofocus(core, scope)
     return core
+
+
+#: The simulated hardware autofocus device's name.
+AUTOFOCUS_DEVICE = "SimAutoFocus"
+
+
+def _add_hardware_autofocus(core, scope: SimulatedScope) -> None:  # noqa: ANN001
+    """Give ``core`` a hardware autofocus device (``scope.autofocus``).
+
+    The pure-Python device layer (unicore) has no autofocus device type, so the few core
+    calls pymmcore-plus's MDA engine makes for useq's ``autofocus_plan`` (`fullFocus`,
+    the continuous-focus switches, `getAutoFocusDevice`) are answered here, from the
+    simulator's own state: a full focus moves the stage to the sample's reference plane.
+    """
+    core.getAutoFocusDevice = lambda: AUTOFOCUS_DEVICE
+    core.isContinuousFocusLocked = lambda: False
+    core.isContinuousFocusEnabled = lambda: False
+    core.enableContinuousFocus = lambda enable: None
+    core.setAutoFocusOffset = lambda offset: None
+
+    def full_focus() -> None:
+        core.setZPosition(scope.focus_reference_um())
+
+    core.fullFocus = full_focus

@@ -3,6 +3,7 @@ prediction stays right, only because the daemon follows it."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -77,25 +78,27 @@ class _BundledWorker:
 
 
 def _drift_run(tmp_path: Path, base_port: int, track: bool, drift_um: float = 8.0,
-               timepoints: int = 7, interval_s: float = 2.0) -> tuple[list[float], list[dict], Path]:
+               timepoints: int = 7, interval_s: float = 2.0, autofocus: bool = False,
+               ) -> tuple[list[float], list[dict], Path]:
     """DNA Pearson r of every prediction against the simulator's truth, the daemon's
     status replies as the focus record changed, and the run folder, for a sample
     drifting ``drift_um`` over the run."""
     from livestain.inference.train import pearson
 
     rate = drift_um / (interval_s * (timepoints - 1))
-    scope = SimulatedScope(seed=5, z_drift_um_per_s=rate)
+    scope = SimulatedScope(seed=5, z_drift_um_per_s=rate, autofocus=autofocus)
     core = build_simulated_core(scope)
     frames: dict[tuple[int, int], list[tuple[int, float, float]]] = {}
 
     def on_frame(image: np.ndarray, event: useq.MDAEvent, meta: dict) -> None:
         key = (event.index.get("t", 0), event.index.get("p", 0))
-        frames.setdefault(key, []).append((event.index.get("z", 0), float(event.z_pos),
+        # the stage's own z: a hardware autofocus adds its correction to the event's
+        frames.setdefault(key, []).append((event.index.get("z", 0), float(scope.z_um),
                                            scope.now()))  # ms after the snap: the drift moved < 0.01 um
 
     core.mda.events.frameReady.connect(on_frame)
     eps = wire.endpoints(base_port=base_port)
-    out = tmp_path / ("tracked" if track else "fixed")
+    out = tmp_path / ("autofocus" if autofocus else "tracked" if track else "fixed")
     statuses: list[dict] = []
 
     def on_tick() -> None:  # a status reply each time the focus record changes, as a window polls
@@ -157,3 +160,18 @@ def test_a_drifting_sample_stays_predicted_only_with_focus_tracking(tmp_path, ba
     assert sample[-1] - sample[0] == pytest.approx(8.0, abs=1.5)  # the drift the scenario made
     xs, ys = plot._curves["0"][1].getData()
     assert list(xs) == list(range(1, 8)) and ys[-1] == pytest.approx(rows[-1][1], abs=0.01)
+
+
+def test_a_hardware_autofocus_device_does_the_tracking_when_the_scope_has_one(tmp_path, base_port) -> None:
+    """With an autofocus device in the configuration, ``track_focus`` runs useq's
+    autofocus_plan through pymmcore-plus (the device finds the sample) instead of moving
+    the stage from the brightfield estimate."""
+    rs, statuses, out = _drift_run(tmp_path, base_port, track=True, autofocus=True)
+    print(f"DNA r per stack, 8 um drift, hardware autofocus: {[round(r, 3) for r in rs]}")
+    assert min(rs) >= 0.9, rs
+    status = statuses[-1]
+    assert status["focus_mode"] == "hardware autofocus (SimAutoFocus)" and status["track_focus"] is False
+    offsets = [f["offset_um"] for f in (s["focus"]["0"] for s in statuses) if f["offset_um"] is not None]
+    assert offsets and max(abs(o) for o in offsets) < 2.0  # the device kept the cells centred
+    run = json.loads((out / "run.json").read_text())
+    assert run["sequence"]["autofocus_plan"]["autofocus_device_name"] == "SimAutoFocus"

@@ -315,7 +315,8 @@ class StatusPanel(QtWidgets.QGroupBox):
                              + (f", stack moved {correction:+.1f} um" if correction else ""))
         if len(focus) > 6:
             parts.append(f"… {len(focus) - 6} more")
-        mode = "tracking" if s.get("track_focus") else "not tracking (policies.track_focus)"
+        mode = {"brightfield": "tracking", "off": "not tracking (policies.track_focus)"}.get(
+            str(s.get("focus_mode")), str(s.get("focus_mode") or ("tracking" if s.get("track_focus") else "not tracking")))
         self._set("focus", f"{'; '.join(parts)} — {mode}", alarm=lost)
 
     def _show_worker(self, s: dict[str, Any]) -> None:
