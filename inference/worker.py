@@ -75,9 +75,13 @@ class Worker:
         shm: bool = True,
         token: str | None = None,
         input_checks: bool = True,
+        uncertainty: bool = False,
     ) -> None:
         self.predictor = predictor
         self.input_checks = input_checks
+        #: predict with the per-voxel uncertainty (`inference.uncertainty`: 8 passes, 8x
+        #: the time), sent as ``<structure>_uncertainty`` channels after the structures'
+        self.uncertainty = uncertainty
         # with keys, CURVE authenticates us; without, the daemon wants its token
         self._token: WorkerToken | None = None if keys or token is not None else WorkerToken(stacks_endpoint)
         self._fixed_token = token or ""
@@ -194,13 +198,15 @@ class Worker:
             self._checker = ThreadPoolExecutor(1, thread_name_prefix="livestain-checks")
         return self._checker.submit(check_stack, stack, header.voxel_size_um, model_voxel)
 
-    def _confidence(self, checks: Future | None) -> dict:
+    def _confidence(self, checks: Future | None, uncertainty: np.ndarray | None = None) -> dict:
         """The per-stack confidence and flags for the prediction header (empty if the
-        checks failed: a check must never cost a prediction)."""
-        if checks is None:
+        checks failed: a check must never cost a prediction); with the uncertainty when
+        it was predicted."""
+        if checks is None and uncertainty is None:
             return {}
         try:
-            return stack_confidence(None, tuple(self.predictor.structures), checks.result()).to_dict()
+            report = checks.result() if checks is not None else None
+            return stack_confidence(uncertainty, tuple(self.predictor.structures), report).to_dict()
         except Exception as e:  # noqa: BLE001 - any failure of a check is logged, not fatal
             log.warning("input checks failed: %s", e)
             return {}
@@ -208,16 +214,25 @@ class Worker:
     def handle(self, header: wire.StackHeader, stack) -> None:  # noqa: ANN001
         received_at = time.time()
         t0 = time.perf_counter()
-        segment = self._segment_for(header)
+        # the daemon's segment is sized for the structures alone: with the uncertainty the
+        # prediction (twice the channels) goes over ZeroMQ
+        segment = None if self.uncertainty else self._segment_for(header)
         checks = self._start_checks(header, stack)
+        structures = list(self.predictor.structures)
+        uncertainty = None
         try:
-            pred = self.predictor.predict(stack, header.voxel_size_um, out=segment)
+            if self.uncertainty:
+                mean, uncertainty = self.predictor.predict_with_uncertainty(stack, header.voxel_size_um)
+                pred = np.concatenate([mean, uncertainty])
+                structures += [f"{s}{wire.UNCERTAINTY_SUFFIX}" for s in self.predictor.structures]
+            else:
+                pred = self.predictor.predict(stack, header.voxel_size_um, out=segment)
         except (ValueError, RuntimeError, MemoryError) as e:  # RuntimeError: e.g. out of GPU memory
             log.error("could not predict stack seq %d (t=%d p=%d): %s", header.seq, header.t, header.p, e)
             self._confidence(checks)  # the stack's view must outlive the thread reading it
             self._send_failure(header, f"{type(e).__name__}: {e}")
             return
-        trust = self._confidence(checks)
+        trust = self._confidence(checks, uncertainty)
         out = wire.StackHeader(
             kind="prediction",
             run_id=header.run_id,
@@ -231,7 +246,7 @@ class Worker:
             position_um=header.position_um,
             acquired_start=header.acquired_start,
             acquired_end=header.acquired_end,
-            structures=list(self.predictor.structures),
+            structures=structures,
             source_seq=header.seq,
             model=self.predictor.model.name,
             worker=self.name,
@@ -288,6 +303,7 @@ def run_worker(
     keys: str | None = None,
     exact: bool = False,
     compile: bool = False,
+    uncertainty: bool = False,
 ) -> int:
     """Entry point of ``livestain worker``; returns the process exit code.
 
@@ -297,7 +313,7 @@ def run_worker(
     ``$LIVESTAIN_WORKER_TOKEN`` or the daemon's token file for the stacks endpoint.
     """
     predictor = Predictor(model, device, fast=True, bf16=False if exact else None, compile=compile)
-    worker = Worker(stacks_endpoint, results_endpoint, predictor, keys=keys)
+    worker = Worker(stacks_endpoint, results_endpoint, predictor, keys=keys, uncertainty=uncertainty)
 
     def _stop(signum: int, _frame: object) -> None:
         worker.stop()

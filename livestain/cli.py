@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dose-budget", type=float, default=0.05,
                    help="check frames' light, as a fraction of a run with fluorescence at every time point "
                         "(default: %(default)s)")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="the worker predicts each structure's uncertainty too (8x the time); the window's "
+                        "'uncertainty' box shows it")
     p.add_argument("--adapt", action="store_true",
                    help="fine-tune the model on the check frames during the run (policies.adapt; needs --checks-every)")
     _connect_args(p)
@@ -96,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network: the first stack of each size compiles (seconds "
                         "to a minute), cached on disk for later runs; measure before relying on it")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="send each structure's per-voxel uncertainty too (8 predictions per stack: 8x the time)")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--check-model", action="store_true",
                    help="load the model on the device as a worker would, print what it predicts, exit")
@@ -225,7 +230,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     seq = demo_sequence(args.timepoints, args.interval, args.positions)
     opts = SessionOptions(out_dir=out, host=args.connect, base_port=args.port, model=args.model,
                           device=args.device, show_window=show, resume=args.resume, keys=args.keys,
-                          policies=Policies(track_focus=args.track_focus, checks=checks, adapt=args.adapt))
+                          policies=Policies(track_focus=args.track_focus, checks=checks, adapt=args.adapt),
+                          uncertainty=args.uncertainty)
     print(f"livestain demo: simulated microscope, {args.timepoints} time points x {args.positions} "
           f"position(s) x 16 planes, daemon on {args.connect}:{args.port}"
           + (f"; scenario {args.scenario}" if args.scenario != "steady" else "")
@@ -259,7 +265,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     eps = wire.endpoints(args.connect, args.port)
     return run_worker(eps["stacks"], eps["results"], args.model, args.device,
-                      parent_pid=args.parent_pid, keys=args.keys, exact=args.exact, compile=args.compile)
+                      parent_pid=args.parent_pid, keys=args.keys, exact=args.exact, compile=args.compile,
+                      uncertainty=args.uncertainty)
 
 
 def _check_model(model: str | None, device: str | None) -> int:

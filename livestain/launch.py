@@ -48,6 +48,8 @@ class SessionOptions:
         Continue the run in ``out_dir`` at its first incomplete time point.
     keys : str | None
         CURVE key folder (`livestain.security`); required for a non-loopback host.
+    uncertainty : bool
+        The local worker predicts each structure's per-voxel uncertainty too (8x the time).
     """
 
     out_dir: Path
@@ -60,6 +62,7 @@ class SessionOptions:
     policies: Policies = field(default_factory=Policies)
     resume: bool = False
     keys: str | None = None
+    uncertainty: bool = False
 
 
 def has_display() -> bool:
@@ -176,6 +179,8 @@ def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=p
         worker_args += ["--model", model["path"]]
     if opts.device:
         worker_args += ["--device", opts.device]
+    if opts.uncertainty:
+        worker_args += ["--uncertainty"]
     supervisor = WorkerSupervisor(worker_args, report=report_and_log)
     eps = wire.endpoints(opts.host, opts.base_port)
     daemon = Daemon(core, sequence, opts.out_dir, eps, report=report_and_log,

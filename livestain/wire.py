@@ -72,6 +72,10 @@ MAX_DIMENSION = 1 << 20
 MAX_HEADER_BYTES = 64 * 1024
 #: Header field of ``ready`` messages and predictions that carries the worker token.
 TOKEN_FIELD = "token"
+#: A prediction's channel ``<structure>_uncertainty`` (after all the structures') holds that
+#: structure's per-voxel uncertainty: the expected absolute error in z-score units
+#: (workers started with ``--uncertainty``).
+UNCERTAINTY_SUFFIX = "_uncertainty"
 
 
 class WireError(ValueError):

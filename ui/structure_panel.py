@@ -16,6 +16,7 @@ from typing import Any
 from PySide6 import QtCore, QtGui, QtWidgets
 
 from livestain.ui.colors import structure_color
+from livestain.wire import UNCERTAINTY_SUFFIX
 from livestain.ui.render import OVERLAY_PERCENTILES, RGB
 
 
@@ -53,15 +54,29 @@ class StructurePanel(QtWidgets.QGroupBox):
             self._grid.addWidget(QtWidgets.QLabel(text), 0, col)
         self.setToolTip("auto contrast: transparent at the median, opaque at the 99.8th "
                         "percentile of the prediction; untick auto for fixed min/max")
+        # shown once a prediction carries uncertainty channels (a worker with --uncertainty)
+        self.uncertainty_check = QtWidgets.QCheckBox("show uncertainty instead of the structures")
+        self.uncertainty_check.setToolTip(
+            "each structure's per-voxel uncertainty (expected absolute error, z-score units: "
+            "8 rotated and flipped predictions' spread); bright = do not trust the overlay there")
+        self.uncertainty_check.setVisible(False)
+        self.uncertainty_check.toggled.connect(self.show_uncertainty)
+        self._grid.addWidget(self.uncertainty_check, 999, 0, 1, 6)
 
     def ensure(self, name: str) -> StructureStyle:
         """The style of ``name``, adding its row on first sight."""
         if name in self.styles:
             return self.styles[name]
-        style = self.styles[name] = StructureStyle(structure_color(name), opacity=self.default_opacity)
+        # an uncertainty channel takes its structure's colour: toggled in, it reads as
+        # "this structure, where unsure"
+        base = name[: -len(UNCERTAINTY_SUFFIX)] if name.endswith(UNCERTAINTY_SUFFIX) else name
+        style = self.styles[name] = StructureStyle(structure_color(base), opacity=self.default_opacity)
         row = len(self.styles)
         check = QtWidgets.QCheckBox(name)
-        check.setChecked(True)
+        if name.endswith(UNCERTAINTY_SUFFIX):  # hidden until the user asks for it
+            style.visible = self.uncertainty_check.isChecked()
+            self.uncertainty_check.setVisible(True)
+        check.setChecked(style.visible)
         check.toggled.connect(lambda on, n=name: self.set_visible(n, on))
         color = QtWidgets.QPushButton()
         color.setFixedWidth(28)
@@ -96,6 +111,16 @@ class StructurePanel(QtWidgets.QGroupBox):
         return style
 
     # -- setters (also the API tests and scripts use) ---------------------------------
+
+    def show_uncertainty(self, on: bool) -> None:
+        """Swap every structure that has an uncertainty channel for it (or back)."""
+        for name in list(self.styles):
+            if name.endswith(UNCERTAINTY_SUFFIX):
+                base = name[: -len(UNCERTAINTY_SUFFIX)]
+                self.set_visible(name, on)
+                if base in self.styles:
+                    self.set_visible(base, not on)
+        self._quiet(self.uncertainty_check, lambda w: w.setChecked(on))
 
     def set_visible(self, name: str, visible: bool) -> None:
         self.ensure(name).visible = visible
