@@ -53,3 +53,59 @@ def train_bundled(out: Path, steps: int = 600, seed: int = 0) -> dict:
     path = save_checkpoint(out, result.net, meta)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); validation Pearson r: {metrics}")
     return metrics
+
+
+def robust_ranges():  # -> randomize.Ranges
+    """What the robust recipe varies: everything but the z geometry and the pixel size.
+
+    The worker predicts from the model's own z window centred on the cells
+    (`inference.zwindow`) and resamples to its voxel size, so those are the model's
+    canonical geometry (16 planes 1 um apart, the cells 0.6 um below the centre,
+    0.325 um pixels); optics, camera and samples vary as `livestain simulate
+    --randomize` draws them.
+    """
+    from livestain.devices.randomize import Ranges
+
+    return Ranges(focus_offset_um=(-0.4, 1.6), z_range_um=(15.0, 15.0), z_step_um=(1.0, 1.0),
+                  pixel_um=(0.325, 0.325))
+
+
+def train_robust(out: Path, steps: int = 1500, fields: int = 32, val_fields: int = 8, seed: int = 0,
+                 size: int = 192) -> dict:
+    """Fine-tune the bundled model on randomized optics, cameras and samples (see
+    `robust_ranges`), keeping the weights that validate best on held-out random fields."""
+    import numpy as np
+
+    from livestain.devices import randomize
+    from livestain.inference.checkpoint import load_checkpoint
+
+    rng = np.random.default_rng(seed)
+    ranges = robust_ranges()
+
+    def fields_of(n: int, first_seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        pairs = []
+        for i in range(n):
+            pair, _ = randomize.render(randomize.draw(rng, ranges), first_seed + i, (0, 0), size)
+            pairs.append((pair.brightfield, pair.targets))
+        return pairs
+
+    print(f"rendering {fields} training + {val_fields} validation random fields of {size} px ...")
+    train_pairs, val_pairs = fields_of(fields, 5000), fields_of(val_fields, 9000)
+    base = load_checkpoint(None, "cpu")
+    torch.manual_seed(seed)
+    settings = TrainSettings(steps=steps, seed=seed, lr=1e-3, intensity=0.1, gamma=0.2, noise=0.03)
+    result = train(train_pairs, val_pairs, base.meta.config, settings, PercentileNorm(),
+                   on_step=Progress(steps), val_every=max(50, steps // 10), init=base.net, keep_best=True)
+    metrics = {s: round(float(v), 4) for s, v in zip(base.meta.config.structures,
+                                                      evaluate(result.net, val_pairs, PercentileNorm()))}
+    meta = ModelMeta(config=base.meta.config, norm=PercentileNorm(), voxel_size_um=base.meta.voxel_size_um,
+                     extra={"recipe": "livestain train-bundled --robust", "init": base.name,
+                            "settings": {**settings.__dict__, "patch": list(settings.patch)},
+                            "fields": fields, "val_fields": val_fields, "size": size,
+                            "val_pearson": metrics, "train_seconds": round(result.seconds, 1),
+                            "best_step": result.best_step, "history": result.history,
+                            **{k: base.meta.extra[k] for k in ("train_extent_um", "train_focus_offset_um")
+                               if k in base.meta.extra}})
+    path = save_checkpoint(out, result.net, meta)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); validation Pearson r on random fields: {metrics}")
+    return metrics

@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-bundled", help="reproduce the bundled demo model from the simulator")
     p.add_argument("--out", type=Path, default=Path("inference/models/bundled.safetensors"))
     p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--robust", action="store_true",
+                   help="fine-tune the bundled model on randomized optics, cameras and samples instead")
     return parser
 
 
@@ -353,7 +355,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_train_bundled(args: argparse.Namespace) -> int:
-    from livestain.bundled import train_bundled
+    from livestain.bundled import train_bundled, train_robust
+
+    if args.robust:
+        train_robust(args.out, steps=args.steps)
+        return 0
 
     train_bundled(args.out, steps=args.steps)
     return 0
