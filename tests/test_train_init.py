@@ -427,3 +427,20 @@ def test_fine_tune_defaults_lower_lr_derived_steps_and_patience(small_dataset, m
     assert f"steps {expected}: ~4 passes (a fine-tune)" in printed
     assert extra["patience"] == 5 and extra["steps_run"] <= expected
     assert extra["history"][0]["step"] == 0 and extra["best_step"] is not None
+
+
+def test_the_robust_recipe_fine_tunes_the_bundled_model_on_random_fields(tmp_path) -> None:
+    """`livestain train-bundled --robust` in miniature: random optics, cameras and samples
+    at the model's own z geometry and pixel size, the bundled model as the start."""
+    from livestain.bundled import robust_ranges, train_robust
+    from livestain.devices import randomize
+    from livestain.inference.checkpoint import load_checkpoint
+
+    params = randomize.draw(np.random.default_rng(1), robust_ranges())
+    assert params["n_planes"] == 16 and params["z_step_um"] == 1.0 and params["pixel_um"] == 0.325
+    metrics = train_robust(tmp_path / "robust.safetensors", steps=2, fields=2, val_fields=1, size=48)
+    model = load_checkpoint(tmp_path / "robust.safetensors", "cpu")
+    assert model.meta.extra["recipe"] == "livestain train-bundled --robust"
+    assert model.meta.extra["init"].startswith("bundled@")
+    assert model.meta.extra["train_extent_um"] == 16.0  # the z window the worker predicts from
+    assert set(metrics) == {"dna", "membrane", "mitochondria"}
