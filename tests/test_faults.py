@@ -98,7 +98,9 @@ def test_kill_9_daemon_then_resume_completes_the_same_dataset(tmp_path, base_por
         capture_output=True, text=True, timeout=240,
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"resuming run {first['run_id']}" in resumed.stdout
+    # "resuming run X at time point N", or, when the kill came after the last frame (a
+    # loaded machine answers status late), "run X already has all 5 time points"
+    assert f"run {first['run_id']}" in resumed.stdout and "resum" in resumed.stdout
     _assert_dataset_complete(out, 5)
     run_ids = {read_stack(p)[1]["run_id"] for p in out.glob("p000/*.ome.tif")}
     assert run_ids == {first["run_id"]}
