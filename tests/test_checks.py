@@ -102,6 +102,10 @@ def test_check_frames_are_scored_in_a_real_run_within_the_budget(tmp_path, base_
     plot.add_status(status)  # the same check again: drawn once
     xs, ys = plot._curves[("dna", "0")].getData()
     assert list(xs) == [1, 3] and ys[-1] == pytest.approx(checks["last"]["pearson"])
+    panel.close()
+    panel.deleteLater()
+    plot.close()
+    plot.deleteLater()  # on the GUI thread, not by a later test's garbage collection
 
 
 def test_doubt_adds_a_check_frame_at_the_next_time_point_until_the_budget_is_spent(tmp_path, base_port) -> None:

@@ -160,6 +160,20 @@ def test_a_drifting_sample_stays_predicted_only_with_focus_tracking(tmp_path, ba
     assert sample[-1] - sample[0] == pytest.approx(8.0, abs=1.5)  # the drift the scenario made
     xs, ys = plot._curves["0"][1].getData()
     assert list(xs) == list(range(1, 8)) and ys[-1] == pytest.approx(rows[-1][1], abs=0.01)
+    _dispose(panel, plot)
+
+
+def _dispose(*widgets) -> None:  # noqa: ANN002
+    """Delete Qt widgets here, on the GUI thread: left to the garbage collector, a
+    pyqtgraph plot may be finalised on a worker thread of a later test, and PySide6 can
+    deadlock disconnecting its signals there."""
+    import gc
+
+    for w in widgets:
+        w.close()
+        w.deleteLater()
+    del widgets
+    gc.collect()
 
 
 def test_a_hardware_autofocus_device_does_the_tracking_when_the_scope_has_one(tmp_path, base_port) -> None:
