@@ -138,7 +138,9 @@ class Predictor:
         self.last_focus = None
         if self.focus_window if focus_window is None else focus_window:
             if self.is_2_5d:
-                if z_centre is None and not slide:
+                # a window as tall as the stack is centred already: a focus elsewhere would
+                # repeat edge planes the model never saw repeated
+                if z_centre is None and not slide and self.model.meta.config.z_window < stack.shape[0]:
                     self.last_focus = estimate_focus(stack, zwindow.z_step_of(voxel_size_um, self.model.meta.voxel_size_um))
                     if self.last_focus.plane is not None:
                         z_centre = int(round(self.last_focus.plane))
