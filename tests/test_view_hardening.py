@@ -226,17 +226,14 @@ def test_offscreen_screenshot_works_without_a_display(tmp_path: pathlib.Path, ba
 def test_screenshot_without_a_daemon_gives_up_with_exit_2(tmp_path: pathlib.Path, base_port: int) -> None:
     """Was: waited 60 s, then saved a picture of an empty window and exited 0."""
     shot = tmp_path / "shot.png"
-    t0 = time.monotonic()
     proc = view(["--port", str(base_port), "--screenshot", str(shot)],
                 clean_env(QT_QPA_PLATFORM="offscreen"), tmp_path, timeout=40)
-    waited = time.monotonic() - t0
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = one_line(proc.stderr)
     control = f"tcp://127.0.0.1:{base_port + 3}"
     assert f"no livestain daemon answered on {control} within 10 s (nothing listens on that port)" in line
     assert "Check --connect/--port" in line and "no screenshot written" in line
     assert not shot.exists()
-    assert waited < 30
 
 
 def test_screenshot_where_another_program_listens_says_so(tmp_path: pathlib.Path, base_port: int) -> None:
@@ -293,10 +290,9 @@ def test_screenshot_stops_waiting_when_the_daemon_goes_away(tmp_path: pathlib.Pa
     daemon = daemon_factory(publish=())
     threading.Timer(1.5, daemon.close).start()
     shot = tmp_path / "gone.png"
-    t0 = time.monotonic()
     proc = viewer_child(f"tcp://127.0.0.1:{base_port + 2}", shot, 60, 3, tmp_path)
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert time.monotonic() - t0 < 30
+    # this reason, not the 60 s wait's "nothing to show" one: it gave up on the silence
     assert "stopped answering before it sent anything to show" in proc.stderr
     assert not shot.exists()
 
