@@ -47,3 +47,22 @@ class QuickPredictor:
             out[...] = pred
             return out
         return pred
+
+
+def run_with_worker(daemon, eps: dict[str, str], predictor, **worker_kw) -> tuple:  # noqa: ANN001
+    """Run ``daemon`` to its end with a real `Worker` on ``predictor`` in a thread beside
+    it; returns (summary, the daemon's last status)."""
+    import threading
+
+    from livestain.inference.worker import Worker
+
+    worker = Worker(eps["stacks"], eps["results"], predictor, **worker_kw)
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    try:
+        summary = daemon.run()
+        return summary, daemon.status()
+    finally:
+        worker.stop()
+        thread.join(30)
+        worker.close()

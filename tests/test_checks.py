@@ -4,7 +4,6 @@ few time points, scored against the prediction beside it, within a light budget.
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -17,6 +16,8 @@ from livestain.acquisition.policies import Policies
 from livestain.acquisition.preflight import PlanError
 from livestain.devices.simulated import SimulatedScope, build_simulated_core
 from livestain.launch import demo_sequence
+from _helpers import run_with_worker
+
 from livestain.stackio import write_stack
 
 PRESETS = ["Brightfield", "Dna", "Membrane", "Mitochondria"]
@@ -57,7 +58,6 @@ def test_a_check_is_scored_whichever_of_the_pair_arrives_first(tmp_path) -> None
 
 def test_check_frames_are_scored_in_a_real_run_within_the_budget(tmp_path, base_port, qapp) -> None:
     from livestain.inference.predict import Predictor
-    from livestain.inference.worker import Worker
 
     eps = wire.endpoints(base_port=base_port)
     policies = Policies(checks=CheckPolicy(every=2, dose_budget=0.2), drain_timeout_s=120.0)
@@ -65,16 +65,7 @@ def test_check_frames_are_scored_in_a_real_run_within_the_budget(tmp_path, base_
     lines: list[str] = []
     daemon = Daemon(build_simulated_core(scope), demo_sequence(4, 0.0), tmp_path / "run", eps, policies,
                     report=lines.append)
-    worker = Worker(eps["stacks"], eps["results"], Predictor(None, "cpu"), input_checks=False)
-    thread = threading.Thread(target=worker.serve, daemon=True)
-    thread.start()
-    try:
-        summary = daemon.run()
-        status = daemon.status()
-    finally:
-        worker.stop()
-        thread.join(30)
-        worker.close()
+    summary, status = run_with_worker(daemon, eps, Predictor(None, "cpu"), input_checks=False)
     assert summary.acquired == 6 and summary.predicted == 4  # 4 brightfield + 2 check stacks
     checks = status["checks"]["dna"]
     assert checks["count"] == 2 and checks["last"]["t"] == 2
@@ -113,7 +104,6 @@ def test_doubt_adds_a_check_frame_at_the_next_time_point_until_the_budget_is_spe
     brings a check frame at the position's next time point, and the light budget caps
     them (here: room for one beyond the planned check at t 1)."""
     from livestain.inference.predict import Predictor
-    from livestain.inference.worker import Worker
 
     eps = wire.endpoints(base_port=base_port)
     # every 4 of 4 time points: 1 planned check of 12 fluorescence stacks (4 t x 3 structures);
@@ -122,16 +112,7 @@ def test_doubt_adds_a_check_frame_at_the_next_time_point_until_the_budget_is_spe
     lines: list[str] = []
     daemon = Daemon(build_simulated_core(SimulatedScope(seed=3)), demo_sequence(4, 2.0), tmp_path / "run", eps,
                     policies, report=lines.append)
-    worker = Worker(eps["stacks"], eps["results"], Predictor(None, "cpu"), input_checks=False)
-    thread = threading.Thread(target=worker.serve, daemon=True)
-    thread.start()
-    try:
-        summary = daemon.run()
-        status = daemon.status()
-    finally:
-        worker.stop()
-        thread.join(30)
-        worker.close()
+    summary, status = run_with_worker(daemon, eps, Predictor(None, "cpu"), input_checks=False)
     assert summary.acquired == 6 and summary.predicted == 4  # 4 brightfield, 1 planned + 1 doubt check
     assert status["checks"]["dna"]["count"] == 2 and status["checks_on_doubt"] == 1
     assert status["stacks_total"] == 6  # the added stack counts towards the plan's progress

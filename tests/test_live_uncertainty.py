@@ -4,7 +4,6 @@ it, and the window swaps structures for their uncertainty with one box."""
 
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 
@@ -13,26 +12,18 @@ from livestain.acquisition.daemon import Daemon
 from livestain.acquisition.policies import Policies
 from livestain.devices.simulated import SimulatedScope, build_simulated_core
 from livestain.launch import demo_sequence
+from _helpers import run_with_worker
+
 from livestain.stackio import read_stack
 
 
 def test_a_worker_with_uncertainty_sends_it_beside_each_structure(tmp_path, base_port) -> None:
     from livestain.inference.predict import Predictor
-    from livestain.inference.worker import Worker
 
     eps = wire.endpoints(base_port=base_port)
     daemon = Daemon(build_simulated_core(SimulatedScope(seed=2)), demo_sequence(1, 0.0), tmp_path / "run", eps,
                     Policies(drain_timeout_s=120.0), report=lambda line: None)
-    worker = Worker(eps["stacks"], eps["results"], Predictor(None, "cpu"), uncertainty=True)
-    thread = threading.Thread(target=worker.serve, daemon=True)
-    thread.start()
-    try:
-        summary = daemon.run()
-        status = daemon.status()
-    finally:
-        worker.stop()
-        thread.join(30)
-        worker.close()
+    summary, status = run_with_worker(daemon, eps, Predictor(None, "cpu"), uncertainty=True)
     assert summary.predicted == 1
     prediction, info = read_stack(tmp_path / "run" / "p000" / "t0000_prediction.ome.tif")
     names = ["dna", "membrane", "mitochondria"]
