@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import socket
@@ -10,6 +11,28 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Collect cyclic garbage on the main thread only, after each test.
+
+    pyqtgraph items live in reference cycles, so only the cyclic collector frees them,
+    and it runs in whichever thread happens to allocate. Finalised on a later test's
+    daemon or publisher thread, a PySide6 object disconnects its signals there while
+    the GUI thread connects others: twice a full suite run deadlocked inside PySide6
+    (a futex wait that no timeout can interrupt). With automatic collection off and
+    `_collect_on_the_main_thread` after every test, Qt objects die where they were
+    made. What was imported by now (torch, Qt, the test modules) is frozen out of the
+    collector's sight, so the per-test collection stays cheap.
+    """
+    gc.freeze()
+    gc.disable()
+
+
+@pytest.fixture(autouse=True)
+def _collect_on_the_main_thread():
+    yield
+    gc.collect()
+
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
