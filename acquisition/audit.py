@@ -25,6 +25,7 @@ import tifffile
 import useq
 
 from livestain.stackio import damage_of, read_info
+from livestain.store import is_zarr_ref, read_ref, ref_exists, ref_file
 
 from .journal import Journal, JournalRow
 
@@ -62,6 +63,8 @@ class AuditReport:
     problems: list[StackVerdict] = field(default_factory=list)  # everything but a clean ok
     ended: str = ""
     n_z: int = 1  # planes per stack in the plan
+    models: dict[int, str] = field(default_factory=dict)  # seq -> model that predicted it (journal)
+    gaps: dict[int, list[int]] = field(default_factory=dict)  # seq -> missing planes (journal)
 
     @property
     def missing(self) -> int:
@@ -165,6 +168,25 @@ def _journal_rows(journal_path: Path) -> list[JournalRow]:
         db.close()
 
 
+def _journal_models_and_gaps(journal_path: Path) -> tuple[dict[int, str], dict[int, list[int]]]:
+    """seq -> the model (``name@hash``) the journal recorded for its prediction, and
+    seq -> the planes missing from a stack with gaps (from its recorded header)."""
+    db = _connect_read_only(journal_path)
+    try:
+        have = {row[1] for row in db.execute("PRAGMA table_info(stacks)")}
+        models = {int(seq): str(m) for seq, m in db.execute("SELECT seq, model FROM stacks WHERE model IS NOT NULL")
+                  } if "model" in have else {}
+        gaps: dict[int, list[int]] = {}
+        if "info" in have:
+            for seq, info in db.execute("SELECT seq, info FROM stacks WHERE gaps > 0 AND info IS NOT NULL"):
+                planes = json.loads(info).get("gaps")
+                if isinstance(planes, list):
+                    gaps[int(seq)] = planes
+        return models, gaps
+    finally:
+        db.close()
+
+
 def _run_events(journal_path: Path) -> list[tuple[float, str]]:
     db = _connect_read_only(journal_path)
     try:
@@ -194,13 +216,21 @@ def _how_it_ended(events: list[tuple[float, str]]) -> tuple[str, str | None]:
     return ("the plan ran to its end", None)
 
 
-def _file_problem(path: Path, deep: bool) -> str | None:
-    """Why a stack file cannot be used, or None. ``deep``: check its TIFF structure."""
-    if not path.is_file():
-        return "the file is gone"
+def _file_problem(ref: Path, deep: bool) -> str | None:
+    """Why a stack cannot be used, or None. ``deep``: check its TIFF structure, or read
+    its Zarr chunk back."""
+    path = ref_file(ref)
+    if path is None or not path.is_file():
+        return "the file is gone" if not is_zarr_ref(ref) else "its chunk is not in the Zarr image"
     if path.stat().st_size == 0:
         return "the file is empty"
     if not deep:
+        return None
+    if is_zarr_ref(ref):
+        try:
+            read_ref(ref)
+        except Exception as e:
+            return f"its chunk cannot be read ({e})"
         return None
     try:
         with tifffile.TiffFile(path) as tif:
@@ -210,6 +240,8 @@ def _file_problem(path: Path, deep: bool) -> str | None:
 
 
 def _model_of(path: Path) -> str:
+    if is_zarr_ref(path):
+        return ""  # a chunk carries no header: the journal's model column says (`_models`)
     try:
         with tifffile.TiffFile(path) as tif:
             return str(read_info(tif).get("model", ""))
@@ -235,9 +267,11 @@ def audit_run(run_dir: str | Path, deep: bool = True,
     if not journal_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no {Journal.FILENAME}: nothing was recorded")
     rows = _journal_rows(journal_path)
+    models, gaps = _journal_models_and_gaps(journal_path)
     ended, untaken_reason = _how_it_ended(_run_events(journal_path))
     report = AuditReport(run_dir, str(run.get("run_id", "?")), ended=ended,
-                         n_z=sequence.sizes.get("z", 1) or 1)
+                         n_z=sequence.sizes.get("z", 1) or 1, models=models,
+                         gaps=gaps)
     by_key: dict[Key, list] = {}
     for row in rows:
         by_key.setdefault((row.t, row.p, row.channel), []).append(row)
@@ -273,7 +307,7 @@ def _judge(key: Key, rows: list, streamed: bool, untaken_reason: str | None, dee
     row = rows[-1]
     raw = row.raw_in(report.run_dir)  # by the layout: runs are moved, and demo paths are relative
     if (problem := _file_problem(raw, deep)) is not None:
-        v.state, v.reason = UNREADABLE if raw.exists() else MISSING, f"{raw.name}: {problem}"
+        v.state, v.reason = UNREADABLE if ref_exists(raw) else MISSING, f"{raw.name}: {problem}"
         return v
     if row.gaps >= report.n_z:  # every plane failed: a recorded gap with nothing to predict
         v.state = INCOMPLETE
@@ -281,7 +315,7 @@ def _judge(key: Key, rows: list, streamed: bool, untaken_reason: str | None, dee
         return v
     if row.gaps:
         v.state = INCOMPLETE
-        gaps = _header_gaps(raw) if deep else None
+        gaps = report.gaps.get(row.seq) or (_header_gaps(raw) if deep else None)
         v.reason = (f"planes {gaps} missing: the camera failed every retry (recorded in the file)"
                     if gaps else f"{row.gaps} plane(s) missing: the camera failed every retry")
     if streamed:
@@ -289,7 +323,7 @@ def _judge(key: Key, rows: list, streamed: bool, untaken_reason: str | None, dee
         pred = row.prediction_in(report.run_dir)
         pred_problem = _file_problem(pred, deep) if pred is not None else "never predicted"
         if pred_problem is None:
-            v.predicted = _model_of(pred) if deep else ""
+            v.predicted = (report.models.get(row.seq) or _model_of(pred)) if deep else ""
             report.predicted_by[v.predicted] += 1
         else:
             report.not_predicted += 1
@@ -303,6 +337,8 @@ def _judge(key: Key, rows: list, streamed: bool, untaken_reason: str | None, dee
 
 
 def _header_gaps(path: Path) -> list[int] | None:
+    if is_zarr_ref(path):
+        return None
     try:
         with tifffile.TiffFile(path) as tif:
             gaps = read_info(tif).get("gaps")

@@ -33,7 +33,7 @@ import useq
 from pydantic import BaseModel, ConfigDict, Field
 
 from livestain.metrics import structure_metrics
-from livestain.stackio import read_stack
+from livestain.store import read_ref
 
 from .preflight import PlanError
 
@@ -236,7 +236,7 @@ class CheckScorer:
         pred_path, structures = prediction
         scores = []
         try:
-            predicted, _ = read_stack(pred_path)
+            predicted, _ = read_ref(pred_path)
         except (OSError, ValueError) as e:
             self.failed.append(f"t {key[0]} p {key[1]}: cannot read {pred_path.name}: {e}")
             return []
@@ -246,7 +246,7 @@ class CheckScorer:
                 self.failed.append(f"t {key[0]} p {key[1]}: the model does not predict {structure}")
                 continue
             try:
-                truth, _ = read_stack(path)
+                truth, _ = read_ref(path)
             except (OSError, ValueError) as e:
                 self.failed.append(f"t {key[0]} p {key[1]}: cannot read {path.name}: {e}")
                 continue

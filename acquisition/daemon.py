@@ -38,7 +38,7 @@ import zmq
 from livestain import __version__, wire
 from livestain.security import apply_client
 from livestain.focus import FocusEstimate, estimate_focus
-from livestain.stackio import read_stack, write_stack
+from livestain.store import RunStore, open_store, read_ref, ref_exists
 
 from .dataset_lock import LOCK_NAME, DatasetLock
 from .adaptation import Adaptation, ModelVersion
@@ -130,12 +130,19 @@ class RunSummary:
 
 
 def stack_paths(out_dir: Path, t: int, p: int, channel: str) -> tuple[Path, Path]:
-    """Where a raw stack and its prediction live: ``p000/t0000_<channel>.ome.tif``."""
+    """Where a raw stack and its prediction live in the OME-TIFF layout
+    (``p000/t0000_<channel>.ome.tif``, `livestain.store.TiffStore`)."""
     folder = out_dir / f"p{p:03d}"
     return (
         folder / f"t{t:04d}_{channel.lower() or 'raw'}.ome.tif",
         folder / f"t{t:04d}_prediction.ome.tif",
     )
+
+
+def _interval_s(sequence: useq.MDASequence) -> float:
+    """The plan's time step in seconds (0 for none), the t scale of a Zarr run."""
+    interval = getattr(sequence.time_plan, "interval", None)
+    return float(interval.total_seconds()) if interval is not None else 0.0
 
 
 def disk_free_bytes(path: Path) -> int:
@@ -243,6 +250,9 @@ class Daemon:
         try:
             self.run_id, self._first_t = self._open_dataset(resume)
             self.journal = Journal(self.out_dir)
+            self.store: RunStore = open_store(self.out_dir, self._storage, timepoints=sequence.sizes.get("t", 1) or 1,
+                                              interval_s=_interval_s(sequence),
+                                              compression=policies.storage_compression)
             self._seq = self.journal.next_seq()
             self.summary = RunSummary(self.run_id, self.out_dir)
             self._load_previous_records()
@@ -305,6 +315,8 @@ class Daemon:
                 )
             self._take_lock()  # before anything is read: another daemon may be writing
             run = json.loads(marker.read_text())
+            # a run continues in the storage it began in (runs from before Zarr: TIFF)
+            self._storage = (run.get("policies") or {}).get("storage", "tiff")
             for partial in self.out_dir.rglob("*.partial"):
                 partial.unlink()  # a write cut short by the crash; the stack is re-acquired
             self._done = self._done_keys()
@@ -316,6 +328,7 @@ class Daemon:
                 f"overwritten. Choose another --out folder, or add --resume to continue it."
             )
         _refuse_foreign_folder(self.out_dir)
+        self._storage = self.policies.storage
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
@@ -361,7 +374,7 @@ class Daemon:
         """(t, p, channel) of every stack already on disk (a recorded gap is final)."""
         journal = Journal(self.out_dir)
         try:
-            return {(r.t, r.p, r.channel) for r in journal.rows() if r.raw_in(self.out_dir).exists()}
+            return {(r.t, r.p, r.channel) for r in journal.rows() if ref_exists(r.raw_in(self.out_dir))}
         finally:
             journal.close()
 
@@ -599,7 +612,7 @@ class Daemon:
         """Write a finished stack to disk and journal it, then stream it (raw data first)."""
         seq = self._seq
         self._seq += 1
-        raw_path, _ = stack_paths(self.out_dir, stack.t, stack.p, stack.channel)
+        raw_path = Path(self.store.raw_ref(stack.t, stack.p, stack.channel))
         header = self._stack_header(seq, stack, raw_path)
         info = header.model_dump(by_alias=True) | {"gaps": stack.gaps, "exposure_ms": stack.exposure_ms}
         focus = self._track_focus(stack, header)
@@ -609,11 +622,12 @@ class Daemon:
             info["dose_ledger"] = self._last_ledger = ledger
         self._check_disk(stack.planes.nbytes + self._prediction_bytes(stack.planes.shape))
         try:
-            write_stack(raw_path, stack.planes, voxel_size_um=header.voxel_size_um, info=info,
-                        channel_names=[stack.channel],
-                        # planes of a gap, or axes the plan leaves alone, have no position:
-                        # better none in the file than a made-up 0
-                        plane_positions_um=None if np.isnan(stack.positions_um).any() else stack.positions_um)
+            self.store.write_raw(stack.t, stack.p, stack.channel, stack.planes, voxel_size_um=header.voxel_size_um,
+                                 info=info,
+                                 # planes of a gap, or axes the plan leaves alone, have no
+                                 # position: better none in the file than a made-up 0
+                                 plane_positions_um=None if np.isnan(stack.positions_um).any()
+                                 else stack.positions_um)
         except OSError as e:
             raise RunStopped(
                 f"could not write {raw_path}: {e.strerror or e}. Earlier stacks are intact; "
@@ -621,7 +635,8 @@ class Daemon:
             ) from None
         try:
             self.journal.stack_written(seq, stack.t, stack.p, stack.channel, raw_path, len(stack.gaps),
-                                       *((focus["focus_offset_um"], focus["z_correction_um"]) if focus else ()))
+                                       *((focus["focus_offset_um"], focus["z_correction_um"]) if focus else (None, None)),
+                                       info=info)
         except OSError as e:
             raise RunStopped(f"{e}. {raw_path.name} and earlier stacks are intact; free some "
                              f"space and continue with --resume.") from None
@@ -772,7 +787,7 @@ class Daemon:
             skipped = 0
             for row in rows:
                 raw = row.raw_in(self.out_dir)
-                if not raw.exists():  # cut short by a crash (its .partial removed): re-acquired
+                if not ref_exists(raw):  # cut short by a crash (its .partial removed): re-acquired
                     self._journal_not_predictable(row.seq, "raw stack not on disk")
                     skipped += 1
                     continue
@@ -818,7 +833,8 @@ class Daemon:
             return
         rec = min(late, key=lambda r: r.seq)
         try:
-            array, info = read_stack(rec.raw_path)
+            array, info = read_ref(rec.raw_path)
+            info = self.journal.info(rec.seq) or info  # a Zarr chunk carries no header of its own
             header = rec.header or wire.StackHeader.model_validate(
                 {k: v for k, v in info.items() if k not in ("gaps", "exposure_ms")}
             )
@@ -850,7 +866,7 @@ class Daemon:
             log.warning("dropped a prediction for an unknown stack (run %s seq %s)", header.run_id, seq)
             return
         late = record.caught_up or record.state == "late"  # re-read from disk, not live
-        _, pred_path = stack_paths(self.out_dir, record.t, record.p, "")
+        pred_path = Path(self.store.prediction_ref(record.t, record.p))
         info = header.model_dump(by_alias=True) | {
             "source_path": str(record.raw_path),
             "latency_s": round(time.time() - record.completed_at, 3),  # complete -> received
@@ -866,8 +882,8 @@ class Daemon:
         # a viewer may receive it after the segment is reused: give the display a copy
         self.sockets.publish(header, np.array(array) if in_segment else array)
         try:
-            write_stack(pred_path, array, voxel_size_um=header.voxel_size_um, info=info,
-                        channel_names=header.structures)
+            self.store.write_prediction(record.t, record.p, array, structures=header.structures,
+                                        voxel_size_um=header.voxel_size_um, info=info)
         except OSError as e:
             raise RunStopped(f"could not write prediction {pred_path}: {e.strerror or e}. Raw "
                              f"stacks are intact; {_write_fix(e)} and continue with --resume "
@@ -883,7 +899,8 @@ class Daemon:
         trust = self.trust.add(record.t, record.p, header.model_extra or {})
         try:
             self.journal.prediction_written(record.seq, pred_path, record.latency_s,
-                                            trust.confidence, ",".join(trust.flags), header.model)
+                                            trust.confidence, ",".join(trust.flags), header.model,
+                                            info=info)
         except OSError as e:
             raise RunStopped(f"{e}. Raw stacks and predictions so far are intact; free some "
                              f"space and continue with --resume.") from None

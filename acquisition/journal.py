@@ -9,11 +9,14 @@ system listing alone.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from livestain.run_reader import in_dataset
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS stacks (
@@ -43,6 +46,10 @@ CREATE TABLE IF NOT EXISTS events (
     what TEXT NOT NULL
 );
 """
+
+
+def _as_json(info: dict[str, Any] | None) -> str | None:
+    return json.dumps(info, default=str) if info is not None else None
 
 
 class JournalWriteError(OSError):
@@ -77,12 +84,6 @@ class JournalRow:
         return in_dataset(out_dir, self.predicted_path) if self.predicted_path else None
 
 
-def in_dataset(out_dir: Path, recorded: str) -> Path:
-    """``recorded``'s place in the ``pNNN/`` layout of the dataset folder ``out_dir``."""
-    path = Path(recorded)
-    return Path(out_dir) / path.parent.name / path.name
-
-
 class Journal:
     """Append-mostly SQLite journal of one dataset folder (``journal.sqlite``)."""
 
@@ -98,7 +99,10 @@ class Journal:
 
     #: Columns added after the first release: a journal from before gains them on open.
     LATER_COLUMNS = {"confidence": "REAL", "flags": "TEXT", "not_predictable": "TEXT",
-                     "focus_offset_um": "REAL", "z_correction_um": "REAL", "model": "TEXT"}
+                     "focus_offset_um": "REAL", "z_correction_um": "REAL", "model": "TEXT",
+                     # the stack's and its prediction's headers as JSON: a Zarr chunk, unlike
+                     # an OME-TIFF, has no description of its own to carry them
+                     "info": "TEXT", "prediction_info": "TEXT"}
 
     def _add_missing_columns(self) -> None:
         have = {row[1] for row in self.db.execute("PRAGMA table_info(stacks)")}
@@ -118,26 +122,35 @@ class Journal:
             raise JournalWriteError(f"could not record the run's progress in {self.path}: {e}") from None
 
     def stack_written(self, seq: int, t: int, p: int, channel: str, raw_path: Path, gaps: int,
-                      focus_offset_um: float | None = None, z_correction_um: float | None = None) -> None:
-        """A stack is on disk; with where its cells' focal plane was found (from the
-        stack's centre, um; None: not found or not estimated) and the focus-tracking
-        correction it was taken with."""
+                      focus_offset_um: float | None = None, z_correction_um: float | None = None,
+                      info: dict[str, Any] | None = None) -> None:
+        """A stack is on disk (``raw_path``: its store reference); with where its cells'
+        focal plane was found (from the stack's centre, um; None: not found or not
+        estimated), the focus-tracking correction it was taken with and its header."""
         self._write(
             "INSERT OR REPLACE INTO stacks (seq, t, p, channel, raw_path, gaps, acquired_at, "
-            "focus_offset_um, z_correction_um) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (seq, t, p, channel, str(raw_path), gaps, time.time(), focus_offset_um, z_correction_um),
+            "focus_offset_um, z_correction_um, info) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, t, p, channel, str(raw_path), gaps, time.time(), focus_offset_um, z_correction_um,
+             _as_json(info)),
         )
 
     def prediction_written(self, seq: int, path: Path, latency_s: float,
-                           confidence: float | None = None, flags: str = "", model: str = "") -> None:
+                           confidence: float | None = None, flags: str = "", model: str = "",
+                           info: dict[str, Any] | None = None) -> None:
         """A stack's prediction is on disk, with the worker's per-stack confidence, the
-        input checks' flags (comma-separated codes, "" when none) and the model that made
-        it (``name@hash``)."""
+        input checks' flags (comma-separated codes, "" when none), the model that made
+        it (``name@hash``) and its header (provenance, timings)."""
         self._write(
             "UPDATE stacks SET predicted_path = ?, predicted_at = ?, latency_s = ?, confidence = ?, "
-            "flags = ?, model = ? WHERE seq = ?",
-            (str(path), time.time(), latency_s, confidence, flags, model or None, seq),
+            "flags = ?, model = ?, prediction_info = ? WHERE seq = ?",
+            (str(path), time.time(), latency_s, confidence, flags, model or None, _as_json(info), seq),
         )
+
+    def info(self, seq: int, prediction: bool = False) -> dict[str, Any] | None:
+        """The header recorded with a stack (or its prediction); None if none was."""
+        column = "prediction_info" if prediction else "info"
+        row = self.db.execute(f"SELECT {column} FROM stacks WHERE seq = ?", (seq,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
 
     def not_predictable(self, seq: int, reason: str) -> None:
         """A stack no worker could predict (or whose raw file is unreadable): recorded with

@@ -7,6 +7,8 @@ recorded in ``run.json``.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .checks import CheckPolicy
@@ -20,6 +22,12 @@ class Policies(BaseModel):
     min_free_gb : float
         Stop the run cleanly (everything written so far intact) when the data disk has
         less free space than this, checked before every stack.
+    storage : "zarr" | "tiff"
+        How stacks are kept (`livestain.store`): ``zarr``, one OME-Zarr image per position
+        for raw data and one for predictions (napari and Fiji open each as one movie), or
+        ``tiff``, one OME-TIFF file per stack. A resumed run keeps the storage it began with.
+    storage_compression : "none" | "zstd"
+        Compression of Zarr chunks (``bench/store.py`` measures what it saves).
     live_backlog : int
         Stacks that may wait for a free worker. Beyond this, the oldest leave the live
         queue (they are on disk) and are predicted later, when workers have caught up.
@@ -59,6 +67,8 @@ class Policies(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     min_free_gb: float = Field(1.0, ge=0)
+    storage: Literal["zarr", "tiff"] = "zarr"
+    storage_compression: Literal["none", "zstd"] = "none"
     live_backlog: int = Field(8, ge=1)
     resend_after_s: float = Field(300.0, gt=0)
     drain_timeout_s: float = Field(120.0, ge=0)

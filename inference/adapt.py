@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from livestain.metrics import pearson
-from livestain.stackio import read_stack
+from livestain.store import read_ref
 
 from .checkpoint import LoadedModel, ModelMeta, load_checkpoint, save_checkpoint
 from .normalize import PercentileNorm
@@ -71,12 +71,12 @@ def check_pairs(run_dir: Path, structures: tuple[str, ...]) -> list[CheckPair]:
             bf = [r for r in rows if r[0] in streamed and not r[2]]
             if not bf:
                 continue
-            brightfield, info = read_stack(_layout_path(run_dir, bf[0][1]))
+            brightfield, info = read_ref(_layout_path(run_dir, bf[0][1]))
             checked = {}
             for channel, raw, gaps in rows:
                 name = find(channel, structures) if channel not in streamed else None
                 if name and not gaps:
-                    checked[name] = read_stack(_layout_path(run_dir, raw))[0].astype(np.float32)
+                    checked[name] = read_ref(_layout_path(run_dir, raw))[0].astype(np.float32)
             if checked:
                 voxel = tuple(float(v) for v in info.get("voxel_size_um") or (1.0, 1.0, 1.0))
                 pairs.append(CheckPair(t, p, brightfield, checked, voxel))  # type: ignore[arg-type]

@@ -18,6 +18,8 @@ from livestain.acquisition.policies import Policies
 from livestain.cli import main
 from livestain.devices.simulated import SimulatedScope, build_simulated_core
 from livestain.launch import demo_sequence
+from livestain.run_reader import RunReader
+from livestain.store import ref_file
 
 
 from _helpers import QuickPredictor
@@ -81,10 +83,19 @@ def test_stacks_never_taken_after_a_disk_stop_are_gaps_with_the_cause(tmp_path, 
     assert all("MB free" in v.reason for v in report.problems if v.state == GAP)
 
 
-def test_a_deleted_or_damaged_stack_fails_the_audit(tmp_path, base_port, capsys) -> None:
-    run = _run(tmp_path, base_port)
-    (run / "p000" / "t0001_brightfield.ome.tif").unlink()
-    damaged = run / "p000" / "t0002_brightfield.ome.tif"
+def _stack_file(run: Path, t: int) -> Path:
+    """The file holding the brightfield stack at ``t``: its OME-TIFF or its Zarr chunk."""
+    with RunReader(run) as reader:
+        path = ref_file(reader.entry(t).raw_ref)
+    assert path is not None and path.is_file()
+    return path
+
+
+@pytest.mark.parametrize("storage", ["zarr", "tiff"])
+def test_a_deleted_or_damaged_stack_fails_the_audit(tmp_path, base_port, capsys, storage) -> None:
+    run = _run(tmp_path, base_port, storage=storage)
+    _stack_file(run, 1).unlink()
+    damaged = _stack_file(run, 2)
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
     report = audit_run(run)
     assert not report.ok and report.missing == 1 and report.unreadable == 1
@@ -92,7 +103,8 @@ def test_a_deleted_or_damaged_stack_fails_the_audit(tmp_path, base_port, capsys)
     assert states == {(1, MISSING), (2, UNREADABLE)}
     assert main(["audit", str(run)]) == 1
     out = capsys.readouterr().out
-    assert "AUDIT FAILED: 1 missing, 1 unreadable" in out and "t0002_brightfield.ome.tif" in out
+    named = "t0002_brightfield.ome.tif" if storage == "tiff" else "raw.ome.zarr#t=2&c=Brightfield"
+    assert "AUDIT FAILED: 1 missing, 1 unreadable" in out and named in out
     # --quick only sees that the file exists: the damage needs the default, deep check
     quick = audit_run(run, deep=False)
     assert quick.missing == 1 and quick.unreadable == 0
@@ -100,12 +112,13 @@ def test_a_deleted_or_damaged_stack_fails_the_audit(tmp_path, base_port, capsys)
 
 def test_a_crashed_run_never_resumed_has_missing_stacks_and_says_resume(tmp_path, base_port) -> None:
     run = _run(tmp_path, base_port, n_t=3)
+    file_of_t2 = _stack_file(run, 2)
     db = sqlite3.connect(run / "journal.sqlite")
     db.execute("DELETE FROM stacks WHERE t = 2")
     db.execute("DELETE FROM events WHERE what = 'end'")  # as if killed before the end
     db.commit()
     db.close()
-    (run / "p000" / "t0002_brightfield.ome.tif").unlink()
+    file_of_t2.unlink()
     report = audit_run(run)
     assert not report.ok and report.missing == 1
     assert "did not end cleanly" in report.ended

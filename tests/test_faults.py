@@ -24,7 +24,8 @@ from livestain.acquisition.daemon import Daemon
 from livestain.acquisition.policies import Policies
 from livestain.devices.simulated import SimulatedScope, build_simulated_core
 from livestain.launch import demo_sequence
-from livestain.stackio import read_stack
+from livestain.run_reader import RunReader
+from livestain.store import ref_file
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +34,19 @@ from _helpers import daemon_status as _status
 from _helpers import wait_for_status as _wait_for
 
 
+def _raws(out: Path) -> list[tuple[np.ndarray, dict]]:
+    """Every brightfield stack the run recorded (whatever its storage), in time order."""
+    with RunReader(out) as run:
+        return [run.raw(e.t) for e in sorted(run.stacks("Brightfield"), key=lambda e: e.t)]
+
+
 def _assert_dataset_complete(out: Path, n_t: int) -> None:
     """Every time point has a readable raw stack and a prediction, nothing half-written."""
     assert not list(out.rglob("*.partial"))
+    run = RunReader(out)
     for t in range(n_t):
-        raw, info = read_stack(out / "p000" / f"t{t:04d}_brightfield.ome.tif")
-        pred, pinfo = read_stack(out / "p000" / f"t{t:04d}_prediction.ome.tif")
+        raw, info = run.raw(t)
+        pred, pinfo = run.prediction(t)
         assert raw.shape == (16, 256, 256) and info["t"] == t and info["gaps"] == []
         assert "Brightfield" in str(info["dose_ledger"])  # the light it got, read before the stack closed
         assert pred.shape == (3, 16, 256, 256) and pinfo["t"] == t
@@ -102,9 +110,9 @@ def test_kill_9_daemon_then_resume_completes_the_same_dataset(tmp_path, base_por
     # loaded machine answers status late), "run X already has all 5 time points"
     assert f"run {first['run_id']}" in resumed.stdout and "resum" in resumed.stdout
     _assert_dataset_complete(out, 5)
-    run_ids = {read_stack(p)[1]["run_id"] for p in out.glob("p000/*.ome.tif")}
-    assert run_ids == {first["run_id"]}
-    seqs = [read_stack(p)[1]["seq"] for p in sorted(out.glob("p000/*_brightfield.ome.tif"))]
+    infos = [info for _, info in _raws(out)]
+    assert {info["run_id"] for info in infos} == {first["run_id"]}
+    seqs = [info["seq"] for info in infos]
     assert len(set(seqs)) == len(seqs)  # sequence numbers never reused across the crash
 
 
@@ -120,11 +128,10 @@ def test_sigterm_stops_cleanly_with_every_file_complete(tmp_path, base_port) -> 
             demo.kill()
     assert demo.returncode == 0, stderr[-3000:]
     assert "received SIGTERM" in stdout and "(stopped early)" in stdout
-    raws = sorted(out.glob("p000/*_brightfield.ome.tif"))
+    raws = _raws(out)
     assert 2 <= len(raws) < 200
-    for path in raws:
-        arr, info = read_stack(path)
-        assert arr.shape[1:] == (256, 256)
+    for arr, info in raws:
+        assert arr.shape[1:] == (256, 256) and arr.mean() > 100  # written, not a fill of zeros
     assert not list(out.rglob("*.partial"))
 
 
@@ -139,20 +146,20 @@ def _daemon(tmp_path: Path, port: int, scope: SimulatedScope, n_t: int, policies
                   report=lambda line: None, **kw)
 
 
-def test_disk_running_full_stops_the_run_cleanly_and_keeps_what_was_written(tmp_path, base_port) -> None:
+@pytest.mark.parametrize("storage", ["zarr", "tiff"])
+def test_disk_running_full_stops_the_run_cleanly_and_keeps_what_was_written(tmp_path, base_port, storage) -> None:
     calls = {"n": 0}
 
     def free_space(_path: Path) -> int:
         calls["n"] += 1
         return 50 * 10**9 if calls["n"] <= 2 else 10 * 10**6  # 10 MB left from the 3rd stack
 
-    daemon = _daemon(tmp_path, base_port, SimulatedScope(), 6, {"min_free_gb": 1.0},
+    daemon = _daemon(tmp_path, base_port, SimulatedScope(), 6, {"min_free_gb": 1.0, "storage": storage},
                      free_space=free_space)
     summary = daemon.run()
     assert summary.error is not None and "10 MB free" in summary.error and "--resume" in summary.error
     assert summary.acquired == 2
-    raws = sorted((tmp_path / "run" / "p000").glob("*_brightfield.ome.tif"))
-    assert [read_stack(p)[1]["t"] for p in raws] == [0, 1]
+    assert [info["t"] for _, info in _raws(tmp_path / "run")] == [0, 1]
     assert not list((tmp_path / "run").rglob("*.partial"))
 
 
@@ -161,7 +168,7 @@ def test_a_snap_that_fails_once_is_retried_and_leaves_no_gap(tmp_path, base_port
     summary = daemon.run()
     assert summary.acquired == 2 and summary.incomplete == 0
     assert daemon.status()["snap_retries"] == 1 and daemon.status()["snap_failures"] == 0
-    raw0, info0 = read_stack(tmp_path / "run" / "p000" / "t0000_brightfield.ome.tif")
+    raw0, info0 = RunReader(tmp_path / "run").raw(0)
     assert info0["gaps"] == [] and raw0[5].mean() > 1000
 
 
@@ -172,8 +179,7 @@ def test_a_failed_snap_is_a_gap_and_later_frames_stay_in_place(tmp_path, base_po
     daemon = _daemon(tmp_path, base_port, scope, 2)
     summary = daemon.run()
     assert summary.acquired == 2 and summary.incomplete == 1
-    raw0, info0 = read_stack(tmp_path / "run" / "p000" / "t0000_brightfield.ome.tif")
-    raw1, info1 = read_stack(tmp_path / "run" / "p000" / "t0001_brightfield.ome.tif")
+    (raw0, info0), (raw1, info1) = _raws(tmp_path / "run")
     assert info0["gaps"] == [5] and info1["gaps"] == []
     assert raw0[5].max() == 0  # the gap is empty, not filled with a neighbour
     # every other plane is the image of its own focus position: compare with the
@@ -268,8 +274,7 @@ def test_a_worker_ten_times_slower_than_acquisition_never_delays_frames(tmp_path
         thread.join(30)
         worker.close()
     assert summary.acquired == 6
-    raws = sorted((tmp_path / "run" / "p000").glob("*_brightfield.ome.tif"))
-    starts = np.array([read_stack(p)[1]["acquired_start"] for p in raws])
+    starts = np.array([info["acquired_start"] for _, info in _raws(tmp_path / "run")])
     # time points start on the plan's clock, as if no worker existed
     np.testing.assert_allclose(np.diff(starts), interval, atol=0.25)
     assert summary.not_predicted >= 3  # the slow worker could not keep up, and it is counted
@@ -294,19 +299,24 @@ def test_a_hung_worker_is_detected_and_its_stacks_sent_again(tmp_path, base_port
     assert summary.acquired == 2 and summary.predicted == 0 and summary.not_predicted == 2
 
 
-def test_resume_never_overwrites_a_stack_already_on_disk(tmp_path, base_port) -> None:
+@pytest.mark.parametrize("storage", ["zarr", "tiff"])
+def test_resume_never_overwrites_a_stack_already_on_disk(tmp_path, base_port, storage) -> None:
     # t=0 gets a recorded gap (plane 5 fails three times); then the run "crashes" at t=2
-    first = _daemon(tmp_path, base_port, SimulatedScope(failing_snaps={5, 6, 7}), 2)
+    first = _daemon(tmp_path, base_port, SimulatedScope(failing_snaps={5, 6, 7}), 2, {"storage": storage})
     first.run()
-    raw0 = tmp_path / "run" / "p000" / "t0000_brightfield.ome.tif"
+    with RunReader(tmp_path / "run") as run:
+        ref0 = run.entry(0).raw_ref
+        assert run.raw(0)[1]["gaps"] == [5]
+    raw0 = ref_file(ref0)  # the stack's own file: the OME-TIFF, or its Zarr chunk
+    assert raw0 is not None and raw0.is_file() and (storage == "zarr") == (".ome.zarr" in str(raw0))
     before = raw0.read_bytes()
-    assert read_stack(raw0)[1]["gaps"] == [5]
     core = build_simulated_core(SimulatedScope())
     resumed = Daemon(core, demo_sequence(4, 0.0), tmp_path / "run", wire.endpoints(base_port=base_port),
                      Policies(drain_timeout_s=0.5), report=lambda line: None, resume=True)
     summary = resumed.run()
     assert summary.acquired == 2  # only t=2 and t=3: the gap at t=0 is final, not re-shot
+    assert resumed.store.kind == storage  # a run continues in the storage it began in
     assert raw0.read_bytes() == before
-    infos = [read_stack(p)[1] for p in sorted((tmp_path / "run" / "p000").glob("*_brightfield.ome.tif"))]
+    infos = [info for _, info in _raws(tmp_path / "run")]
     assert [i["t"] for i in infos] == [0, 1, 2, 3]
     assert len({i["seq"] for i in infos}) == 4 and len({i["run_id"] for i in infos}) == 1

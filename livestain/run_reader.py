@@ -1,0 +1,99 @@
+"""Reading a run back, whichever storage it was written in: its journal says what exists.
+
+The daemon records every stack in ``journal.sqlite`` only once its bytes are on disk,
+with its store reference (`livestain.store`) and its header. So a reader asks the
+journal what was acquired and predicted, and the store for the pixels: the same code
+reads an OME-Zarr run and an OME-TIFF one, a run still being written (SQLite's WAL
+lets a reader in beside the writer), and a run moved to another disk (references are
+found again by their ``pNNN/`` layout, `in_dataset`).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from livestain.store import read_ref
+
+JOURNAL = "journal.sqlite"
+
+
+@dataclass(frozen=True)
+class StackEntry:
+    """One acquired stack as the journal recorded it."""
+
+    seq: int
+    t: int
+    p: int
+    channel: str
+    raw_ref: str
+    gaps: int
+    prediction_ref: str | None
+    info: dict[str, Any] = field(default_factory=dict)
+    prediction_info: dict[str, Any] = field(default_factory=dict)
+
+
+def in_dataset(out_dir: Path, recorded: str | Path) -> Path:
+    """``recorded``'s place in the ``pNNN/`` layout of the run folder ``out_dir`` (the
+    journal keeps references as the daemon wrote them, maybe relative to another cwd)."""
+    path = Path(recorded)
+    return Path(out_dir) / path.parent.name / path.name
+
+
+class RunReader:
+    """Read-only view of a run folder: its stacks, their headers and their pixels."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir)
+        journal = self.out_dir / JOURNAL
+        if not journal.is_file():
+            raise FileNotFoundError(f"{self.out_dir} is not a livestain run (no {JOURNAL}); "
+                                    "give the folder a run wrote (--out)")
+        self._db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> RunReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stacks(self, channel: str | None = None) -> list[StackEntry]:
+        """Every stack recorded (of ``channel``), in acquisition order."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(stacks)")}
+        infos = ", info, prediction_info" if "prediction_info" in have else ", NULL, NULL"
+        where, params = ("WHERE channel = ?", (channel,)) if channel is not None else ("", ())
+        rows = self._db.execute(
+            f"SELECT seq, t, p, channel, raw_path, gaps, predicted_path{infos} FROM stacks {where} ORDER BY seq",
+            params).fetchall()
+        return [StackEntry(seq, t, p, ch, str(in_dataset(self.out_dir, raw)), gaps,
+                           str(in_dataset(self.out_dir, pred)) if pred else None,
+                           json.loads(info) if info else {}, json.loads(pinfo) if pinfo else {})
+                for seq, t, p, ch, raw, gaps, pred, info, pinfo in rows]
+
+    def entry(self, t: int, p: int = 0, channel: str = "Brightfield") -> StackEntry:
+        for e in self.stacks(channel):
+            if e.t == t and e.p == p:
+                return e
+        raise KeyError(f"{self.out_dir} holds no {channel} stack at t={t}, p={p}")
+
+    def raw(self, t: int, p: int = 0, channel: str = "Brightfield") -> tuple[np.ndarray, dict[str, Any]]:
+        """A raw stack (ZYX) and its header (the journal's, else the file's)."""
+        e = self.entry(t, p, channel)
+        array, info = read_ref(e.raw_ref)
+        return array, info | e.info
+
+    def prediction(self, t: int, p: int = 0, channel: str = "Brightfield") -> tuple[np.ndarray, dict[str, Any]]:
+        """The live prediction (CZYX) of a stack and its header."""
+        e = self.entry(t, p, channel)
+        if e.prediction_ref is None:
+            raise KeyError(f"the {channel} stack at t={t}, p={p} of {self.out_dir} has no prediction yet")
+        array, info = read_ref(e.prediction_ref)
+        return array, info | e.prediction_info
