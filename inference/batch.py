@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from livestain import __version__
-from livestain.stackio import read_stack, voxel_size_of
+from livestain.stackio import voxel_size_of
+from livestain.store import read_ref
 
 from .runsets import PredictionSet, SetSpec, StackRef, input_channel, run_stacks
 
@@ -202,7 +203,7 @@ def predict_stack(task: PredictTask) -> dict[str, Any]:
             raise RuntimeError("the model did not load on this worker: "
                                + (plugin.error if plugin is not None else "no livestain plugin"))
         predictor = plugin.predictor
-        stack, info = read_stack(ref.path)
+        stack, info = read_ref(ref.path)
         stack = _as_zyx(stack, ref.path)
         voxel = [float(v) for v in (info.get("voxel_size_um") or voxel_size_of(ref.path))]
         t1 = time.perf_counter()

@@ -37,7 +37,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from livestain.run_reader import RunReader
 from livestain.stackio import MIN_YX, as_zyx, validate_stack, write_stack
+from livestain.store import ref_file, storage_of
 
 from . import formats
 from .structures import find as find_structure
@@ -179,6 +181,10 @@ def field_files(data_dir: str | Path) -> list[tuple[str, dict[str, Path]]]:
                 )
             files[channel] = p
         fields[d.name] = files
+    if storage_of(root) == "zarr":  # a run stored as OME-Zarr: its journal lists the stacks
+        with RunReader(root) as run:
+            for e in run.stacks():
+                fields.setdefault(f"p{e.p:03d}/t{e.t:04d}", {})[e.channel.lower()] = Path(e.raw_ref)
     for d in root.glob("p[0-9][0-9][0-9]"):
         for p in d.glob(f"t*_*{SUFFIX}"):
             time_point, channel = p.name[: -len(SUFFIX)].split("_", 1)
@@ -347,6 +353,9 @@ def fingerprint(data_dir: str | Path) -> str:
     for _, files in field_files(root):
         for entry in sorted(files.values()):
             # a folder (PNG planes, OME-Zarr) counts as the files in it
+            if (chunk := ref_file(entry)) is not None and chunk != entry:  # a stack of a Zarr run
+                h.update(f"{entry.relative_to(root).as_posix()}\0{chunk.stat().st_size}\n".encode())
+                continue
             for p in sorted(f for f in entry.rglob("*") if f.is_file()) if entry.is_dir() else [entry]:
                 h.update(f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}\n".encode())
     return h.hexdigest()

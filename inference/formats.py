@@ -36,6 +36,7 @@ import numpy as np
 import tifffile
 
 from livestain.stackio import StackError, read_stack, voxel_size_of
+from livestain.store import is_zarr_ref, read_ref
 
 ACCEPTED = (
     "OME-TIFF (.ome.tif, .ome.tiff), ImageJ/Fiji TIFF with its calibration (.tif, .tiff), "
@@ -118,6 +119,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     """The pixels of one image file or folder as stored, and livestain's header (OME-TIFF
     written by livestain) or ``{"format": kind}``. `FormatError`/`StackError` otherwise."""
     p = Path(path)
+    if is_zarr_ref(p):  # one stack of a livestain run stored as OME-Zarr
+        return read_ref(p)
     kind = kind_of(p)
     if kind is None:
         raise unknown_format(p)
@@ -146,6 +149,9 @@ def voxel_size(path: str | Path) -> tuple[float, float, float]:
     to give it. Guessing is worse than failing: the predictor resamples data to the
     model's voxel size, so a wrong one silently rescales every prediction."""
     p = Path(path)
+    if is_zarr_ref(p):
+        z, y, x = read_ref(p)[1]["voxel_size_um"]
+        return float(z), float(y), float(x)
     kind = kind_of(p)
     if kind is None:
         raise unknown_format(p)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from livestain.stackio import read_stack
+from livestain.store import read_ref, ref_exists
 
 from .evaluate import METRICS, structure_metrics
 from .runsets import (LIVE, PredictionSet, channel_path, input_channel, list_sets,
@@ -78,7 +78,7 @@ def evaluate_stack(task: EvalTask) -> dict[str, Any]:
     """The task: metrics per structure of one stack, or the reason there are none."""
     result: dict[str, Any] = {"run": task.run, "t": task.t, "p": task.p}
     try:
-        pred, info = read_stack(task.prediction)
+        pred, info = read_ref(task.prediction)
         pred = np.asarray(pred, np.float32)
         if pred.ndim == 3:
             pred = pred[None]
@@ -88,7 +88,7 @@ def evaluate_stack(task: EvalTask) -> dict[str, Any]:
             if structure not in names:
                 raise ValueError(f"{task.prediction} has no {structure} (it has {', '.join(names) or 'no names'})")
             p = pred[names.index(structure)]
-            truth, _ = read_stack(path)
+            truth, _ = read_ref(path)
             truth = np.asarray(truth, np.float32)
             if truth.ndim == 2:
                 truth = truth[None]
@@ -132,7 +132,7 @@ def plan_evaluation(runs: Sequence[Path], against: Sequence[tuple[str, str]], se
         for ref in run_stacks(run, input_channel(run, channel)):
             pred = live_prediction_path(ref) if pset is None else pset.path_for(ref)
             truths = tuple((s, channel_path(ref, c)) for s, c in against)
-            gone = [p.name for p in (pred, *(t for _, t in truths)) if not p.exists()]
+            gone = [p.name for p in (pred, *(t for _, t in truths)) if not ref_exists(p)]
             if gone:
                 plan.missing.append({"t": ref.t, "p": ref.p, "missing": gone})
                 continue

@@ -8,6 +8,11 @@ batch prediction may run on a host with no microscope software)::
     RUN/p000/t0000_prediction.ome.tif     the live prediction, CZYX float32
     RUN/p000/t0000_dna.ome.tif            paired mode: real fluorescence, ZYX
 
+or, stored as OME-Zarr (the default, `livestain.store`), ``RUN/p000/raw.ome.zarr`` and
+``RUN/p000/prediction.ome.zarr``, whose stacks the run's journal lists; a stack's
+``path`` is then its store reference (``...raw.ome.zarr#t=0&c=Brightfield``), which
+`livestain.store.read_ref` reads like a file.
+
 A prediction set is every stack of a run predicted again by one model with one set of
 options, kept apart from the live predictions (never overwritten) and from the
 ``p???/`` folders (whose ``t*_<channel>`` files `inference.dataset` reads as channels)::
@@ -45,7 +50,9 @@ try:
 except ImportError:  # Windows: no advisory locks; one call per set is then the user's to keep
     fcntl = None  # type: ignore[assignment]
 
+from livestain.run_reader import RunReader
 from livestain.stackio import fsync_dir, write_stack
+from livestain.store import PREDICTION_IMAGE, RAW_IMAGE, storage_of, zarr_channels
 
 SUFFIX = ".ome.tif"
 PREDICTIONS = "predictions"
@@ -145,13 +152,24 @@ def run_stacks(run: Path, channel: str) -> list[StackRef]:
 
 
 def live_prediction_path(ref: StackRef) -> Path:
-    """The daemon's own prediction of a stack (``p000/t0000_prediction.ome.tif``)."""
+    """The daemon's own prediction of a stack (``p000/t0000_prediction.ome.tif``, or its
+    reference in ``p000/prediction.ome.zarr``)."""
+    if _is_zarr(ref):
+        return ref.run / f"p{ref.p:03d}" / f"{PREDICTION_IMAGE}#t={ref.t}"
     return ref.run / f"p{ref.p:03d}" / f"t{ref.t:04d}_prediction{SUFFIX}"
 
 
 def channel_path(ref: StackRef, channel: str) -> Path:
     """Another channel of the same time point and position (paired fluorescence)."""
+    if _is_zarr(ref):
+        image = ref.run / f"p{ref.p:03d}" / RAW_IMAGE
+        names = {c.lower(): c for c in zarr_channels(image)}
+        return image.parent / f"{RAW_IMAGE}#t={ref.t}&c={names.get(channel.lower(), channel)}"
     return ref.run / f"p{ref.p:03d}" / f"t{ref.t:04d}_{channel.lower()}{SUFFIX}"
+
+
+def _is_zarr(ref: StackRef) -> bool:
+    return RAW_IMAGE in str(ref.path)
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -162,7 +180,14 @@ def _subdirs(folder: Path) -> list[Path]:
 
 
 def _stack_files(run: Path, with_index: bool = False) -> list[Any]:
+    """(path or reference, channel in lower case[, t, p]) of every raw stack of a run."""
     out: list[Any] = []
+    if storage_of(run) == "zarr":
+        with RunReader(run) as reader:
+            for e in reader.stacks():
+                ref = Path(e.raw_ref)
+                out.append((ref, e.channel.lower(), e.t, e.p) if with_index else (ref, e.channel.lower()))
+        return out
     for d in _subdirs(run):
         pm = _POSITION_DIR.match(d.name)
         if not pm:

@@ -89,6 +89,14 @@ def read_ref(ref: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     return np.asarray(array[t, c].read().result()), info | {"channel": match["c"]}
 
 
+def zarr_channels(image: Path) -> list[str]:
+    """The channel names of a livestain OME-Zarr image ([] if it has none yet)."""
+    try:
+        return list(_image_attrs(image)["channels"])
+    except StoreError:
+        return []
+
+
 def ref_file(ref: str | Path) -> Path | None:
     """The one file that holds the stack a reference names: the TIFF itself, or the Zarr
     chunk (a stack is one chunk); None where the reference cannot name one."""

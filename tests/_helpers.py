@@ -66,3 +66,31 @@ def run_with_worker(daemon, eps: dict[str, str], predictor, **worker_kw) -> tupl
         worker.stop()
         thread.join(30)
         worker.close()
+
+
+def run_stacks(out, channel: str = "Brightfield") -> list:
+    """(array, header) of every ``channel`` stack a run recorded, in time then position
+    order, whichever storage it was written in (`livestain.run_reader`)."""
+    from livestain.run_reader import RunReader
+
+    with RunReader(out) as run:
+        entries = sorted(run.stacks(channel), key=lambda e: (e.t, e.p))
+        return [run.raw(e.t, e.p, channel) for e in entries]
+
+
+def run_predictions(out, channel: str = "Brightfield") -> list:
+    """(array, header) of every live prediction a run recorded, in time then position order."""
+    from livestain.run_reader import RunReader
+
+    with RunReader(out) as run:
+        entries = sorted((e for e in run.stacks(channel) if e.prediction_ref), key=lambda e: (e.t, e.p))
+        return [run.prediction(e.t, e.p, channel) for e in entries]
+
+
+def stack_file(out, t: int, p: int = 0, channel: str = "Brightfield"):
+    """The one file holding a raw stack: its OME-TIFF, or its chunk of the Zarr image."""
+    from livestain.run_reader import RunReader
+    from livestain.store import ref_file
+
+    with RunReader(out) as run:
+        return ref_file(run.entry(t, p, channel).raw_ref)

@@ -28,6 +28,7 @@ from livestain.stackio import read_stack
 #: The novel-cells scenario's colony: the bundled model scores DNA r ~0.5 on it.
 DENSE = CellPopulation(n_cells=(22, 30), body_xy_um=(6.0, 10.0), body_z_um=(2.5, 4.5), max_overlap=0.35,
                        attempts_per_cell=10)
+from livestain.run_reader import RunReader
 
 
 def _finished_job(tmp_path: Path, verdict: dict) -> tuple[subprocess.Popen, Path]:
@@ -135,7 +136,7 @@ def test_novel_cells_live_r_rises_after_adaptation_with_nothing_lost(tmp_path, b
     for t, model, path in rows:
         planes = sorted(frames[t])
         truth = np.stack([scope.expected_plane("DNA", z, (0, 0), ts) for _, z, ts in planes])
-        prediction, info = read_stack(out / "p000" / Path(path).name)
+        prediction, info = RunReader(out).prediction(t)
         assert info["model"] == model  # the file says so too
         live[t] = (model, pearson(prediction[0], truth))
     first = rows[0][1]

@@ -17,6 +17,7 @@ from livestain.stackio import read_stack, voxel_size_of
 pytestmark = pytest.mark.slow
 
 CLI = [sys.executable, "-m", "livestain.cli"]
+from _helpers import run_predictions, run_stacks
 
 
 def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -30,20 +31,17 @@ def test_demo_headless_writes_a_prediction_for_every_stack(tmp_path, base_port) 
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 stacks acquired, 2 predicted" in proc.stdout
     assert "mean latency" in proc.stdout
-    raws = sorted(out.glob("p000/t*_brightfield.ome.tif"))
-    preds = sorted(out.glob("p000/t*_prediction.ome.tif"))
+    raws, preds = run_stacks(out), run_predictions(out)
     assert len(raws) == 2 and len(preds) == 2
     (truth,) = simulate_pairs([(0, 0)], seed=0)  # the demo's tile, seed and z-plan
-    for raw_path, pred_path in zip(raws, preds):
-        raw, raw_info = read_stack(raw_path)
-        pred, pred_info = read_stack(pred_path)
+    for (raw, raw_info), (pred, pred_info) in zip(raws, preds):
         assert (raw_info["t"], raw_info["p"]) == (pred_info["t"], pred_info["p"])
         assert pred_info["source_seq"] == raw_info["seq"]
         assert pred_info["structures"] == ["dna", "membrane", "mitochondria"]
         assert raw.shape == (16, 256, 256) and raw.dtype == np.uint16
         assert pred.shape == (3, *raw.shape) and pred.dtype == np.float32
-        assert voxel_size_of(raw_path) == pytest.approx(voxel_size_of(pred_path))
-        assert voxel_size_of(raw_path) == pytest.approx((1.0, 0.325, 0.325))
+        assert raw_info["voxel_size_um"] == pytest.approx(pred_info["voxel_size_um"])
+        assert raw_info["voxel_size_um"] == pytest.approx((1.0, 0.325, 0.325))
         assert raw_info["gaps"] == []
         # the planes are the simulated sample at the planned focus positions
         assert pearson(raw.astype(float), truth.brightfield.astype(float)) > 0.8
@@ -123,10 +121,10 @@ def test_status_and_stop_over_the_control_socket(tmp_path, base_port) -> None:
         if daemon.poll() is None:
             daemon.kill()
     assert "(stopped early)" in stdout, stderr[-2000:]
-    raws = list(out.glob("p000/*_brightfield.ome.tif"))
+    raws = run_stacks(out)
     assert 1 <= len(raws) < 500
-    for path in raws:  # every file written before the stop is complete and readable
-        assert read_stack(path)[0].shape == (16, 256, 256)
+    for raw, _ in raws:  # every stack written before the stop is complete and readable
+        assert raw.shape == (16, 256, 256) and raw.mean() > 100
     assert not list(out.rglob("*.partial"))
 
 

@@ -20,6 +20,7 @@ from livestain.devices.simulated import SimulatedScope, build_simulated_core
 from livestain.focus import FocusEstimate
 from livestain.launch import demo_sequence
 from livestain.stackio import read_stack
+from livestain.run_reader import RunReader
 
 
 def _event(t: int, z: int, z_pos: float, p: int = 0) -> useq.MDAEvent:
@@ -120,7 +121,7 @@ def _drift_run(tmp_path: Path, base_port: int, track: bool, drift_um: float = 8.
     for t in range(timepoints):
         planes = sorted(frames[(t, 0)])
         truth = np.stack([scope.expected_plane("DNA", z, (0, 0), ts) for _, z, ts in planes])
-        prediction, info = read_stack(out / "p000" / f"t{t:04d}_prediction.ome.tif")
+        prediction, info = RunReader(out).prediction(t)
         dna = list(info["structures"]).index("dna")
         rs.append(pearson(prediction[dna], truth))
     return rs, statuses, out
@@ -143,7 +144,7 @@ def test_a_drifting_sample_stays_predicted_only_with_focus_tracking(tmp_path, ba
     rows = Journal(out).db.execute("SELECT focus_offset_um, z_correction_um FROM stacks ORDER BY seq").fetchall()
     assert all(offset is not None for offset, _ in rows)
     assert rows[-1][1] > 4.0  # the last stack was taken well above the plan's z
-    _, info = read_stack(out / "p000" / "t0006_brightfield.ome.tif")
+    _, info = RunReader(out).raw(6)
     assert info["focus"]["z_correction_um"] == pytest.approx(rows[-1][1])
     assert abs(info["focus"]["focus_offset_um"]) < 2.5  # the cells stayed near the centre
 

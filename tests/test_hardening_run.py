@@ -33,6 +33,8 @@ from livestain.launch import demo_sequence, exit_code
 from livestain.runconfig import load_run_config
 from livestain.stackio import read_stack, write_stack
 
+from _helpers import run_predictions, run_stacks, stack_file
+from livestain.store import ref_exists
 from _helpers import CLI, QuickPredictor
 from _helpers import wait_for_status as _wait_for
 
@@ -128,7 +130,7 @@ def test_a_failing_mda_is_an_error_not_a_success(tmp_path, base_port) -> None:
     assert "--resume" in summary.error
     assert exit_code(summary) == 3
     assert summary.acquired == 1  # t=0 was acquired before the failure and is kept
-    raw, info = read_stack(tmp_path / "run" / "p000" / "t0000_brightfield.ome.tif")
+    ((raw, info),) = run_stacks(tmp_path / "run")
     assert raw.shape == (16, 256, 256) and info["t"] == 0
 
 
@@ -204,8 +206,10 @@ def test_a_full_disk_under_the_journal_stops_the_run_with_exit_3_and_keeps_every
     assert summary.error is not None and "database or disk is full" in summary.error
     assert "--resume" in summary.error
     assert exit_code(summary) == 3
-    raws = sorted((tmp_path / "run" / "p000").glob("*_brightfield.ome.tif"))
-    assert [read_stack(p)[1]["t"] for p in raws] == [0, 1, 2]
+    # t=0 and t=1 are recorded; t=2 reached the disk but not the journal (which is full):
+    # its bytes are kept, and `--resume` takes it again since nothing says it is complete
+    assert [info["t"] for _, info in run_stacks(tmp_path / "run")] == [0, 1]
+    assert ref_exists(daemon.store.raw_ref(2, 0, "Brightfield"))
     assert not list((tmp_path / "run").rglob("*.partial"))
 
 
@@ -264,7 +268,8 @@ def test_resume_keeps_the_runs_model_and_workers_start_from_any_folder(tmp_path,
                              capture_output=True, text=True, timeout=300, cwd=home)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming with the run's own model mine@" in resumed.stdout
-    models = [read_stack(out / "p000" / f"t{t:04d}_prediction.ome.tif")[1]["model"] for t in range(4)]
+    models = [info["model"] for _, info in run_predictions(out)]
+    assert len(models) == 4
     assert all(m.startswith("mine@") for m in models), models
     assert "ImportError" not in first.stderr + resumed.stderr
 
@@ -298,7 +303,7 @@ def test_a_live_run_pause_resume_stop_are_logged_and_a_second_daemon_is_refused(
     assert "stop requested by `livestain stop`" in log
     assert "MDA Canceled" not in stdout + stderr
     # the refused second daemon wrote nothing: every stack has exactly one writer
-    seqs = [read_stack(p)[1]["seq"] for p in sorted((out / "p000").glob("*_brightfield.ome.tif"))]
+    seqs = [info["seq"] for _, info in run_stacks(out)]
     assert seqs == list(range(len(seqs)))
 
 
@@ -437,10 +442,10 @@ def test_resuming_a_moved_run_acquires_only_what_is_missing_and_overwrites_nothi
     moved = tmp_path / "b" / "run"
     moved.parent.mkdir()
     (tmp_path / "a" / "run").rename(moved)  # copied to the analysis disk, then resumed there
-    before = (moved / "p000" / "t0000_brightfield.ome.tif").read_bytes()
+    before = stack_file(moved, 0).read_bytes()
     resumed = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(3, 0.0), moved,
                      wire.endpoints(base_port=base_port), Policies(drain_timeout_s=0.3),
                      report=lambda line: None, resume=True)
     summary = resumed.run()
     assert summary.acquired == 1  # only t=2: the journal's old paths point at the old disk
-    assert (moved / "p000" / "t0000_brightfield.ome.tif").read_bytes() == before
+    assert stack_file(moved, 0).read_bytes() == before

@@ -12,6 +12,7 @@ from livestain.acquisition.daemon import Daemon
 from livestain.acquisition.policies import Policies
 from livestain.devices.simulated import SimulatedScope, build_simulated_core
 from livestain.launch import demo_sequence
+from livestain.run_reader import RunReader
 from _helpers import run_with_worker
 
 from livestain.stackio import read_stack
@@ -25,7 +26,7 @@ def test_a_worker_with_uncertainty_sends_it_beside_each_structure(tmp_path, base
                     Policies(drain_timeout_s=120.0), report=lambda line: None)
     summary, status = run_with_worker(daemon, eps, Predictor(None, "cpu"), uncertainty=True)
     assert summary.predicted == 1
-    prediction, info = read_stack(tmp_path / "run" / "p000" / "t0000_prediction.ome.tif")
+    prediction, info = RunReader(tmp_path / "run").prediction(0)
     names = ["dna", "membrane", "mitochondria"]
     assert info["structures"] == names + [f"{s}{wire.UNCERTAINTY_SUFFIX}" for s in names]
     assert prediction.shape[0] == 6

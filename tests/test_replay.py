@@ -13,6 +13,7 @@ import useq
 
 from livestain import wire
 from livestain.devices.replay import build_replay_core, load_replay
+from livestain.run_reader import RunReader
 from livestain.stackio import read_stack, voxel_size_of, write_stack
 
 BFDC3D = "bfdc3d_imodpasteur/dict_redLED_SP_100nm_1_MMStack_Pos0.ome.tif"
@@ -152,8 +153,7 @@ def test_real_brightfield_goes_through_the_daemon_into_the_raw_stack(shared_data
                     Policies(drain_timeout_s=0.5), report=lambda line: None)
     summary = daemon.run()
     assert summary.acquired == 1
-    raw_path = tmp_path / "run" / "p000" / "t0000_brightfield.ome.tif"
-    raw, info = read_stack(raw_path)
+    raw, info = RunReader(tmp_path / "run").raw(0)
     np.testing.assert_array_equal(raw, planes)
     assert info["gaps"] == []
-    assert voxel_size_of(raw_path) == pytest.approx((0.1, 0.11, 0.11))
+    assert info["voxel_size_um"] == pytest.approx((0.1, 0.11, 0.11))

@@ -29,6 +29,7 @@ from livestain.security import (
     create_keys,
     token_path,
 )
+from _helpers import run_predictions
 
 
 def _mode(path: Path) -> int:
@@ -265,8 +266,7 @@ def test_a_local_process_cannot_write_official_predictions(tmp_path, base_port) 
         worker.close()
         attacker.close(0)
     assert summary.predicted == 3
-    for path in sorted((tmp_path / "run" / "p000").glob("*_prediction.ome.tif")):
-        info = read_stack(path)[1]
+    for _, info in run_predictions(tmp_path / "run"):
         assert info["model"] == "stub@test" and wire.TOKEN_FIELD not in info
     assert daemon.sockets.counts.unauthenticated > 0
 

@@ -16,6 +16,7 @@ from livestain.inference.worker import Worker
 from livestain.launch import demo_sequence
 from livestain.stackio import read_stack
 
+from livestain.run_reader import RunReader
 from _helpers import QuickPredictor
 
 
@@ -56,7 +57,7 @@ def test_a_stack_far_out_of_focus_is_flagged_from_worker_to_journal_and_status(t
     rows = db.execute("SELECT confidence, flags FROM stacks ORDER BY seq").fetchall()
     db.close()
     assert all(c < 0.5 and "out_of_focus" in f for c, f in rows)
-    _, info = read_stack(tmp_path / "run" / "p000" / "t0000_prediction.ome.tif")
+    _, info = RunReader(tmp_path / "run").prediction(0)
     assert info["confidence"] < 0.5 and "out_of_focus" in info["flags"]
 
 
