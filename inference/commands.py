@@ -530,8 +530,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- export
 
 
+def _export_run(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from livestain.run_export import export_ome_tiff
+
+    run = Path(args.model)
+    if not (run / "journal.sqlite").is_file():
+        raise ValueError(f"{run} is not a livestain run folder (no journal.sqlite): --format ome-tiff "
+                         "exports a run; give the folder a run wrote (its out:)")
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"exporting {run.name}", total=None)
+        report = export_ome_tiff(run, args.out, progress=lambda done, total: bar.update(task, completed=done,
+                                                                                           total=total))
+    if args.json:
+        print(json.dumps({"format": "ome-tiff", "out": str(args.out), **vars(report)}, indent=2))
+    else:
+        kept = f" ({report.kept} already there from an earlier export)" if report.kept else ""
+        print(f"wrote {report.written} OME-TIFF files, {report.bytes / 1e6:.1f} MB, to {args.out}{kept}: "
+              "open them in Fiji (File > Open) or napari")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export a model to ONNX (checked with onnxruntime) or a bioimage.io package."""
+    """Export a model to ONNX (checked with onnxruntime) or a bioimage.io package, or a
+    run to OME-TIFF files."""
+    if args.format == "ome-tiff":
+        return _export_run(args)
     from .checkpoint import load_checkpoint
     from .export import build_bioimageio, check_onnx, export_onnx
 
@@ -672,15 +697,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "input-check flags in the file's header")
     p.set_defaults(func=cmd_predict)
 
-    p = subparsers.add_parser("export", help="export a model to ONNX or a bioimage.io package",
-                              description="ONNX (normalisation included, dynamic Z/Y/X, checked against torch "
-                                          "with onnxruntime) or a bioimage.io model package (rdf.yaml, ONNX "
-                                          "weights, test tensors; validated when bioimageio.spec is installed). "
-                                          "Needs: pip install onnx onnxruntime [bioimageio.spec].")
-    p.add_argument("model", metavar="MODEL", help="model .safetensors")
-    p.add_argument("--format", choices=("onnx", "bioimageio"), required=True)
+    p = subparsers.add_parser("export", help="export a model to ONNX or a bioimage.io package, or a run "
+                                             "to OME-TIFF files",
+                              description="A model: ONNX (normalisation included, dynamic Z/Y/X, checked against "
+                                          "torch with onnxruntime) or a bioimage.io model package (rdf.yaml, ONNX "
+                                          "weights, test tensors; validated when bioimageio.spec is installed; "
+                                          "needs: pip install onnx onnxruntime [bioimageio.spec]). A run: "
+                                          "--format ome-tiff writes one OME-TIFF per stack and prediction, "
+                                          "for Fiji (the run is only read).")
+    p.add_argument("model", metavar="MODEL|RUN", help="model .safetensors, or a run folder (ome-tiff)")
+    p.add_argument("--format", choices=("onnx", "bioimageio", "ome-tiff"), required=True)
     p.add_argument("--out", type=Path, required=True, metavar="PATH",
-                   help="onnx: FILE.onnx; bioimageio: a folder, or FILE.zip")
+                   help="onnx: FILE.onnx; bioimageio: a folder, or FILE.zip; ome-tiff: a folder")
     p.add_argument("--author", action="append", default=None, help="bioimageio: an author name (repeatable)")
     p.add_argument("--license", default="BSD-3-Clause",
                    help="bioimageio: SPDX licence of the model (default: %(default)s; mind the training data's)")

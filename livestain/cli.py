@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device for the worker (default: cuda if present, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="sample seed of the simulated scope")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after a crash")
+    p.add_argument("--storage", choices=("zarr", "tiff"), default="zarr",
+                   help="zarr: one OME-Zarr image per position for raw and one for predictions (napari: "
+                        "`napari OUT`); tiff: one OME-TIFF per stack (default: %(default)s)")
     p.add_argument("--scenario", choices=tuple(SCENARIOS), default="steady",
                    help="what the simulated sample does: " + "; ".join(f"{k}: {v}" for k, v in SCENARIOS.items()))
     p.add_argument("--track-focus", action="store_true",
@@ -232,7 +235,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     seq = demo_sequence(args.timepoints, args.interval, args.positions)
     opts = SessionOptions(out_dir=out, host=args.connect, base_port=args.port, model=args.model,
                           device=args.device, show_window=show, resume=args.resume, keys=args.keys,
-                          policies=Policies(track_focus=args.track_focus, checks=checks, adapt=args.adapt),
+                          policies=Policies(track_focus=args.track_focus, checks=checks, adapt=args.adapt,
+                                            storage=args.storage),
                           uncertainty=args.uncertainty)
     print(f"livestain demo: simulated microscope, {args.timepoints} time points x {args.positions} "
           f"position(s) x 16 planes, daemon on {args.connect}:{args.port}"

@@ -1,0 +1,153 @@
+"""Runs stored as OME-Zarr (the default) or OME-TIFF: what is written reads back exactly,
+validates as NGFF, opens with zarr-python and napari's reader hook, exports to OME-TIFF
+for Fiji, and a multi-position run stays a few hundred files (issue 14)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import yaozarrs
+import zarr
+
+from livestain.napari_reader import get_reader, read_run
+from livestain.run_export import export_ome_tiff
+from livestain.run_reader import RunReader
+from livestain.stackio import read_stack
+from livestain.store import StoreError, open_store, read_ref, ref_exists, ref_file, storage_of
+
+from _helpers import CLI
+
+VOXEL = (1.0, 0.325, 0.325)
+STRUCTURES = ["dna", "membrane", "mitochondria"]
+
+
+def _stack(seed: int, shape=(4, 16, 24)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 4000, shape, dtype=np.uint16)
+
+
+def test_zarr_store_reads_back_exactly_what_it_wrote_and_grows_in_t_and_c(tmp_path) -> None:
+    store = open_store(tmp_path, "zarr", timepoints=2, interval_s=60.0)
+    refs = {t: store.write_raw(t, 0, "Brightfield", _stack(t), voxel_size_um=VOXEL, info={}) for t in range(4)}
+    check = store.write_raw(3, 0, "DNA", _stack(99), voxel_size_um=VOXEL, info={})  # a channel first seen at t=3
+    pred = np.random.default_rng(5).normal(size=(3, 4, 16, 24)).astype(np.float32)
+    pref = store.write_prediction(1, 0, pred, structures=STRUCTURES, voxel_size_um=VOXEL, info={})
+    for t, ref in refs.items():
+        array, info = read_ref(ref)
+        np.testing.assert_array_equal(array, _stack(t))
+        assert info["t"] == t and info["channel"] == "Brightfield" and info["voxel_size_um"] == list(VOXEL)
+    np.testing.assert_array_equal(read_ref(check)[0], _stack(99))
+    back, info = read_ref(pref)
+    np.testing.assert_array_equal(back, pred)
+    assert info["structures"] == STRUCTURES
+    # what zarr-python sees: TCZYX, grown from 2 to 4 time points and to 2 channels
+    raw = zarr.open_array(str(tmp_path / "p000" / "raw.ome.zarr" / "0"), mode="r")
+    assert raw.shape == (4, 2, 4, 16, 24) and raw.dtype == np.uint16
+    np.testing.assert_array_equal(raw[3, 1], _stack(99))
+    assert not raw[2, 1].any()  # never written: no DNA at t=2
+    assert ref_exists(refs[2]) and not ref_exists(store.raw_ref(2, 0, "DNA"))
+    assert storage_of(tmp_path) == "zarr"
+
+
+def test_zarr_images_are_valid_ngff_with_scales_names_and_colours(tmp_path) -> None:
+    store = open_store(tmp_path, "zarr", timepoints=1, interval_s=30.0)
+    store.write_raw(0, 0, "Brightfield", _stack(0), voxel_size_um=VOXEL, info={})
+    store.write_prediction(0, 0, np.zeros((3, 4, 16, 24), np.float32), structures=STRUCTURES,
+                           voxel_size_um=VOXEL, info={})
+    for name in ("raw.ome.zarr", "prediction.ome.zarr"):
+        image = tmp_path / "p000" / name
+        yaozarrs.validate_zarr_store(str(image))  # raises on anything NGFF 0.5 forbids
+        ome = json.loads((image / "zarr.json").read_text())["attributes"]["ome"]
+        (multiscale,) = ome["multiscales"]
+        assert [a["name"] for a in multiscale["axes"]] == ["t", "c", "z", "y", "x"]
+        assert multiscale["datasets"][0]["coordinateTransformations"][0]["scale"] == [30.0, 1.0, *VOXEL]
+    channels = json.loads((tmp_path / "p000" / "prediction.ome.zarr" / "zarr.json").read_text()
+                          )["attributes"]["ome"]["omero"]["channels"]
+    assert [c["label"] for c in channels] == STRUCTURES
+    assert channels[0]["color"] == "286EFF"  # the window's DNA blue
+
+
+def test_a_stack_of_zeros_is_still_on_disk(tmp_path) -> None:
+    """Every plane a gap reads as zeros; tensorstore would skip such a chunk, and the
+    resume would then take a recorded gap for a missing stack."""
+    store = open_store(tmp_path, "zarr")
+    ref = store.write_raw(0, 0, "Brightfield", np.zeros((4, 16, 24), np.uint16), voxel_size_um=VOXEL, info={})
+    assert ref_exists(ref) and ref_file(ref).stat().st_size == 4 * 16 * 24 * 2
+
+
+def test_a_stack_that_does_not_fit_the_run_is_refused_with_the_fix(tmp_path) -> None:
+    store = open_store(tmp_path, "zarr")
+    store.write_raw(0, 0, "Brightfield", _stack(0), voxel_size_um=VOXEL, info={})
+    with pytest.raises(StoreError, match=r"storage: tiff"):
+        store.write_raw(1, 0, "Brightfield", _stack(1, (5, 16, 24)), voxel_size_um=VOXEL, info={})
+    store.write_prediction(0, 0, np.zeros((3, 4, 16, 24), np.float32), structures=STRUCTURES,
+                           voxel_size_um=VOXEL, info={})
+    with pytest.raises(StoreError, match="new run"):
+        store.write_prediction(1, 0, np.zeros((1, 4, 16, 24), np.float32), structures=["nucleoli"],
+                               voxel_size_um=VOXEL, info={})
+    np.testing.assert_array_equal(read_ref(store.raw_ref(0, 0, "Brightfield"))[0], _stack(0))  # intact
+
+
+def test_tiff_store_writes_one_file_per_stack_with_its_header(tmp_path) -> None:
+    store = open_store(tmp_path, "tiff")
+    ref = store.write_raw(2, 1, "Brightfield", _stack(2), voxel_size_um=VOXEL, info={"t": 2, "seq": 7})
+    assert Path(ref) == tmp_path / "p001" / "t0002_brightfield.ome.tif"
+    array, info = read_stack(ref)
+    np.testing.assert_array_equal(array, _stack(2))
+    assert info["seq"] == 7 and storage_of(tmp_path) == "tiff"
+
+
+@pytest.mark.slow
+def test_demo_writes_an_ome_zarr_run_that_napari_zarr_and_fiji_users_open(tmp_path, base_port) -> None:
+    """3 positions x 20 time points: raw and predictions in place, a few hundred files."""
+    out = tmp_path / "run"
+    proc = subprocess.run([*CLI, "demo", "--headless", "--timepoints", "20", "--positions", "3", "--interval", "0",
+                           "--out", str(out), "--port", str(base_port)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert len(files) <= 300, len(files)  # the TIFF layout: 120 stack files + predictions
+    with RunReader(out) as run:
+        entries = run.stacks("Brightfield")
+        assert len(entries) == 60 and all(e.prediction_ref for e in entries)
+        raw, info = run.raw(19, 2)
+        pred, pinfo = run.prediction(19, 2)
+    assert raw.shape == (16, 256, 256) and info["t"] == 19 and info["p"] == 2 and info["gaps"] == []
+    assert pred.shape == (3, 16, 256, 256) and pinfo["source_seq"] == info["seq"]
+    for p in range(3):
+        for name in ("raw.ome.zarr", "prediction.ome.zarr"):
+            yaozarrs.validate_zarr_store(str(out / f"p{p:03d}" / name))
+    # zarr-python: the same pixels, all 20 time points of position 2
+    stored = zarr.open_array(str(out / "p002" / "raw.ome.zarr" / "0"), mode="r")
+    assert stored.shape == (20, 1, 16, 256, 256)
+    np.testing.assert_array_equal(stored[19, 0], raw)
+    # napari's reader hook (no napari needed): one layer group per position and kind
+    reader = get_reader(str(out))
+    assert reader is read_run
+    layers = reader(str(out))
+    assert len(layers) == 6
+    data, kwargs, kind = layers[1]  # p000's predictions
+    assert kind == "image" and kwargs["channel_axis"] == 1 and data.shape == (20, 3, 16, 256, 256)
+    assert kwargs["name"] == ["p000 dna", "p000 membrane", "p000 mitochondria"]
+    assert kwargs["scale"] == pytest.approx([1.0, 1.0, 0.325, 0.325])
+    assert kwargs["colormap"][0][1][1][:3] == pytest.approx([40 / 255, 110 / 255, 1.0])  # DNA blue
+    assert get_reader(str(tmp_path)) is None  # not a run
+    # Fiji users: one OME-TIFF per stack, the same pixels and headers
+    report = export_ome_tiff(out, tmp_path / "tiff")
+    assert report.written == 120
+    back, binfo = read_stack(tmp_path / "tiff" / "p002" / "t0019_brightfield.ome.tif")
+    np.testing.assert_array_equal(back, raw)
+    assert binfo["seq"] == info["seq"]
+    with tifffile.TiffFile(tmp_path / "tiff" / "p002" / "t0019_prediction.ome.tif") as tif:
+        assert tif.is_ome and "dna" in tif.ome_metadata
+    assert export_ome_tiff(out, tmp_path / "tiff").kept == 120  # a second call continues, rewrites nothing
+
+
+def test_export_command_refuses_a_folder_that_is_no_run(tmp_path) -> None:
+    from livestain.cli import main
+
+    assert main(["export", str(tmp_path), "--format", "ome-tiff", "--out", str(tmp_path / "x")]) == 2
