@@ -268,8 +268,9 @@ class ZarrStore(RunStore):
         # all its structures (their number is fixed per image, `write_prediction`)
         chunk = [1, 1 if kind == "raw" else n_c, *zyx.shape]
         codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
-        if self.compression == "zstd":
-            codecs.append({"name": "zstd", "configuration": {"level": 3}})
+        if self.compression == "zstd":  # blosc's bit shuffle first: camera noise lives in the low bits
+            codecs.append({"name": "blosc", "configuration": {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle",
+                                                              "typesize": dtype.itemsize, "blocksize": 0}})
         image.mkdir(parents=True, exist_ok=True)
         _write_image_metadata(image, channels, [float(v) for v in voxel_size_um], self.interval_s, kind, dtype)
         spec = {
