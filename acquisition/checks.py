@@ -276,7 +276,8 @@ class CheckScorer:
                       {"t": last.t, "p": last.p, "pearson": last.pearson, "ssim": last.ssim, "nrmse": last.nrmse,
                        "reason": last.reason}}
         return {"checks": out, "checks_every": self.policy.every, "checks_on_doubt": self.extra_taken,
-                "checks_on_doubt_left": self.extra_left, "checks_requested": dict(self.requests)}
+                "checks_on_doubt_left": self.extra_left,
+                "checks_requested": {str(p): why for p, why in self.requests.items()}}
 
 
 def score_dict(score: CheckScore) -> dict[str, Any]:

@@ -1036,6 +1036,12 @@ class Daemon:
 
     # -- control --------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
+        """The run's status (`livestain.run_status.RunStatus`, as JSON-ready dict): what
+        ``livestain status`` prints, every control reply carries and the window shows.
+        Built through the model, so an undeclared or mistyped field fails here."""
+        return wire.RunStatus.model_validate(self._status_fields()).model_dump(mode="json")
+
+    def _status_fields(self) -> dict[str, Any]:
         counts = self.sockets.counts
         states = [r.state for r in self.records.values()]
         if self.summary.error:

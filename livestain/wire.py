@@ -53,6 +53,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from livestain.run_status import RunStatus  # noqa: F401 - part of the contract: the control reply's body
+
 #: Bumped on any incompatible change; receivers reject other versions.
 SCHEMA = "livestain.wire/1"
 

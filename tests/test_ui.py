@@ -14,6 +14,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import ctypes
 import pathlib
+import random
 import socket
 import sys
 import threading
@@ -115,16 +116,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_REAL_STATUS: dict[str, Any] = {}
+
+
+def _four_free_ports() -> int:
+    from conftest import _port_free
+
+    for _ in range(200):
+        base = random.randrange(20000, 60000, 4)
+        if all(_port_free(base + i) for i in range(4)):
+            return base
+    raise RuntimeError("no four consecutive free ports on 127.0.0.1")
+
+
+def real_status() -> dict[str, Any]:
+    """A real daemon's status (a run on the simulated scope, not started): what the
+    fake daemon below starts from, so the window is tested against the fields and
+    types a daemon sends, not a hand-made dict."""
+    if not _REAL_STATUS:
+        import tempfile
+
+        from livestain.acquisition.daemon import Daemon
+        from livestain.acquisition.policies import Policies
+        from livestain.devices.simulated import SimulatedScope, build_simulated_core
+        from livestain.launch import demo_sequence
+
+        with tempfile.TemporaryDirectory() as folder:
+            daemon = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(10, 0.0), pathlib.Path(folder) / "run",
+                            wire.endpoints(base_port=_four_free_ports()), Policies(), report=lambda line: None)
+            try:
+                _REAL_STATUS.update(daemon.status())
+            finally:
+                daemon.sockets.close()
+                daemon.journal.close()
+                daemon._release_lock()
+    return dict(_REAL_STATUS)
+
+
 class FakeDaemon:
-    """A control REP socket in a thread: answers every command with a known status."""
+    """A control REP socket in a thread: answers every command with a known status
+    (a real daemon's, `real_status`, with the figures the tests look for)."""
 
     def __init__(self, port: int, run_id: str = "run-A", **status: Any) -> None:
         self.endpoint = f"tcp://127.0.0.1:{port}"
-        self.status: dict[str, Any] = {
+        self.status: dict[str, Any] = real_status() | {
             "run_id": run_id, "state": "acquiring", "out_dir": "/data/x",
             "stacks_acquired": 7, "stacks_predicted": 5, "stacks_predicted_late": 1,
             "stacks_late": 2, "stacks_in_flight": 1, "stacks_dropped": 3, "backlog": 4,
-            "malformed_results": 0, "timepoints": 10, "positions": 2,
+            "malformed_results": 0, "timepoints": 10, "positions": 2, "stacks_total": 20,
             "disk_free_bytes": 123_400_000_000, "uptime_s": 70.0,
             "worker_pid": 4242, "worker_alive": True, "worker_restarts": 1, "error": None,
         } | status

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from pydantic import ValidationError
 from PySide6 import QtCore
 
 from livestain import wire
@@ -170,4 +171,9 @@ class ControlClient(QtCore.QObject):
         if command != "status":
             self.command_done.emit(command, ok, "" if ok else str(body.get("error", "refused")))
         if ok and "run_id" in body:
-            self.status.emit(body)
+            try:  # the typed status: every field the panel reads is declared and of its type
+                status = wire.RunStatus.from_reply(body)
+            except ValidationError as e:
+                log.warning("status from %s does not fit livestain's status model: %s", self.endpoint, e)
+                return
+            self.status.emit(status.model_dump(mode="json"))
