@@ -22,11 +22,17 @@ def daemon_status(port: int) -> dict | None:
     return json.loads(proc.stdout) if proc.returncode == 0 else None
 
 
-def wait_for_status(port: int, predicate: Callable[[dict], bool], timeout_s: float = 120) -> dict:
-    """Poll the daemon's status until ``predicate`` holds; fail with the last status."""
+def wait_for_status(port: int, predicate: Callable[[dict], bool], timeout_s: float = 120,
+                    proc: subprocess.Popen | None = None) -> dict:
+    """Poll the daemon's status until ``predicate`` holds; fail with the last status, or
+    at once with its output when ``proc`` (the daemon's process) has exited."""
     deadline = time.monotonic() + timeout_s
     status = None
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the daemon exited ({proc.returncode}) before the expected state; "
+                                 f"last status {status}\nstdout: {(out or '')[-2000:]}\nstderr: {(err or '')[-3000:]}")
         status = daemon_status(port)
         if status is not None and predicate(status):
             return status

@@ -65,9 +65,9 @@ def test_kill_9_worker_mid_run_the_run_completes_and_everything_is_predicted(tmp
     out = tmp_path / "run"
     demo = _demo(out, base_port, 6, 1.0)
     try:
-        status = _wait_for(base_port, lambda s: s["stacks_predicted"] >= 1 and s.get("worker_alive"))
+        status = _wait_for(base_port, lambda s: s["stacks_predicted"] >= 1 and s.get("worker_alive"), proc=demo)
         os.kill(status["worker_pid"], signal.SIGKILL)
-        later = _wait_for(base_port, lambda s: s["worker_restarts"] >= 1)
+        later = _wait_for(base_port, lambda s: s["worker_restarts"] >= 1, proc=demo)
         assert later["worker_pid"] != status["worker_pid"]
         stdout, stderr = demo.communicate(timeout=240)
     finally:
@@ -83,7 +83,7 @@ def test_kill_9_daemon_then_resume_completes_the_same_dataset(tmp_path, base_por
     out = tmp_path / "run"
     demo = _demo(out, base_port, 5, 1.0)
     try:
-        first = _wait_for(base_port, lambda s: s["stacks_acquired"] >= 2)
+        first = _wait_for(base_port, lambda s: s["stacks_acquired"] >= 2, proc=demo)
         demo.send_signal(signal.SIGKILL)
         demo.wait(30)
     finally:
@@ -120,7 +120,7 @@ def test_sigterm_stops_cleanly_with_every_file_complete(tmp_path, base_port) -> 
     out = tmp_path / "run"
     demo = _demo(out, base_port, 200, 0.5)
     try:
-        _wait_for(base_port, lambda s: s["stacks_predicted"] >= 2)
+        _wait_for(base_port, lambda s: s["stacks_predicted"] >= 2, proc=demo)
         demo.send_signal(signal.SIGTERM)
         stdout, stderr = demo.communicate(timeout=120)
     finally:

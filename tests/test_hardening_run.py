@@ -281,7 +281,7 @@ def test_a_live_run_pause_resume_stop_are_logged_and_a_second_daemon_is_refused(
                              "--out", str(out), "--port", str(base_port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(base_port, lambda s: s["stacks_predicted"] >= 1)
+        _wait_for(base_port, lambda s: s["stacks_predicted"] >= 1, proc=demo)
         second = subprocess.run([*CLI, "demo", "--headless", "--timepoints", "50", "--out", str(out),
                                  "--port", str(base_port + 4), "--resume"],
                                 capture_output=True, text=True, timeout=120)
