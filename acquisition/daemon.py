@@ -41,6 +41,7 @@ from livestain.focus import FocusEstimate, estimate_focus
 from livestain.store import RunStore, open_store, read_ref, ref_exists
 
 from .dataset_lock import LOCK_NAME, DatasetLock
+from .stack_state import StackRecord, StackState
 from .adaptation import Adaptation, ModelVersion
 from .checks import (CheckScore, CheckScorer, check_channel_of, doubt_checks, extra_checks_allowed,
                      with_check_channels)
@@ -60,24 +61,6 @@ log = logging.getLogger(__name__)
 
 class RunStopped(RuntimeError):
     """The run cannot go on (disk full, write error); the message says why and what to do."""
-
-
-@dataclass
-class StackRecord:
-    """What the daemon knows of each stack it acquired."""
-
-    seq: int
-    t: int
-    p: int
-    raw_path: Path
-    completed_at: float
-    header: wire.StackHeader | None = None
-    state: str = "queued"  # queued | sent | late | predicted
-    sent_at: float = 0.0
-    predicted_path: Path | None = None
-    latency_s: float | None = None
-    caught_up: bool = False
-    holder: str = ""  # the worker that has it, while "sent"
 
 
 @dataclass
@@ -760,7 +743,8 @@ class Daemon:
         for seq, worker in handed:
             rec = self.records.get(seq)
             if rec is not None:  # None: predicted meanwhile by the worker it went to first
-                rec.state, rec.sent_at, rec.holder = "sent", now, worker
+                rec.move(StackState.SENT)
+                rec.sent_at, rec.holder = now, worker
 
     #: Late stacks (waiting to be predicted from disk) held in memory; the rest are only in
     #: the journal and are read back in batches. Before this bound a run whose workers fell
@@ -770,9 +754,9 @@ class Daemon:
 
     def _mark_late(self, seqs: list[int]) -> None:
         for seq in seqs:
-            self.records[seq].state = "late"
+            self.records[seq].move(StackState.LATE)
             log.info("workers behind: stack seq %d will be predicted from disk later", seq)
-        late = sorted(seq for seq, r in self.records.items() if r.state == "late")
+        late = sorted(seq for seq, r in self.records.items() if r.state == StackState.LATE)
         for seq in late[self.LATE_KEPT:]:  # the newest: caught up last, read back by then
             del self.records[seq]
             self._failures.pop(seq, None)
@@ -782,7 +766,7 @@ class Daemon:
         """Read the oldest late stacks the journal holds back into memory (up to the bound)."""
         channels = tuple(self.stream_channels)
         while channels and self._late_on_disk:
-            room = self.LATE_KEPT - sum(r.state == "late" for r in self.records.values())
+            room = self.LATE_KEPT - sum(r.state == StackState.LATE for r in self.records.values())
             rows = self.journal.waiting(channels, room, skip=set(self.records)) if room > 0 else []
             skipped = 0
             for row in rows:
@@ -792,7 +776,7 @@ class Daemon:
                     skipped += 1
                     continue
                 rec = StackRecord(row.seq, row.t, row.p, raw, time.time())
-                rec.state = "late"
+                rec.state = StackState.LATE  # read back from the journal: it starts late
                 self.records[row.seq] = rec
             self._late_on_disk = max(0, self.journal.count_waiting(channels) - len(self.records))
             if not rows or not skipped:  # nothing more to read, or the room is filled
@@ -804,7 +788,7 @@ class Daemon:
         ``worker`` is its name (``host:pid``); None re-queues every stack in flight.
         """
         lost = [r.seq for r in self.records.values()
-                if r.state == "sent" and (worker is None or r.holder == worker)]
+                if r.state == StackState.SENT and (worker is None or r.holder == worker)]
         for seq in lost:
             self.sockets.release(seq)  # its reader is dead: the segment may be reused
         self._mark_late(lost)
@@ -813,7 +797,7 @@ class Daemon:
         """When workers have nothing newer to do, feed them the oldest late stack from disk."""
         now = time.time()
         stale = [r for r in self.records.values()
-                 if r.state == "sent" and now - r.sent_at > self._resend_after_s]
+                 if r.state == StackState.SENT and now - r.sent_at > self._resend_after_s]
         if stale:
             holders = sorted({r.holder for r in stale})
             self.report(f"no prediction for {len(stale)} stack(s) after "
@@ -823,12 +807,12 @@ class Daemon:
                 self.sockets.taint(r.seq)  # the hung worker may still write into its segments
             self._mark_late([r.seq for r in stale])
             self.on_hung_worker(holders)
-        if self.sockets.backlog or any(r.state == "sent" for r in self.records.values()):
+        if self.sockets.backlog or any(r.state == StackState.SENT for r in self.records.values()):
             return
-        late = [r for r in self.records.values() if r.state == "late"]
+        late = [r for r in self.records.values() if r.state == StackState.LATE]
         if not late and self._late_on_disk:
             self._reload_late()
-            late = [r for r in self.records.values() if r.state == "late"]
+            late = [r for r in self.records.values() if r.state == StackState.LATE]
         if not late:
             return
         rec = min(late, key=lambda r: r.seq)
@@ -845,7 +829,8 @@ class Daemon:
             self.summary.unreadable += 1
             self._journal_not_predictable(rec.seq, f"raw stack unreadable: {e}")
             return
-        rec.state, rec.caught_up = "queued", True
+        rec.move(StackState.QUEUED)
+        rec.caught_up = True
         rec.header = header
         self._mark_late(self.sockets.offer(header, array))
 
@@ -865,7 +850,7 @@ class Daemon:
             self.sockets.counts.malformed_results += 1
             log.warning("dropped a prediction for an unknown stack (run %s seq %s)", header.run_id, seq)
             return
-        late = record.caught_up or record.state == "late"  # re-read from disk, not live
+        late = record.caught_up or record.state == StackState.LATE  # re-read from disk, not live
         pred_path = Path(self.store.prediction_ref(record.t, record.p))
         info = header.model_dump(by_alias=True) | {
             "source_path": str(record.raw_path),
@@ -889,7 +874,8 @@ class Daemon:
                              f"stacks are intact; {_write_fix(e)} and continue with --resume "
                              f"(it predicts what is missing).") from None
         self._n_structures = len(header.structures)
-        record.state, record.predicted_path = "predicted", pred_path
+        record.move(StackState.PREDICTED)
+        record.predicted_path = pred_path
         record.latency_s = time.time() - record.completed_at
         self._remember_predicted(record.seq)
         del self.records[record.seq]
@@ -1060,8 +1046,8 @@ class Daemon:
             "stacks_acquired": self.summary.acquired,
             "stacks_predicted": self.summary.predicted,
             "stacks_predicted_late": self.summary.predicted_late,
-            "stacks_late": states.count("late") + self._late_on_disk,
-            "stacks_in_flight": states.count("sent"),
+            "stacks_late": states.count(StackState.LATE) + self._late_on_disk,
+            "stacks_in_flight": states.count(StackState.SENT),
             "stacks_sent": counts.sent,
             "stacks_dropped": counts.dropped,
             "backlog": len(self.sockets.backlog),

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _small_run import days_sequence, small_scope  # noqa: E402
 
-import livestain.acquisition.daemon as daemon_module  # noqa: E402
+import livestain.store as store_module  # noqa: E402
 import livestain.acquisition.streaming as streaming  # noqa: E402
 from livestain.acquisition.policies import Policies  # noqa: E402
 from livestain.devices.simulated import build_simulated_core  # noqa: E402
@@ -36,33 +36,41 @@ from livestain.launch import SessionOptions, exit_code, run_session  # noqa: E40
 class Faults:
     """Applies the schedule from inside the daemon's own write path.
 
-    Wrapping the daemon's ``write_stack`` sees every stack's ``seq`` as it is written:
-    the slow disk delays raw and prediction writes in its window, and a failing camera
-    window starts at the first raw stack written at or after its ``at_seq``.
+    Wrapping the run store's writes (`livestain.store`, whichever storage) sees every
+    stack's ``seq`` as it is written: the slow disk delays raw and prediction writes in
+    its window, and a failing camera window starts at the first raw stack written at or
+    after its ``at_seq``.
     """
 
     def __init__(self, schedule: dict, scope) -> None:  # noqa: ANN001
         self.slow = [tuple(w) for w in schedule.get("slow_disk", [])]
         self.camera = sorted(tuple(w) for w in schedule.get("failing_camera", []))
         self.scope = scope
-        self.original = daemon_module.write_stack
-        daemon_module.write_stack = self.write_stack
+        for cls in (store_module.ZarrStore, store_module.TiffStore):
+            for name in ("write_raw", "write_prediction"):
+                setattr(cls, name, self._wrapped(getattr(cls, name)))
 
-    def write_stack(self, path, array, *, info, **kwargs):  # noqa: ANN001, ANN201
+    def _wrapped(self, write):  # noqa: ANN001, ANN202
+        def wrapper(store, *args, info, **kwargs):  # noqa: ANN001, ANN202
+            self.before_write(info)
+            return write(store, *args, info=info, **kwargs)
+        return wrapper
+
+    def before_write(self, info: dict) -> None:
         seq = info.get("source_seq") if info.get("kind") == "prediction" else info.get("seq")
-        if seq is not None:
-            for first, last, delay in self.slow:
-                if first <= seq <= last:
-                    time.sleep(delay)
-            if info.get("kind") == "stack":
-                while self.camera and seq >= self.camera[0][0]:
-                    _, snaps = self.camera.pop(0)
-                    start = self.scope.snap_count + 1
-                    # a new set, not a change of the one the MDA thread reads
-                    self.scope.failing_snaps = set(range(start, start + int(snaps)))
-                    print(f"FAULT failing_camera from seq {seq}: snaps {start}..{start + snaps - 1}",
-                          flush=True)
-        return self.original(path, array, info=info, **kwargs)
+        if seq is None:
+            return
+        for first, last, delay in self.slow:
+            if first <= seq <= last:
+                time.sleep(delay)
+        if info.get("kind") == "stack":
+            while self.camera and seq >= self.camera[0][0]:
+                _, snaps = self.camera.pop(0)
+                start = self.scope.snap_count + 1
+                # a new set, not a change of the one the MDA thread reads
+                self.scope.failing_snaps = set(range(start, start + int(snaps)))
+                print(f"FAULT failing_camera from seq {seq}: snaps {start}..{start + snaps - 1}",
+                      flush=True)
 
 
 def main() -> int:

@@ -100,3 +100,37 @@ def stack_file(out, t: int, p: int = 0, channel: str = "Brightfield"):
 
     with RunReader(out) as run:
         return ref_file(run.entry(t, p, channel).raw_ref)
+
+
+_REAL_STATUS: dict = {}
+
+
+def real_status() -> dict:
+    """A real daemon's status (a 10-time-point run on the simulated scope, not started),
+    made once: what stand-in daemons answer with, so viewers are tested against the
+    fields and types a daemon sends (`livestain.run_status.RunStatus`), not a hand-made dict."""
+    if not _REAL_STATUS:
+        import random
+        import tempfile
+        from pathlib import Path
+
+        from conftest import _port_free
+
+        from livestain import wire
+        from livestain.acquisition.daemon import Daemon
+        from livestain.acquisition.policies import Policies
+        from livestain.devices.simulated import SimulatedScope, build_simulated_core
+        from livestain.launch import demo_sequence
+
+        base = next(b for b in (random.randrange(20000, 60000, 4) for _ in range(500))
+                    if all(_port_free(b + i) for i in range(4)))
+        with tempfile.TemporaryDirectory() as folder:
+            daemon = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(10, 0.0), Path(folder) / "run",
+                            wire.endpoints(base_port=base), Policies(), report=lambda line: None)
+            try:
+                _REAL_STATUS.update(daemon.status())
+            finally:
+                daemon.sockets.close()
+                daemon.journal.close()
+                daemon._release_lock()
+    return dict(_REAL_STATUS)

@@ -38,6 +38,8 @@ from livestain.ui.subscriber import DisplaySubscriber
 from livestain.ui.window import LiveWindow
 from livestain.wire import StackHeader, encode
 
+from _helpers import real_status  # noqa: E402
+
 guard_if_needed()  # PySide6 6.12.0 + Python 3.11 loses references on every signal (see qtcheck)
 
 NZ, NY, NX = 5, 64, 80
@@ -114,43 +116,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-_REAL_STATUS: dict[str, Any] = {}
-
-
-def _four_free_ports() -> int:
-    from conftest import _port_free
-
-    for _ in range(200):
-        base = random.randrange(20000, 60000, 4)
-        if all(_port_free(base + i) for i in range(4)):
-            return base
-    raise RuntimeError("no four consecutive free ports on 127.0.0.1")
-
-
-def real_status() -> dict[str, Any]:
-    """A real daemon's status (a run on the simulated scope, not started): what the
-    fake daemon below starts from, so the window is tested against the fields and
-    types a daemon sends, not a hand-made dict."""
-    if not _REAL_STATUS:
-        import tempfile
-
-        from livestain.acquisition.daemon import Daemon
-        from livestain.acquisition.policies import Policies
-        from livestain.devices.simulated import SimulatedScope, build_simulated_core
-        from livestain.launch import demo_sequence
-
-        with tempfile.TemporaryDirectory() as folder:
-            daemon = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(10, 0.0), pathlib.Path(folder) / "run",
-                            wire.endpoints(base_port=_four_free_ports()), Policies(), report=lambda line: None)
-            try:
-                _REAL_STATUS.update(daemon.status())
-            finally:
-                daemon.sockets.close()
-                daemon.journal.close()
-                daemon._release_lock()
-    return dict(_REAL_STATUS)
 
 
 class FakeDaemon:

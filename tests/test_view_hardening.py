@@ -33,6 +33,8 @@ from livestain.ui.qtcheck import NO_WINDOW_ALTERNATIVES, display_problem
 from livestain.ui.screenshot import Seen, decide, describe_daemon
 from livestain.wire import StackHeader, encode
 
+from _helpers import real_status
+
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="X11/Wayland checks are Linux's")
 
 NZ, NY, NX = 4, 48, 64
@@ -103,7 +105,7 @@ class StandInDaemon:
         eps = wire.endpoints("127.0.0.1", base_port)
         self.control, self.display = eps["control"], eps["display"]
         self.publish = publish
-        self.status = {"run_id": "run-H", "state": "acquiring", "stacks_acquired": 3,
+        self.status = real_status() | {"run_id": "run-H", "state": "acquiring", "stacks_acquired": 3,
                        "stacks_predicted": 0, "backlog": 0, "stacks_in_flight": 0,
                        "worker_heartbeats_s": {}, "error": None} | status
         self.commands: list[str] = []

@@ -121,7 +121,7 @@ def describe_daemon(status: dict[str, Any]) -> str:
 
 def _worker_note(status: dict[str, Any]) -> list[str]:
     """Why no worker may be predicting, from the fields a daemon reports (none if fine)."""
-    if "worker_alive" in status and not status["worker_alive"]:
+    if status.get("worker_alive") is False:  # None: no local worker (remote workers only)
         return ["its worker is down"]
     beats = status.get("worker_heartbeats_s")
     if not isinstance(beats, dict):

@@ -320,7 +320,7 @@ class StatusPanel(QtWidgets.QGroupBox):
         self._set("focus", f"{'; '.join(parts)} — {mode}", alarm=lost)
 
     def _show_worker(self, s: dict[str, Any]) -> None:
-        if "worker_alive" not in s:
+        if s.get("worker_alive") is None:  # no local worker: remote workers only
             self._set("worker", "—")
             return
         alive = bool(s["worker_alive"])
