@@ -77,7 +77,9 @@ def image_layer(image: Path) -> LayerData:
             colormaps.append("gray")
         else:
             r, g, b = (v / 255 for v in structure_color(c))
-            colormaps.append((f"livestain {c}", [[0.0, 0.0, 0.0, 1.0], [r, g, b, 1.0]]))
+            # napari builds a Colormap from a dict with "colors" (a (name, list) tuple
+            # would need napari's own Colormap class, which this module does not import)
+            colormaps.append({"name": f"livestain {c}", "colors": [[0.0, 0.0, 0.0, 1.0], [r, g, b, 1.0]]})
     kwargs: dict[str, Any] = {
         "name": names,
         "channel_axis": 1,

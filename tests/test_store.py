@@ -134,7 +134,7 @@ def test_demo_writes_an_ome_zarr_run_that_napari_zarr_and_fiji_users_open(tmp_pa
     assert kind == "image" and kwargs["channel_axis"] == 1 and data.shape == (20, 3, 16, 256, 256)
     assert kwargs["name"] == ["p000 dna", "p000 membrane", "p000 mitochondria"]
     assert kwargs["scale"] == pytest.approx([1.0, 1.0, 0.325, 0.325])
-    assert kwargs["colormap"][0][1][1][:3] == pytest.approx([40 / 255, 110 / 255, 1.0])  # DNA blue
+    assert kwargs["colormap"][0]["colors"][1][:3] == pytest.approx([40 / 255, 110 / 255, 1.0])  # DNA blue
     assert get_reader(str(tmp_path)) is None  # not a run
     # Fiji users: one OME-TIFF per stack, the same pixels and headers
     report = export_ome_tiff(out, tmp_path / "tiff")
