@@ -202,7 +202,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from livestain.acquisition.policies import Policies
     from livestain.devices.sample import CellPopulation
     from livestain.devices.simulated import SimulatedScope, build_simulated_core
-    from livestain.launch import SessionOptions, demo_sequence, exit_code, has_display, run_session
+    from livestain.launch import demo_sequence, exit_code, has_display, run_session
+    from livestain.runconfig import RunConfig, WorkerConfig
 
     if args.timepoints < 1:
         raise ValueError("--timepoints must be at least 1")
@@ -233,11 +234,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         checks = CheckPolicy(every=args.checks_every, structures=("dna",), dose_budget=args.dose_budget)
     core = build_simulated_core(scope)
     seq = demo_sequence(args.timepoints, args.interval, args.positions)
-    opts = SessionOptions(out_dir=out, host=args.connect, base_port=args.port, model=args.model,
-                          device=args.device, show_window=show, resume=args.resume, keys=args.keys,
-                          policies=Policies(track_focus=args.track_focus, checks=checks, adapt=args.adapt,
-                                            storage=args.storage),
-                          uncertainty=args.uncertainty)
+    # the same run configuration `livestain run CONFIG` reads (policies, worker, where)
+    config = RunConfig(microscope="simulated", out=out, plan=seq.model_dump(mode="json", exclude_unset=True),
+                       model=args.model, host=args.connect, port=args.port, seed=args.seed, keys=args.keys,
+                       policies=Policies(track_focus=args.track_focus, checks=checks, adapt=args.adapt,
+                                         storage=args.storage),
+                       worker=WorkerConfig(device=args.device, uncertainty=args.uncertainty))
+    opts = config.session_options(show_window=show)
+    opts.resume = args.resume
     print(f"livestain demo: simulated microscope, {args.timepoints} time points x {args.positions} "
           f"position(s) x 16 planes, daemon on {args.connect}:{args.port}"
           + (f"; scenario {args.scenario}" if args.scenario != "steady" else "")
@@ -257,7 +261,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     core = cfg.build_core()
     opts = cfg.session_options(show_window=not args.headless and has_display())
     opts.resume = args.resume
-    opts.device = args.device
+    if args.device:  # the command line wins over the config's worker.device
+        opts.device = args.device
     summary = run_session(core, cfg.sequence(), opts)
     for line in summary.lines():
         print(line)

@@ -50,6 +50,8 @@ class SessionOptions:
         CURVE key folder (`livestain.security`); required for a non-loopback host.
     uncertainty : bool
         The local worker predicts each structure's per-voxel uncertainty too (8x the time).
+    exact, compile : bool
+        The local worker's plain float32 path, and ``torch.compile`` (`RunConfig.worker`).
     """
 
     out_dir: Path
@@ -63,6 +65,8 @@ class SessionOptions:
     resume: bool = False
     keys: str | None = None
     uncertainty: bool = False
+    exact: bool = False
+    compile: bool = False
 
 
 def has_display() -> bool:
@@ -181,6 +185,10 @@ def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=p
         worker_args += ["--device", opts.device]
     if opts.uncertainty:
         worker_args += ["--uncertainty"]
+    if opts.exact:
+        worker_args += ["--exact"]
+    if opts.compile:
+        worker_args += ["--compile"]
     supervisor = WorkerSupervisor(worker_args, report=report_and_log)
     eps = wire.endpoints(opts.host, opts.base_port)
     daemon = Daemon(core, sequence, opts.out_dir, eps, report=report_and_log,

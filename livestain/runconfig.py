@@ -27,6 +27,32 @@ from livestain.acquisition.preflight import check_plan, unknown_keys
 from livestain.launch import SessionOptions
 
 
+class WorkerConfig(BaseModel):
+    """The local worker a run starts (``worker:`` in the run config).
+
+    Attributes
+    ----------
+    device : str | None
+        Torch device: ``cuda``, ``cuda:1``, ``cpu``; None: CUDA if present, else CPU.
+        ``livestain run --device`` overrides it.
+    exact : bool
+        Plain float32 inference instead of the fast path (fused, reduced precision
+        where the device supports it); slower, bit-for-bit what ``livestain predict`` gives.
+    compile : bool
+        ``torch.compile`` the network (minutes at start, faster per stack on a GPU).
+    uncertainty : bool
+        Predict each structure's per-voxel uncertainty too (8x the time), shown in the
+        window and written as extra prediction channels.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str | None = None
+    exact: bool = False
+    compile: bool = False
+    uncertainty: bool = False
+
+
 class RunConfig(BaseModel):
     """One acquisition run.
 
@@ -52,6 +78,8 @@ class RunConfig(BaseModel):
         Disk margin, live backlog, resend and drain timeouts, streamed channels.
     keys : str | None
         CURVE key folder from ``livestain keys``; required when ``host`` is not loopback.
+    worker : WorkerConfig
+        The local worker's device, precision, compilation and uncertainty.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -66,6 +94,7 @@ class RunConfig(BaseModel):
     seed: int = 0
     policies: Policies = Field(default_factory=Policies)
     keys: str | None = None
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
     base_dir: Path = Field(Path("."), exclude=True)
 
     @field_validator("microscope")
@@ -127,6 +156,10 @@ class RunConfig(BaseModel):
             show_window=show_window,
             policies=self.policies,
             keys=str((self.base_dir / self.keys).resolve()) if self.keys else None,
+            device=self.worker.device,
+            exact=self.worker.exact,
+            compile=self.worker.compile,
+            uncertainty=self.worker.uncertainty,
         )
 
 
