@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import queue
-import secrets
 import shutil
 import threading
 import time
@@ -40,7 +39,7 @@ from livestain.security import apply_client
 from livestain.focus import FocusEstimate, estimate_focus
 from livestain.store import RunStore, open_store, read_ref, ref_exists
 
-from .dataset_lock import LOCK_NAME, DatasetLock
+from .run_folder import RunFolder, write_json_atomically
 from .stack_state import StackRecord, StackState
 from .adaptation import Adaptation, ModelVersion
 from .checks import (CheckScore, CheckScorer, check_channel_of, doubt_checks, extra_checks_allowed,
@@ -197,7 +196,6 @@ class Daemon:
         # a bad plan fails here, in seconds, before any folder or socket exists
         check_plan(sequence, policies.stream_channels)
         check_plan_against_core(sequence, core)
-        self._lock: DatasetLock | None = None
         self._mda_error: BaseException | None = None
         self.core = core
         self.sequence = sequence
@@ -230,6 +228,8 @@ class Daemon:
         self._snap_counts = install_snap_retries(core, policies.snap_retries, report)
         # sockets first: a refused bind (busy port, no keys) must leave no dataset behind
         self.sockets = DaemonSockets(endpoints, backlog=policies.live_backlog, keys=keys)
+        control_port = int(self.sockets.endpoints["control"].rsplit(":", 1)[-1])
+        self.folder = RunFolder(self.out_dir, control_port - wire.PORT_OFFSETS["control"])
         try:
             self.run_id, self._first_t = self._open_dataset(resume)
             self.journal = Journal(self.out_dir)
@@ -288,78 +288,16 @@ class Daemon:
 
     # -- dataset ----------------------------------------------------------------------
     def _open_dataset(self, resume: bool) -> tuple[str, int]:
-        """Create (or, resuming, reopen) the dataset; returns run id and first time point."""
-        marker = self.out_dir / "run.json"
+        """Create (or, resuming, reopen) the run folder (`RunFolder`); returns run id and
+        first time point."""
         if resume:
-            if not marker.exists():
-                raise FileNotFoundError(
-                    f"Nothing to resume in {self.out_dir}: it holds no run.json. "
-                    f"Start a new run without --resume."
-                )
-            self._take_lock()  # before anything is read: another daemon may be writing
-            run = json.loads(marker.read_text())
-            # a run continues in the storage it began in (runs from before Zarr: TIFF)
-            self._storage = (run.get("policies") or {}).get("storage", "tiff")
-            for partial in self.out_dir.rglob("*.partial"):
-                partial.unlink()  # a write cut short by the crash; the stack is re-acquired
-            self._done = self._done_keys()
-            self._record_provenance_change(run, marker)
-            return run["run_id"], self._first_incomplete_t()
-        if marker.exists():
-            raise FileExistsError(
-                f"{self.out_dir} already holds a livestain run ({marker}); nothing was "
-                f"overwritten. Choose another --out folder, or add --resume to continue it."
-            )
-        _refuse_foreign_folder(self.out_dir)
+            run_id, self._storage, self._done = self.folder.reopen(self.provenance)
+            return run_id, self._first_incomplete_t()
         self._storage = self.policies.storage
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._take_lock()
-        run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-        info = {
-            "run_id": run_id,
-            "livestain": __version__,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "sequence": self.sequence.model_dump(mode="json", exclude_unset=True),
-            "policies": self.policies.model_dump(mode="json"),
-        } | self.provenance
-        _write_json_atomically(marker, info)
-        return run_id, 0
-
-    def _next_seq_on_disk(self) -> int:
-        journal = Journal(self.out_dir)
-        try:
-            return journal.next_seq()
-        finally:
-            journal.close()
-
-    def _take_lock(self) -> None:
-        port = self.sockets.endpoints["control"].rsplit(":", 1)[-1]
-        self._lock = DatasetLock(self.out_dir, {"port": int(port) - wire.PORT_OFFSETS["control"]}).acquire()
+        return self.folder.create(self.sequence, self.policies, self.provenance), 0
 
     def _release_lock(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-
-    def _record_provenance_change(self, run: dict[str, Any], marker: Path) -> None:
-        """Resuming with another model: say so, and keep the change in ``run.json``."""
-        new = self.provenance.get("model")
-        old = run.get("model")
-        if new is None or old is None or new.get("name") == old.get("name"):
-            return
-        changes = run.setdefault("model_changes", [])
-        changes.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": old, "to": new,
-                        "from_seq": self._next_seq_on_disk()})
-        run["model"] = new
-        _write_json_atomically(marker, run)
-
-    def _done_keys(self) -> set[tuple[int, int, str]]:
-        """(t, p, channel) of every stack already on disk (a recorded gap is final)."""
-        journal = Journal(self.out_dir)
-        try:
-            return {(r.t, r.p, r.channel) for r in journal.rows() if ref_exists(r.raw_in(self.out_dir))}
-        finally:
-            journal.close()
+        self.folder.release_lock()
 
     @staticmethod
     def _key(event: useq.MDAEvent) -> tuple[int, int, str]:
@@ -502,7 +440,7 @@ class Daemon:
                 "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": run.get("model"),
                 "to": {"path": path, "name": version.name}, "why": version.why, "from_seq": self._seq})
             run["model"] = {**(run.get("model") or {}), "path": path, "name": version.name}
-            _write_json_atomically(marker, run)
+            write_json_atomically(marker, run)
         except (OSError, ValueError) as e:
             log.warning("could not record the model change in run.json: %s", e)
         self._note(f"model: {version.name} ({version.why}) from seq {self._seq}")
@@ -1133,26 +1071,6 @@ class _PendingEvents:
             yield e
 
 
-def _refuse_foreign_folder(out_dir: Path) -> None:
-    """A new run writes into a new or empty folder, never into someone else's files.
-
-    ``out:`` pointing at a training dataset used to be accepted, and the run's stacks
-    then broke that dataset for ``livestain train``.
-    """
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise FileExistsError(f"--out {out_dir} is a file, not a folder; choose a folder for the run")
-    entries = sorted(e.name for e in out_dir.iterdir()
-                     if not e.name.startswith(".") and e.name != LOCK_NAME)
-    if entries:
-        shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
-        raise FileExistsError(
-            f"--out {out_dir} already holds other files ({shown}) and no livestain run; nothing "
-            f"was written. Each run needs a new or empty folder: choose another out folder."
-        )
-
-
 def _write_fix(error: OSError) -> str:
     """What the user should do about a failed write, by its cause."""
     import errno
@@ -1164,12 +1082,6 @@ def _write_fix(error: OSError) -> str:
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "make the data folder writable"
     return "fix the disk"
-
-
-def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2))
-    os.replace(partial, path)
 
 
 def _autofocus_device(core: Any) -> str:
