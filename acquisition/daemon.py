@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import shutil
 import threading
@@ -36,16 +35,13 @@ import zmq
 
 from livestain import __version__, wire
 from livestain.security import apply_client
-from livestain.focus import FocusEstimate, estimate_focus
 from livestain.store import RunStore, open_store, read_ref, ref_exists
 
-from .run_folder import RunFolder, write_json_atomically
+from .closed_loop import ClosedLoop, LoopHost
+from .run_folder import RunFolder
 from .stack_state import StackRecord, StackState
-from .adaptation import Adaptation, ModelVersion
-from .checks import (CheckScore, CheckScorer, check_channel_of, doubt_checks, extra_checks_allowed,
-                     with_check_channels)
+from .checks import CheckScore, with_check_channels
 from .doorbell import Doorbell
-from .focus_tracking import FocusTracker, tracked_events
 from .journal import Journal
 from .policies import Policies
 from .audit import planned_keys
@@ -212,14 +208,6 @@ class Daemon:
         self.records: dict[int, StackRecord] = {}
         self._late_on_disk = 0  # late stacks not held in `records` (see `LATE_KEPT`)
         self._streamed_acquired = 0  # this session's stacks of streamed channels
-        self._budget_spent_said = False
-        # a hardware autofocus device does the tracking itself (useq's autofocus_plan, run by
-        # pymmcore-plus); the brightfield estimate is then only recorded
-        self.focus_mode = "brightfield" if policies.track_focus else "off"
-        if policies.track_focus and _autofocus_device(core):
-            self.focus_mode = f"hardware autofocus ({_autofocus_device(core)})"
-        self.focus = FocusTracker(self.focus_mode == "brightfield", policies.focus_max_step_um,
-                                  policies.focus_deadband_um)
         # seqs predicted lately, so a duplicate answer is dropped quietly; bounded (a run
         # of days predicts hundreds of thousands): the journal holds the full record, and
         # an answer older than this memory is refused by the sockets anyway (was_handed)
@@ -252,24 +240,19 @@ class Daemon:
         self.sockets.poller.register(self._doorbell, zmq.POLLIN)
         self._n_t = sequence.sizes.get("t", 1) or 1
         self._n_p = sequence.sizes.get("p", 1) or 1
-        self.checks: CheckScorer | None = None
-        if policies.checks is not None:
-            presets = _channel_presets(core, sequence)
-            self.checks = CheckScorer(
-                policies.checks, {check_channel_of(policies.checks, s, presets): s for s in policies.checks.structures},
-                extra_checks_allowed(policies.checks, self._n_t, self._n_p, self._n_predicted,
-                                     policies.equivalent_fluorescence_exposure_ms))
         self._injected: set[tuple[int, int, str]] = set()  # check stacks added on doubt, not in the plan
-        self.adaptation: Adaptation | None = None
-        if policies.adapt:
-            if swap_model is None:
-                raise ValueError("policies.adapt needs workers the daemon can move to a new model "
-                                 "(a local worker); with remote workers, leave adapt off")
-            model = self.provenance.get("model") or {}
-            self._swap_to = swap_model
-            self.adaptation = Adaptation(self.out_dir, ModelVersion(model.get("path"), model.get("name", "bundled")),
-                                         swap=self._swap_model, report=report,
-                                         after_checks=policies.adapt_after_checks, steps=policies.adapt_steps)
+        # a hardware autofocus device does the tracking itself (useq's autofocus_plan, run by
+        # pymmcore-plus); the brightfield estimate is then only recorded
+        focus_mode = "brightfield" if policies.track_focus else "off"
+        if policies.track_focus and _autofocus_device(core):
+            focus_mode = f"hardware autofocus ({_autofocus_device(core)})"
+        host = LoopHost(self.out_dir, report, self._note, self._journal_check, lambda: self._seq,
+                        lambda t, p: f"[t {t + 1}/{self._n_t} p {p + 1}/{self._n_p}]", self._stack_added)
+        self.loop = ClosedLoop(host, sequence, policies, focus_mode=focus_mode,
+                               channel_presets=_channel_presets(core, sequence) if policies.checks else [],
+                               n_t=self._n_t, n_p=self._n_p, n_predicted=self._n_predicted,
+                               model=self.provenance.get("model"), swap_model=swap_model)
+        self.focus, self.checks, self.adaptation = self.loop.focus, self.loop.checks, self.loop.adaptation
         # every stack of the plan, all channels (paired mode: 4 per time point and position)
         self._stacks_total = sum(1 for _ in planned_keys(sequence))
         self._mda_done = threading.Event()
@@ -390,9 +373,7 @@ class Daemon:
             if isinstance(events, list) and not events:
                 self._mda_done.set()
             else:
-                events = self._with_doubt_checks(events)
-                if self.focus.enabled:  # each stack at its position's latest correction
-                    events = tracked_events(events, self.focus, self.core.mda)
+                events = self.loop.events(events, self.core.mda)
                 threading.Thread(target=self._run_mda, args=(events,), name="livestain-mda",
                                  daemon=True).start()
             while not (self._mda_done.is_set() and self.frames.empty()):
@@ -420,31 +401,13 @@ class Daemon:
             self._halt_acquisition()
             self.sockets.close()
             self._doorbell.close()
-            if self.adaptation is not None:
-                self.adaptation.stop()
+            self.loop.stop()
             self._note("end")
             self._write_summary()
             self.journal.close()
             self._release_lock()
         self.summary.not_predicted = self._outstanding() + self.summary.unreadable + self.summary.failed
         return self.summary
-
-    def _swap_model(self, path: str | None) -> None:
-        """Adaptation's swap (or roll-back): every worker onto ``path``, recorded in run.json."""
-        assert self.adaptation is not None
-        version = self.adaptation.model
-        marker = self.out_dir / "run.json"
-        try:
-            run = json.loads(marker.read_text())
-            run.setdefault("model_changes", []).append({
-                "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": run.get("model"),
-                "to": {"path": path, "name": version.name}, "why": version.why, "from_seq": self._seq})
-            run["model"] = {**(run.get("model") or {}), "path": path, "name": version.name}
-            write_json_atomically(marker, run)
-        except (OSError, ValueError) as e:
-            log.warning("could not record the model change in run.json: %s", e)
-        self._note(f"model: {version.name} ({version.why}) from seq {self._seq}")
-        self._swap_to(path)
 
     def _write_summary(self) -> None:
         """``summary.json`` (`acquisition.run_report`); a failure to write it is logged,
@@ -459,6 +422,18 @@ class Daemon:
             write_summary(self.out_dir, self.journal, session, self.status(), tuple(self.stream_channels))
         except (OSError, ValueError) as e:
             log.warning("could not write %s/summary.json: %s", self.out_dir, e)
+
+    def _journal_check(self, score: CheckScore) -> None:
+        try:
+            self.journal.check_scored(score)
+        except OSError as e:
+            raise RunStopped(f"{e}. Raw stacks and predictions so far are intact; free some "
+                             f"space and continue with --resume.") from None
+
+    def _stack_added(self, key: tuple[int, int, str]) -> None:
+        """A check stack on doubt joined the plan (on the MDA thread, before its first frame)."""
+        self._injected.add(key)
+        self._stacks_total += 1
 
     def _note(self, what: str) -> None:
         """Journal a run event; on a full disk the event is logged instead of ending the run
@@ -492,8 +467,7 @@ class Daemon:
         """One turn of the loop: frames -> stacks, predictions in, control answered."""
         self._take_frames()
         self.on_tick()
-        if self.adaptation is not None:
-            self.adaptation.poll()
+        self.loop.poll()
         self._hold_pause()
         self._catch_up()
         self._mark_sent(self.sockets.pump())
@@ -536,7 +510,7 @@ class Daemon:
         raw_path = Path(self.store.raw_ref(stack.t, stack.p, stack.channel))
         header = self._stack_header(seq, stack, raw_path)
         info = header.model_dump(by_alias=True) | {"gaps": stack.gaps, "exposure_ms": stack.exposure_ms}
-        focus = self._track_focus(stack, header)
+        focus = self.loop.track_focus(stack, header.voxel_size_um[0])
         if focus is not None:
             info["focus"] = focus
         if (ledger := self._ledgers.pop(stack.key, None)) is not None:
@@ -565,8 +539,8 @@ class Daemon:
         self._injected.discard(stack.key)
         self._streamed_acquired += stack.channel in self.stream_channels
         self._last_tp = (stack.t, stack.p)
-        if self.checks is not None and stack.received.any():
-            self._record_checks(self.checks.stack_written(stack.t, stack.p, stack.channel, raw_path))
+        if stack.received.any():
+            self.loop.stack_written(stack.t, stack.p, stack.channel, raw_path)
         if stack.gaps:
             self.summary.incomplete += 1
         gaps = f", missing planes {stack.gaps}" if stack.gaps else ""
@@ -583,25 +557,6 @@ class Daemon:
         if stack.channel in self.stream_channels:
             self.records[seq] = StackRecord(seq, stack.t, stack.p, raw_path, time.time(), header)
             self._mark_late(self.sockets.offer(header, stack.planes))
-
-    def _track_focus(self, stack: Stack, header: wire.StackHeader) -> dict[str, Any] | None:
-        """Where this brightfield stack's cells are (`livestain.focus`), recorded in its
-        metadata and the journal; with ``policies.track_focus`` the position's next stacks
-        move to centre them (`FocusTracker`). None for channels that are not streamed."""
-        if stack.channel not in self.stream_channels:
-            return None
-        taken_with = self.focus.correction_of(stack.t, stack.p)
-        if stack.gaps:
-            estimate = FocusEstimate(None, None, float("inf"), "planes missing: focus not estimated")
-        else:
-            estimate = estimate_focus(stack.planes, header.voxel_size_um[0])
-        move = self.focus.observe(stack.t, stack.p, estimate)
-        if move.moved_um:
-            self.report(f"[t {stack.t + 1}/{self._n_t} p {stack.p + 1}/{self._n_p}] focus: cells "
-                        f"{estimate.offset_um:+.1f} um from the stack's centre; next stacks of this "
-                        f"position move {move.moved_um:+.1f} um (z correction {move.correction_um:+.1f} um)")
-        return estimate.to_dict() | {"z_correction_um": round(taken_with, 3),
-                                     "next_z_correction_um": round(move.correction_um, 3)}
 
     def _stack_header(self, seq: int, stack: Stack, raw_path: Path) -> wire.StackHeader:
         px = self._pixel_size_um
@@ -829,11 +784,7 @@ class Daemon:
             raise RunStopped(f"{e}. Raw stacks and predictions so far are intact; free some "
                              f"space and continue with --resume.") from None
         self.summary.predicted += 1
-        if self.checks is not None:
-            self._record_checks(self.checks.prediction_written(record.t, record.p, pred_path, header.structures))
-            unsure = self.policies.checks.when_unsure if self.policies.checks else None
-            if unsure is not None and trust.confidence is not None and trust.confidence < unsure:
-                self._request_check(record.t, record.p, f"confidence {trust.confidence:.2f} < {unsure:g}")
+        self.loop.prediction_written(record.t, record.p, pred_path, header.structures, trust.confidence)
         if late:
             self.summary.predicted_late += 1
         else:
@@ -844,56 +795,6 @@ class Daemon:
             f"latency {record.latency_s:.2f} s{' (caught up)' if late else ''} -> "
             f"{pred_path.relative_to(self.out_dir)}{trust.line()}"
         )
-
-    def _with_doubt_checks(self, events: Iterable[useq.MDAEvent]) -> Iterable[useq.MDAEvent]:
-        """``events``, plus check stacks on doubt when ``checks.when_unsure`` or
-        ``when_r_below`` is set (`acquisition.checks.doubt_checks`)."""
-        policy = self.policies.checks
-        if self.checks is None or policy is None or (policy.when_unsure is None and policy.when_r_below is None):
-            return events
-        index = {c.config: i for i, c in enumerate(self.sequence.channels)}
-        channels = {c.config: c.model_copy(update={"acquire_every": 1})
-                    for c in self.sequence.channels if self.checks.is_check_channel(c.config)}
-
-        def added(key: tuple[int, int, str]) -> None:  # on the MDA thread, before its first frame
-            self._injected.add(key)
-            self._stacks_total += 1
-
-        return doubt_checks(events, self.checks, self.stream_channels, channels, index, added)
-
-    def _request_check(self, t: int, p: int, reason: str) -> None:
-        """Fluorescence on doubt: a check frame at position ``p``'s next time point."""
-        if self.checks is None or p in self.checks.requests:
-            return
-        where = f"[t {t + 1}/{self._n_t} p {p + 1}/{self._n_p}]"
-        if self.checks.request(p, reason):
-            self.report(f"{where} {reason}: a check frame of {', '.join(self.checks.policy.structures)} "
-                        f"is taken at this position's next time point")
-        elif not self._budget_spent_said:
-            self._budget_spent_said = True
-            self.report(f"{where} {reason}, but the check frames' light budget (checks.dose_budget "
-                        f"{self.checks.policy.dose_budget:.1%}) is spent: no more check frames on doubt")
-
-    def _record_checks(self, scores: list[CheckScore]) -> None:
-        """Journal and report check-frame scores (`acquisition.checks`)."""
-        for score in scores:
-            try:
-                self.journal.check_scored(score)
-            except OSError as e:
-                raise RunStopped(f"{e}. Raw stacks and predictions so far are intact; free some "
-                                 f"space and continue with --resume.") from None
-            self.report(f"[t {score.t + 1}/{self._n_t} p {score.p + 1}/{self._n_p}] check {score.structure}: "
-                        f"prediction vs real fluorescence r {score.pearson:.2f}, SSIM {score.ssim:.2f}, "
-                        f"NRMSE {score.nrmse:.2f} ({score.reason})")
-            if self.adaptation is not None:
-                self.adaptation.on_check(score.pearson)
-            threshold = self.policies.checks.when_r_below if self.policies.checks else None
-            if threshold is not None and score.pearson < threshold:
-                self._request_check(score.t, score.p, f"check r {score.pearson:.2f} < {threshold:g} ({score.structure})")
-        if self.checks is not None and self.checks.failed:
-            for problem in self.checks.failed:
-                self.report(f"check frame not scored: {problem}")
-            self.checks.failed.clear()
 
     #: Attempts at predicting one stack before it is recorded as not predictable.
     PREDICTION_ATTEMPTS = 2
@@ -1001,10 +902,7 @@ class Daemon:
             "positions": self._n_p,
             "disk_free_bytes": self.free_space(self.out_dir),
             "uptime_s": round(time.time() - self.started_at, 1),
-            "focus_mode": self.focus_mode,
-        } | self.trust.status() | self.focus.status() | (self.checks.status() if self.checks else {}) \
-          | (self.adaptation.status() if self.adaptation else {}) \
-          | self._light_dose() | self._snap_counts() | self.extra_status()
+        } | self.trust.status() | self.loop.status() | self._light_dose() | self._snap_counts() | self.extra_status()
 
     def _on_control(self) -> None:
         frames = self.sockets.control.recv_multipart()
