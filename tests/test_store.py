@@ -151,3 +151,27 @@ def test_export_command_refuses_a_folder_that_is_no_run(tmp_path) -> None:
     from livestain.cli import main
 
     assert main(["export", str(tmp_path), "--format", "ome-tiff", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_napari_itself_opens_a_zarr_run_through_livestains_plugin(tmp_path) -> None:
+    """Where napari is installed (not in CI: `pip install napari`), its own plugin
+    machinery finds livestain's npe2 reader and builds the layers, without a window."""
+    pytest.importorskip("napari")
+    from napari.components import ViewerModel
+    from napari.plugins import _initialize_plugins
+
+    store = open_store(tmp_path, "zarr", timepoints=2, interval_s=60.0)
+    for t in range(2):
+        store.write_raw(t, 0, "Brightfield", _stack(t), voxel_size_um=VOXEL, info={})
+        store.write_prediction(t, 0, np.full((3, 4, 16, 24), t + 1.0, np.float32), structures=STRUCTURES,
+                               voxel_size_um=VOXEL, info={})
+    _initialize_plugins()
+    viewer = ViewerModel()
+    viewer.open(str(tmp_path), plugin="livestain")
+    assert [layer.name for layer in viewer.layers] == ["p000 Brightfield", "p000 dna", "p000 membrane",
+                                                       "p000 mitochondria"]
+    dna = viewer.layers["p000 dna"]
+    assert dna.data.shape == (2, 4, 16, 24) and list(dna.scale) == pytest.approx([60.0, *VOXEL])
+    assert dna.colormap.colors[-1][:3] == pytest.approx([40 / 255, 110 / 255, 1.0]) and dna.blending == "additive"
+    assert float(np.asarray(dna.data[1]).mean()) == pytest.approx(2.0)
+    np.testing.assert_array_equal(np.asarray(viewer.layers["p000 Brightfield"].data[1]), _stack(1))
