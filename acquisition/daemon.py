@@ -107,16 +107,6 @@ class RunSummary:
         return lines
 
 
-def stack_paths(out_dir: Path, t: int, p: int, channel: str) -> tuple[Path, Path]:
-    """Where a raw stack and its prediction live in the OME-TIFF layout
-    (``p000/t0000_<channel>.ome.tif``, `livestain.store.TiffStore`)."""
-    folder = out_dir / f"p{p:03d}"
-    return (
-        folder / f"t{t:04d}_{channel.lower() or 'raw'}.ome.tif",
-        folder / f"t{t:04d}_prediction.ome.tif",
-    )
-
-
 def _interval_s(sequence: useq.MDASequence) -> float:
     """The plan's time step in seconds (0 for none), the t scale of a Zarr run."""
     interval = getattr(sequence.time_plan, "interval", None)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from livestain.metrics import pearson
+from livestain.run_reader import in_dataset
 from livestain.store import read_ref
 
 from .checkpoint import LoadedModel, ModelMeta, load_checkpoint, save_checkpoint
@@ -52,11 +53,6 @@ class CheckPair:
     voxel_size_um: tuple[float, float, float]
 
 
-def _layout_path(run_dir: Path, recorded: str) -> Path:
-    path = Path(recorded)
-    return run_dir / path.parent.name / path.name  # by the layout: runs are moved
-
-
 def check_pairs(run_dir: Path, structures: tuple[str, ...]) -> list[CheckPair]:
     """Every scored check frame of the run with its brightfield stack, oldest first."""
     run_dir = Path(run_dir)
@@ -71,12 +67,12 @@ def check_pairs(run_dir: Path, structures: tuple[str, ...]) -> list[CheckPair]:
             bf = [r for r in rows if r[0] in streamed and not r[2]]
             if not bf:
                 continue
-            brightfield, info = read_ref(_layout_path(run_dir, bf[0][1]))
+            brightfield, info = read_ref(in_dataset(run_dir, bf[0][1]))
             checked = {}
             for channel, raw, gaps in rows:
                 name = find(channel, structures) if channel not in streamed else None
                 if name and not gaps:
-                    checked[name] = read_ref(_layout_path(run_dir, raw))[0].astype(np.float32)
+                    checked[name] = read_ref(in_dataset(run_dir, raw))[0].astype(np.float32)
             if checked:
                 voxel = tuple(float(v) for v in info.get("voxel_size_um") or (1.0, 1.0, 1.0))
                 pairs.append(CheckPair(t, p, brightfield, checked, voxel))  # type: ignore[arg-type]

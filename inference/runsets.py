@@ -52,7 +52,7 @@ except ImportError:  # Windows: no advisory locks; one call per set is then the 
 
 from livestain.run_reader import RunReader
 from livestain.stackio import fsync_dir, write_stack
-from livestain.store import PREDICTION_IMAGE, RAW_IMAGE, storage_of, zarr_channels
+from livestain.store import PREDICTION_IMAGE, RAW_IMAGE, is_zarr_ref, storage_of, zarr_channels
 
 SUFFIX = ".ome.tif"
 PREDICTIONS = "predictions"
@@ -154,22 +154,18 @@ def run_stacks(run: Path, channel: str) -> list[StackRef]:
 def live_prediction_path(ref: StackRef) -> Path:
     """The daemon's own prediction of a stack (``p000/t0000_prediction.ome.tif``, or its
     reference in ``p000/prediction.ome.zarr``)."""
-    if _is_zarr(ref):
+    if is_zarr_ref(ref.path):
         return ref.run / f"p{ref.p:03d}" / f"{PREDICTION_IMAGE}#t={ref.t}"
     return ref.run / f"p{ref.p:03d}" / f"t{ref.t:04d}_prediction{SUFFIX}"
 
 
 def channel_path(ref: StackRef, channel: str) -> Path:
     """Another channel of the same time point and position (paired fluorescence)."""
-    if _is_zarr(ref):
+    if is_zarr_ref(ref.path):
         image = ref.run / f"p{ref.p:03d}" / RAW_IMAGE
         names = {c.lower(): c for c in zarr_channels(image)}
         return image.parent / f"{RAW_IMAGE}#t={ref.t}&c={names.get(channel.lower(), channel)}"
     return ref.run / f"p{ref.p:03d}" / f"t{ref.t:04d}_{channel.lower()}{SUFFIX}"
-
-
-def _is_zarr(ref: StackRef) -> bool:
-    return RAW_IMAGE in str(ref.path)
 
 
 def _subdirs(folder: Path) -> list[Path]:

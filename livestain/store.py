@@ -198,6 +198,7 @@ class ZarrStore(RunStore):
         self.interval_s = float(interval_s)
         self.compression = compression
         self._arrays: dict[Path, Any] = {}
+        self._attrs: dict[Path, dict[str, Any]] = {}  # livestain's metadata block per image
 
     def raw_image(self, p: int) -> Path:
         return position_folder(self.out_dir, p) / RAW_IMAGE
@@ -244,11 +245,12 @@ class ZarrStore(RunStore):
                 f"a stack of shape {tuple(zyx.shape)} does not fit {image}, whose stacks are "
                 f"{tuple(array.shape[2:])} (z, y, x): a run keeps one stack size per position "
                 f"(use storage: tiff for plans whose z range or camera ROI changes)")
-        attrs = _image_attrs(image)
-        known: list[str] = list(attrs["channels"])
+        # the daemon is the only writer: its image metadata is read once, not per stack
+        attrs = self._attrs.get(image) or self._attrs.setdefault(image, _image_attrs(image))
+        known: list[str] = attrs["channels"]
         new = [c for c in channels if c not in known]
         if new:
-            known += new
+            known = attrs["channels"] = [*known, *new]
             _write_image_metadata(image, known, attrs["voxel_size_um"], self.interval_s, kind,
                                   np.dtype(array.dtype.numpy_dtype))
         shape = [max(array.shape[0], t + 1), len(known), *array.shape[2:]]
@@ -295,6 +297,7 @@ class ZarrStore(RunStore):
 
     def close(self) -> None:
         self._arrays.clear()
+        self._attrs.clear()
 
 
 def _write(target: Any, data: np.ndarray, image: Path) -> None:

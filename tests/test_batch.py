@@ -30,7 +30,7 @@ VOXEL = (1.0, 0.325, 0.325)
 
 def make_run(out: Path, n_t: int = 3, n_p: int = 2, shape: tuple[int, int, int] = (8, 64, 64),
              channel: str = "Brightfield", live: bool = False, seed: int = 0) -> Path:
-    """A run in the daemon's layout (acquisition.daemon.stack_paths), without a microscope."""
+    """A run in the daemon's layout (livestain.store.TiffStore), without a microscope."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"run_id": f"sim-{out.name}", "livestain": "0.1.0",
                                               "policies": {"stream_channels": [channel]}}))

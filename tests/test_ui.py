@@ -14,7 +14,6 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import ctypes
 import pathlib
-import random
 import socket
 import sys
 import threading
