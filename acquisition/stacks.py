@@ -44,6 +44,15 @@ class Stack:
     exposure_ms: float = 0.0
     metadata: dict = field(default_factory=dict)
 
+    @classmethod
+    def all_missing(cls, key: StackKey, n_z: int, like: np.ndarray) -> Stack:
+        """A stack whose every plane failed: zeros, every plane listed missing. It is
+        written as a recorded gap (never sent for prediction), so the audit finds it with
+        its reason instead of it vanishing without a record."""
+        return cls(key=key, planes=np.zeros((n_z, *like.shape), like.dtype),
+                   received=np.zeros(n_z, bool), positions_um=np.full((n_z, 3), np.nan),
+                   times=np.full(n_z, time.time()))
+
     @property
     def t(self) -> int:
         return self.key[0]

@@ -27,6 +27,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zmq
@@ -344,6 +345,14 @@ class DaemonSockets:
         """Seconds since each worker last asked for work (absent: never seen)."""
         now = time.monotonic()
         return {name: round(now - at, 1) for name, at in self.workers_seen.items()}
+
+    def status(self) -> dict[str, Any]:
+        """The sockets' share of the run's status (`livestain.run_status.RunStatus`)."""
+        return {"stacks_sent": self.counts.sent, "stacks_dropped": self.counts.dropped,
+                "backlog": len(self.backlog), "workers_idle": len(self.idle),
+                "worker_heartbeats_s": self.worker_heartbeats(),
+                "malformed_results": self.counts.malformed_results,
+                "unauthenticated_messages": self.counts.unauthenticated}
 
     # -- to viewers -------------------------------------------------------------------
     def publish(self, header: wire.StackHeader, array: np.ndarray) -> None:

@@ -11,7 +11,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from livestain.acquisition.daemon import send_command
+from livestain.acquisition.control import send_command
 
 
 def rss_mb(pid: int | None) -> float | None:

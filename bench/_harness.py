@@ -9,7 +9,7 @@ from pathlib import Path
 import useq
 
 from livestain import wire
-from livestain.acquisition.daemon import Daemon
+from livestain.acquisition.daemon import Daemon, DaemonHooks
 from livestain.acquisition.policies import Policies
 from livestain.acquisition.supervisor import WorkerSupervisor
 from livestain.devices.simulated import SimulatedScope, build_simulated_core
@@ -24,8 +24,8 @@ def simulated_run(name: str, sequence: useq.MDASequence, port: int,
     supervisor = WorkerSupervisor(["worker", "--port", str(port)], report=print)
     daemon = Daemon(build_simulated_core(scope or SimulatedScope()), sequence, out,
                     wire.endpoints(base_port=port), policies, report=lambda line: None,
-                    on_tick=supervisor.check, on_hung_worker=supervisor.kill_hung,
-                    extra_status=supervisor.status)
-    supervisor.on_restart = daemon.requeue_in_flight
+                    hooks=DaemonHooks(on_tick=supervisor.check, on_hung_worker=supervisor.kill_hung,
+                                      extra_status=supervisor.status))
+    supervisor.on_restart = daemon.predictions.requeue_in_flight
     supervisor.start()
     return daemon, supervisor

@@ -306,7 +306,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def cmd_control(args: argparse.Namespace) -> int:
-    from livestain.acquisition.daemon import send_command
+    from livestain.acquisition.control import send_command
 
     reply = send_command(wire.endpoints(args.connect, args.port)["control"], args.command, keys=args.keys)
     if getattr(args, "json", False):

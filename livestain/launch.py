@@ -154,7 +154,7 @@ class _DropRunnerCancel(logging.Filter):
 
 def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=print):  # noqa: ANN001
     """Run ``sequence`` on ``core`` with a supervised worker (and a viewer); returns RunSummary."""
-    from livestain.acquisition.daemon import Daemon
+    from livestain.acquisition.daemon import Daemon, DaemonHooks
     from livestain.acquisition.supervisor import WorkerSupervisor, spawn_cli
 
     from livestain.acquisition.preflight import check_plan, check_plan_against_core
@@ -191,20 +191,25 @@ def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=p
         worker_args += ["--compile"]
     supervisor = WorkerSupervisor(worker_args, report=report_and_log)
     eps = wire.endpoints(opts.host, opts.base_port)
-    daemon = Daemon(core, sequence, opts.out_dir, eps, report=report_and_log,
-                    policies=opts.policies, resume=opts.resume, on_tick=supervisor.check,
-                    on_hung_worker=supervisor.kill_hung, extra_status=supervisor.status,
-                    keys=opts.keys, provenance={"model": model},
-                    swap_model=supervisor.use_model if opts.spawn_worker else None)
+    viewers: list = []  # the window's process, reaped once closed: no zombie on a days-long run
+
+    def tick() -> None:
+        supervisor.check()
+        for viewer in viewers:
+            viewer.poll()
+
+    daemon = Daemon(core, sequence, opts.out_dir, eps, opts.policies, report=report_and_log,
+                    resume=opts.resume, keys=opts.keys, provenance={"model": model},
+                    hooks=DaemonHooks(on_tick=tick, on_hung_worker=supervisor.kill_hung,
+                                      extra_status=supervisor.status,
+                                      swap_model=supervisor.use_model if opts.spawn_worker else None))
     file_log = _log_to_dataset(opts.out_dir)
     run_log.addHandler(file_log)
-    supervisor.on_restart = daemon.requeue_in_flight
+    supervisor.on_restart = daemon.predictions.requeue_in_flight
     if opts.spawn_worker:
         supervisor.start()
     if opts.show_window:
-        viewer = spawn_cli(["view", *conn])  # independent: closing it never touches the run
-        # reap it once closed, so a days-long run leaves no zombie process behind
-        daemon.on_tick = lambda: (supervisor.check(), viewer.poll())
+        viewers.append(spawn_cli(["view", *conn]))  # independent: closing it never touches the run
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 

@@ -132,5 +132,5 @@ def real_status() -> dict:
             finally:
                 daemon.sockets.close()
                 daemon.journal.close()
-                daemon._release_lock()
+                daemon.folder.release_lock()
     return dict(_REAL_STATUS)

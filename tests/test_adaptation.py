@@ -18,7 +18,7 @@ import useq
 from livestain import wire
 from livestain.acquisition.adaptation import Adaptation, ModelVersion
 from livestain.acquisition.checks import CheckPolicy
-from livestain.acquisition.daemon import Daemon
+from livestain.acquisition.daemon import Daemon, DaemonHooks
 from livestain.acquisition.policies import Policies
 from livestain.devices.sample import CellPopulation
 from livestain.devices.simulated import SimulatedScope, build_simulated_core
@@ -99,7 +99,7 @@ def test_novel_cells_live_r_rises_after_adaptation_with_nothing_lost(tmp_path, b
     daemon = Daemon(core, demo_sequence(timepoints, interval), out, eps, policies, report=lines.append,
                     provenance={"model": {"path": None, "name": Predictor(None, "cpu").model.name,
                                           "structures": ["dna", "membrane", "mitochondria"]}},
-                    swap_model=swap)
+                    hooks=DaemonHooks(swap_model=swap))
     thread = threading.Thread(target=worker.serve, daemon=True)
     thread.start()
     # The issue counts in check frames, not seconds: a fine-tune round takes ~1 min on 2
@@ -110,8 +110,8 @@ def test_novel_cells_live_r_rises_after_adaptation_with_nothing_lost(tmp_path, b
 
     def hold_scope_while_adapting() -> None:  # the first round only: later ones run beside the plan
         while not done.wait(0.2):
-            first = daemon.adaptation is not None and daemon.adaptation.rounds == 1 and len(daemon.adaptation.versions) == 1
-            adapting = first and daemon.adaptation.running
+            first = daemon.loop.adaptation is not None and daemon.loop.adaptation.rounds == 1 and len(daemon.loop.adaptation.versions) == 1
+            adapting = first and daemon.loop.adaptation.running
             if adapting != core.mda.is_paused():
                 core.mda.set_paused(adapting)
 

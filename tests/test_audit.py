@@ -13,7 +13,7 @@ import useq
 
 from livestain import wire
 from livestain.acquisition.audit import GAP, INCOMPLETE, MISSING, OK, UNREADABLE, audit_run, planned_keys
-from livestain.acquisition.daemon import Daemon
+from livestain.acquisition.daemon import Daemon, DaemonHooks
 from livestain.acquisition.policies import Policies
 from livestain.cli import main
 from livestain.devices.simulated import SimulatedScope, build_simulated_core
@@ -31,7 +31,7 @@ def _run(tmp_path: Path, port: int, n_t: int = 3, worker: bool = False, scope: S
     free_space = policies.pop("free_space", None) or (lambda _p: 10**12)
     daemon = Daemon(build_simulated_core(scope or SimulatedScope()), demo_sequence(n_t, 0.0), tmp_path / "run",
                     eps, Policies(**({"drain_timeout_s": 10.0 if worker else 0.3} | policies)),
-                    report=lambda line: None, free_space=free_space)
+                    report=lambda line: None, hooks=DaemonHooks(free_space=free_space))
     thread = None
     if worker:
         from livestain.inference.worker import Worker

@@ -7,14 +7,17 @@ measures the processes as a whole).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import useq
 
 from livestain import wire
-from livestain.acquisition.daemon import Daemon, RunSummary
+from livestain.acquisition.journal import Journal
+from livestain.acquisition.plan_events import first_incomplete_t, pending_events
+from livestain.acquisition.predictions import PredictionTracker
+from livestain.acquisition.run_summary import RunSummary
+from livestain.acquisition.stack_state import StackRecord
 from livestain.acquisition.stacks import StackAssembler
 from livestain.acquisition.streaming import DaemonSockets, _touch
 from livestain.shm import ShmPool
@@ -31,13 +34,21 @@ def test_run_summary_keeps_recent_latencies_and_an_exact_mean() -> None:
     assert summary.mean_latency_s == 4.5  # over every stack, not only the kept ones
 
 
-def test_daemon_remembers_a_bounded_number_of_predicted_stacks() -> None:
-    daemon = Daemon.__new__(Daemon)  # only the structure under test
-    daemon._predicted = OrderedDict()
+def _tracker(tmp_path: Path) -> PredictionTracker:
+    """A daemon's prediction bookkeeping over its own journal, with no sockets or store
+    (the structures under test touch neither)."""
+    return PredictionTracker(run_id="run", out_dir=tmp_path, sockets=None, journal=Journal(tmp_path),  # type: ignore[arg-type]
+                             store=None, summary=RunSummary("run", tmp_path), trust=None, loop=None,  # type: ignore[arg-type]
+                             stream_channels=["BF"], where=lambda t, p: "", report=lambda line: None,
+                             note=lambda what: None, next_seq=lambda: 0, resend_after_s=300.0)
+
+
+def test_daemon_remembers_a_bounded_number_of_predicted_stacks(tmp_path: Path) -> None:
+    tracker = _tracker(tmp_path)
     for seq in range(N):
-        daemon._remember_predicted(seq)
-    assert len(daemon._predicted) <= Daemon.PREDICTED_MEMORY
-    assert N - 1 in daemon._predicted and 0 not in daemon._predicted  # the recent ones
+        tracker._remember_predicted(seq)
+    assert len(tracker._predicted) <= PredictionTracker.PREDICTED_MEMORY
+    assert N - 1 in tracker._predicted and 0 not in tracker._predicted  # the recent ones
 
 
 def test_sockets_forget_handed_stacks_and_old_workers(base_port: int) -> None:
@@ -94,12 +105,10 @@ def test_resume_makes_pending_events_on_demand() -> None:
     from _small_run import days_sequence
 
     sequence = days_sequence(96 * 20, interval_s=5.0)  # 7,680 events
-    daemon = Daemon.__new__(Daemon)
-    daemon.sequence = sequence
-    daemon._done = {(0, p, "Brightfield") for p in range(96)}
+    done = {(0, p, "Brightfield") for p in range(96)}
     tracemalloc.start()
     try:
-        events = daemon._events()
+        events = pending_events(sequence, done)
         n = sum(1 for _ in events)
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -109,18 +118,12 @@ def test_resume_makes_pending_events_on_demand() -> None:
     assert peak < 3e6, f"{peak / 1e6:.1f} MB held while iterating the remaining plan"
     first = next(iter(events))
     assert first.index["t"] == 1 and first.min_start_time == 0.0  # its clock shifted to now
-    assert daemon._first_incomplete_t() == 1
+    assert first_incomplete_t(sequence, done) == 1
 
 
-def _late_daemon(tmp_path: Path, n: int) -> Daemon:
+def _late_daemon(tmp_path: Path, n: int) -> PredictionTracker:
     """A daemon's late-stack bookkeeping over a journal of ``n`` unpredicted stacks."""
-    from livestain.acquisition.daemon import StackRecord
-    from livestain.acquisition.journal import Journal
-
-    daemon = Daemon.__new__(Daemon)  # only the structures under test
-    daemon.out_dir, daemon.stream_channels = tmp_path, ["BF"]
-    daemon.journal = Journal(tmp_path)
-    daemon.records, daemon._failures, daemon._late_on_disk = {}, {}, 0
+    daemon = _tracker(tmp_path)
     (tmp_path / "p000").mkdir()
     for seq in range(n):
         raw = tmp_path / "p000" / f"t{seq:05d}.ome.tif"
@@ -134,20 +137,20 @@ def _late_daemon(tmp_path: Path, n: int) -> Daemon:
 def test_late_stacks_wait_in_the_journal_not_in_memory(tmp_path: Path) -> None:
     n = 2_000
     daemon = _late_daemon(tmp_path, n)
-    daemon._mark_late(list(range(n)))  # the workers fell far behind
-    assert len(daemon.records) == Daemon.LATE_KEPT
-    assert sorted(daemon.records) == list(range(Daemon.LATE_KEPT))  # the oldest stay
-    assert daemon._outstanding() == n  # none forgotten
+    daemon.mark_late(list(range(n)))  # the workers fell far behind
+    assert len(daemon.records) == PredictionTracker.LATE_KEPT
+    assert sorted(daemon.records) == list(range(PredictionTracker.LATE_KEPT))  # the oldest stay
+    assert daemon.outstanding() == n  # none forgotten
     caught_up = []
-    while daemon._outstanding():
+    while daemon.outstanding():
         late = sorted(daemon.records)
         assert late, "stacks left on disk but none read back"
-        for seq in late:  # what `_catch_up` does with each, one by one
+        for seq in late:  # what `catch_up` does with each, one by one
             daemon.journal.prediction_written(seq, tmp_path / "pred", 0.1)
             del daemon.records[seq]
             caught_up.append(seq)
         daemon._reload_late()
-        assert len(daemon.records) <= Daemon.LATE_KEPT
+        assert len(daemon.records) <= PredictionTracker.LATE_KEPT
     assert caught_up == list(range(n))  # each once, oldest first
 
 
@@ -155,14 +158,9 @@ def test_a_resume_reads_back_only_a_bounded_batch_and_skips_the_unpredictable(tm
     n = 1_000
     _late_daemon(tmp_path, n).journal.not_predictable(0, "worker: stack too small")
     (tmp_path / "p000" / "t00001.ome.tif").unlink()  # cut short by the crash
-    from livestain.acquisition.journal import Journal
-
-    resumed = Daemon.__new__(Daemon)
-    resumed.out_dir, resumed.stream_channels = tmp_path, ["BF"]
-    resumed.journal = Journal(tmp_path)
-    resumed.records, resumed._failures, resumed._late_on_disk = {}, {}, 0
-    resumed._load_previous_records()
-    assert len(resumed.records) == Daemon.LATE_KEPT
+    resumed = _tracker(tmp_path)
+    resumed.resume()
+    assert len(resumed.records) == PredictionTracker.LATE_KEPT
     assert min(resumed.records) == 2  # 0: not predictable; 1: its raw file is gone
-    assert resumed._outstanding() == n - 2
+    assert resumed.outstanding() == n - 2
     assert resumed.journal.count_waiting(("BF",)) == n - 2

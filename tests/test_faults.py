@@ -20,7 +20,7 @@ import pytest
 import zmq
 
 from livestain import wire
-from livestain.acquisition.daemon import Daemon
+from livestain.acquisition.daemon import Daemon, DaemonHooks
 from livestain.acquisition.policies import Policies
 from livestain.devices.simulated import SimulatedScope, build_simulated_core
 from livestain.launch import demo_sequence
@@ -155,7 +155,7 @@ def test_disk_running_full_stops_the_run_cleanly_and_keeps_what_was_written(tmp_
         return 50 * 10**9 if calls["n"] <= 2 else 10 * 10**6  # 10 MB left from the 3rd stack
 
     daemon = _daemon(tmp_path, base_port, SimulatedScope(), 6, {"min_free_gb": 1.0, "storage": storage},
-                     free_space=free_space)
+                     hooks=DaemonHooks(free_space=free_space))
     summary = daemon.run()
     assert summary.error is not None and "10 MB free" in summary.error and "--resume" in summary.error
     assert summary.acquired == 2
@@ -286,7 +286,7 @@ def test_a_hung_worker_is_detected_and_its_stacks_sent_again(tmp_path, base_port
     core = build_simulated_core(SimulatedScope())
     daemon = Daemon(core, demo_sequence(2, 0.0), tmp_path / "run", eps,
                     Policies(drain_timeout_s=3.0, resend_after_s=1.0), report=lambda line: None,
-                    on_hung_worker=lambda holders: hung.extend(holders))
+                    hooks=DaemonHooks(on_hung_worker=lambda holders: hung.extend(holders)))
     sink = zmq.Context.instance().socket(zmq.DEALER)  # asks for a stack, never answers
     sink.connect(eps["stacks"])
     # a worker, so with the daemon's token: a peer without it is given no stack at all

@@ -12,7 +12,7 @@ import pytest
 import useq
 
 from livestain import wire
-from livestain.acquisition.daemon import Daemon
+from livestain.acquisition.daemon import Daemon, DaemonHooks
 from livestain.acquisition.focus_tracking import FocusTracker
 from livestain.acquisition.journal import Journal
 from livestain.acquisition.policies import Policies
@@ -103,13 +103,13 @@ def _drift_run(tmp_path: Path, base_port: int, track: bool, drift_um: float = 8.
     statuses: list[dict] = []
 
     def on_tick() -> None:  # a status reply each time the focus record changes, as a window polls
-        latest = daemon.focus.status()["focus"]
+        latest = daemon.loop.focus.status()["focus"]
         if latest and (not statuses or statuses[-1]["focus"] != latest):
             statuses.append(daemon.status())
 
     daemon = Daemon(core, demo_sequence(timepoints, interval_s), out, eps,
                     Policies(track_focus=track, drain_timeout_s=120.0), report=lambda line: None,
-                    on_tick=on_tick)
+                    hooks=DaemonHooks(on_tick=on_tick))
     worker = _BundledWorker(eps)
     try:
         summary = daemon.run()

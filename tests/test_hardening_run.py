@@ -23,7 +23,7 @@ import useq
 import yaml
 
 from livestain import wire
-from livestain.acquisition.daemon import Daemon
+from livestain.acquisition.daemon import Daemon, DaemonHooks
 from livestain.acquisition.dataset_lock import DatasetBusy, DatasetLock
 from livestain.acquisition.policies import Policies
 from livestain.acquisition.preflight import PlanError
@@ -217,7 +217,8 @@ def test_the_disk_check_reserves_room_for_the_prediction_too(tmp_path, base_port
     raw_bytes = 16 * 256 * 256 * 2  # one uint16 stack: 2 MB; its 3-structure float32 prediction: 12.6 MB
     daemon = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(2, 0.0), tmp_path / "run",
                     wire.endpoints(base_port=base_port), Policies(min_free_gb=0, drain_timeout_s=0.5),
-                    report=lambda line: None, free_space=lambda _p: 3 * raw_bytes)
+                    report=lambda line: None,
+                    hooks=DaemonHooks(free_space=lambda _p: 3 * raw_bytes))
     summary = daemon.run()
     assert summary.acquired == 0 and exit_code(summary) == 3
     assert "its prediction need" in summary.error
@@ -346,7 +347,7 @@ def test_stacks_a_silent_worker_holds_are_re_sent_before_the_drain_ends(tmp_path
     # resend_after_s (300 s) far beyond the drain (4 s): the re-send must come from the drain
     daemon = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(2, 0.0), tmp_path / "run", eps,
                     Policies(drain_timeout_s=4.0, resend_after_s=300.0), report=lambda line: None,
-                    on_hung_worker=lambda holders: hung.extend(holders))
+                    hooks=DaemonHooks(on_hung_worker=lambda holders: hung.extend(holders)))
     silent = zmq.Context.instance().socket(zmq.DEALER)  # takes the first stack, never answers
     silent.connect(eps["stacks"])
     silent.send_multipart(wire.encode_ready("silent-worker", token=daemon.sockets.token.value))
@@ -408,7 +409,7 @@ def test_a_stack_the_worker_cannot_predict_is_retried_once_then_recorded(
     lines: list[str] = []
     daemon = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(2, 0.0), tmp_path / "run", eps,
                     Policies(drain_timeout_s=60.0, resend_after_s=300.0), report=lines.append,
-                    on_hung_worker=lambda holders: hung.extend(holders))
+                    hooks=DaemonHooks(on_hung_worker=lambda holders: hung.extend(holders)))
     predictor = _FailingPredictor(fail_first)
     worker = Worker(eps["stacks"], eps["results"], predictor)
     thread = threading.Thread(target=worker.serve, daemon=True)

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from livestain import wire
-from livestain.acquisition.daemon import Daemon
+from livestain.acquisition.daemon import Daemon, DaemonHooks
 from livestain.acquisition.policies import Policies
 from livestain.devices.simulated import SimulatedScope, build_simulated_core
 from livestain.launch import demo_sequence
@@ -28,7 +28,7 @@ def _daemon(tmp_path: Path, port: int, **kw) -> Daemon:
 def _close(daemon: Daemon) -> None:
     daemon.sockets.close()
     daemon.journal.close()
-    daemon._release_lock()
+    daemon.folder.release_lock()
 
 
 def test_the_wire_doc_lists_every_status_field_as_the_model_declares_it() -> None:
@@ -39,16 +39,16 @@ def test_the_wire_doc_lists_every_status_field_as_the_model_declares_it() -> Non
 
 
 def test_a_daemons_status_is_a_run_status_and_an_undeclared_field_is_refused(tmp_path, base_port) -> None:
-    daemon = _daemon(tmp_path, base_port, extra_status=lambda: {"worker_pid": 42, "worker_alive": True,
-                                                                "worker_restarts": 0})
+    daemon = _daemon(tmp_path, base_port, hooks=DaemonHooks(extra_status=lambda: {
+        "worker_pid": 42, "worker_alive": True, "worker_restarts": 0}))
     try:
         status = RunStatus.model_validate(daemon.status())
         assert status.state == "acquiring" and status.timepoints == 3 and status.worker_pid == 42
         assert status.stacks_total == 3 and status.out_dir == str(tmp_path / "run")
-        daemon.extra_status = lambda: {"worker_cpu": 0.5}  # a field nobody declared
+        daemon.hooks.extra_status = lambda: {"worker_cpu": 0.5}  # a field nobody declared
         with pytest.raises(ValidationError, match="worker_cpu"):
             daemon.status()
-        daemon.extra_status = lambda: {"worker_pid": "forty-two"}  # a declared field of the wrong type
+        daemon.hooks.extra_status = lambda: {"worker_pid": "forty-two"}  # a declared field of the wrong type
         with pytest.raises(ValidationError, match="worker_pid"):
             daemon.status()
     finally:
@@ -80,7 +80,7 @@ def test_status_json_prints_the_models_fields(tmp_path, base_port, capsys) -> No
     def serve() -> None:
         while not stop.is_set():
             if daemon.sockets.control.poll(20):
-                daemon._on_control()
+                daemon.control.answer(daemon.sockets.control)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()

@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from livestain import wire
-from livestain.acquisition.daemon import send_command
+from livestain.acquisition.control import send_command
 from livestain.acquisition.streaming import DaemonSockets
 from livestain.security import SecurityError, create_keys, is_loopback
 

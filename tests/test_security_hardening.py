@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from livestain import wire
-from livestain.acquisition.daemon import send_command
+from livestain.acquisition.control import send_command
 from livestain.acquisition.streaming import DaemonSockets
 from livestain.security import (
     TOKEN_DIR_ENV,

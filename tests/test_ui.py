@@ -730,7 +730,7 @@ def test_every_status_field_the_panel_reads_is_one_a_daemon_sends(tmp_path, qapp
     finally:
         daemon.sockets.close()
         daemon.journal.close()
-        daemon._release_lock()
+        daemon.folder.release_lock()
     assert set(StatusPanel.FIELDS_READ) <= set(status), set(StatusPanel.FIELDS_READ) - set(status)
     n = paired.sequence().sizes
     assert status["stacks_total"] == n["t"] * n["p"] * n["c"]  # every channel of paired mode
