@@ -190,3 +190,56 @@ class WorkerSupervisor:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class WorkerPool:
+    """``count`` local workers, each a `WorkerSupervisor`, behind the one supervisor's
+    interface the daemon and `livestain.launch` use.
+
+    The workers share the stacks through the daemon's queue (each asks for the next
+    when it is free), so the pool needs no scheduling of its own: it starts, restarts,
+    moves to a new model and stops them together, and reports their health as one.
+    """
+
+    def __init__(self, args: list[str], count: int = 1,
+                 on_restart: Callable[[str], None] = lambda name: None,
+                 report: Callable[[str], None] = print) -> None:
+        if count < 1:
+            raise ValueError(f"worker count {count}: a run needs at least one local worker (worker.count >= 1)")
+        self.workers = [WorkerSupervisor(args, on_restart, report) for _ in range(count)]
+
+    @property
+    def on_restart(self) -> Callable[[str], None]:
+        return self.workers[0].on_restart
+
+    @on_restart.setter
+    def on_restart(self, callback: Callable[[str], None]) -> None:
+        for worker in self.workers:
+            worker.on_restart = callback
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def check(self) -> None:
+        for worker in self.workers:
+            worker.check()
+
+    def kill_hung(self, holders: list[str]) -> None:
+        for worker in self.workers:
+            worker.kill_hung(holders)
+
+    def use_model(self, model: str | None) -> None:
+        """Every worker onto ``model``, one after the other (the others keep predicting)."""
+        for worker in self.workers:
+            worker.use_model(model)
+
+    def status(self) -> dict[str, object]:
+        first = self.workers[0]
+        return {"worker_pid": first.pid, "worker_alive": all(w.alive for w in self.workers),
+                "worker_restarts": sum(w.restarts for w in self.workers),
+                "worker_pids": [w.pid for w in self.workers if w.pid is not None]}
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for worker in self.workers:
+            worker.stop(timeout_s)

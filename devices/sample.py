@@ -179,13 +179,6 @@ class SampleMotion:
     jitter_omega: np.ndarray  # (n_comp, 2, 2) rad/s
     jitter_phase: np.ndarray  # (n_comp, 2, 2) rad
 
-    @classmethod
-    def static(cls, n_comp: int, n_cells: int) -> SampleMotion:
-        """No motion at all (what a fixed sample does)."""
-        z2 = np.zeros((n_cells, 2))
-        zc = np.zeros((n_comp, 2, 2))
-        return cls(np.zeros(n_comp, int), np.zeros(2), z2, z2, np.zeros(n_cells), z2, zc, zc, zc)
-
     def displacement(self, t_s: float) -> np.ndarray:
         """(n_comp, 2) lateral (y, x) shift in um of every component at ``t_s``."""
         t = float(t_s)

@@ -209,7 +209,3 @@ class UNet3D(nn.Module):
         size = x.shape[2:]
         y = self.core(pad_to_multiple(x, self.multiple))
         return y[(Ellipsis, *(slice(0, s) for s in size))]
-
-
-#: The same class; "UNet3D" predates the 2.5D mode and stays for compatibility.
-UNet = UNet3D

@@ -17,6 +17,17 @@ from livestain import __version__, wire
 USER_ERRORS = (OSError, FileExistsError, TimeoutError, ValueError)
 
 
+def worker_count(text: str) -> int:
+    """Local workers for a run: 1 to 16 (`RunConfig.worker.count`)."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers") from None
+    if not 1 <= count <= 16:
+        raise argparse.ArgumentTypeError(f"{count} workers: a run takes 1 to 16 local workers")
+    return count
+
+
 def port_number(text: str) -> int:
     """A base port: the daemon uses it and the next three, all of them real TCP ports.
 
@@ -79,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'uncertainty' box shows it")
     p.add_argument("--adapt", action="store_true",
                    help="fine-tune the model on the check frames during the run (policies.adapt; needs --checks-every)")
+    p.add_argument("--workers", type=worker_count, default=1, metavar="N",
+                   help="local worker processes sharing the stacks (worker.count; default: %(default)s)")
     _connect_args(p)
 
     p = sub.add_parser("run", help="run a plan from a YAML run configuration")
@@ -89,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="model .safetensors (overrides `model:`; a resumed run keeps its own otherwise)")
     p.add_argument("--device", default=None, help="torch device for the local worker (default: cuda if present, else cpu)")
+    p.add_argument("--workers", type=worker_count, default=None, metavar="N",
+                   help="local worker processes sharing the stacks (overrides `worker.count:`)")
     p.add_argument("--connect", default=None, metavar="HOST", help="address to listen on (overrides `host:`)")
     p.add_argument("--port", type=port_number, default=None, help="base port, uses 4 (overrides `port:`)")
     p.add_argument("--keys", default=None, metavar="DIR", help="CURVE key folder (overrides `keys:`)")
@@ -239,7 +254,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                        model=args.model, host=args.connect, port=args.port, seed=args.seed, keys=args.keys,
                        policies=Policies(track_focus=args.track_focus, checks=checks, adapt=args.adapt,
                                          storage=args.storage),
-                       worker=WorkerConfig(device=args.device, uncertainty=args.uncertainty))
+                       worker=WorkerConfig(device=args.device, uncertainty=args.uncertainty, count=args.workers))
     opts = config.session_options(show_window=show)
     opts.resume = args.resume
     print(f"livestain demo: simulated microscope, {args.timepoints} time points x {args.positions} "
@@ -263,6 +278,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     opts.resume = args.resume
     if args.device:  # the command line wins over the config's worker.device
         opts.device = args.device
+    if args.workers is not None:  # and over worker.count
+        opts.workers = args.workers
     summary = run_session(core, cfg.sequence(), opts)
     for line in summary.lines():
         print(line)

@@ -52,6 +52,8 @@ class SessionOptions:
         The local worker predicts each structure's per-voxel uncertainty too (8x the time).
     exact, compile : bool
         The local worker's plain float32 path, and ``torch.compile`` (`RunConfig.worker`).
+    workers : int
+        Local worker processes sharing the stacks (`RunConfig.worker.count`).
     """
 
     out_dir: Path
@@ -67,6 +69,7 @@ class SessionOptions:
     uncertainty: bool = False
     exact: bool = False
     compile: bool = False
+    workers: int = 1
 
 
 def has_display() -> bool:
@@ -155,7 +158,7 @@ class _DropRunnerCancel(logging.Filter):
 def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=print):  # noqa: ANN001
     """Run ``sequence`` on ``core`` with a supervised worker (and a viewer); returns RunSummary."""
     from livestain.acquisition.daemon import Daemon, DaemonHooks
-    from livestain.acquisition.supervisor import WorkerSupervisor, spawn_cli
+    from livestain.acquisition.supervisor import WorkerPool, spawn_cli
 
     from livestain.acquisition.preflight import check_plan, check_plan_against_core
 
@@ -189,7 +192,7 @@ def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=p
         worker_args += ["--exact"]
     if opts.compile:
         worker_args += ["--compile"]
-    supervisor = WorkerSupervisor(worker_args, report=report_and_log)
+    supervisor = WorkerPool(worker_args, opts.workers, report=report_and_log)
     eps = wire.endpoints(opts.host, opts.base_port)
     viewers: list = []  # the window's process, reaped once closed: no zombie on a days-long run
 

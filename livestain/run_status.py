@@ -99,9 +99,10 @@ class RunStatus(_Strict):
     # peers
     workers_idle: int = Field(description="workers that asked for work and got none yet")
     worker_heartbeats_s: dict[str, float] = Field(description="seconds since each worker's last 'ready'")
-    worker_pid: int | None = Field(None, description="the local worker's process (None: remote workers only)")
-    worker_alive: bool | None = Field(None, description="the local worker is running")
-    worker_restarts: int | None = Field(None, description="times the local worker was restarted")
+    worker_pid: int | None = Field(None, description="the (first) local worker's process (None: remote workers only)")
+    worker_alive: bool | None = Field(None, description="every local worker is running")
+    worker_restarts: int | None = Field(None, description="times the local workers were restarted, in all")
+    worker_pids: list[int] | None = Field(None, description="every local worker's process (worker.count of the run config)")
     malformed_results: int = Field(description="undecodable or unauthenticated results, dropped")
     malformed_commands: int = Field(description="undecodable control requests, answered with an error")
     unauthenticated_messages: int = Field(description="ready messages and predictions without the worker token")

@@ -43,6 +43,10 @@ class WorkerConfig(BaseModel):
     uncertainty : bool
         Predict each structure's per-voxel uncertainty too (8x the time), shown in the
         window and written as extra prediction channels.
+    count : int
+        Local worker processes, all on ``device``, sharing the stacks (each asks for the
+        next when it is free). More than one pays where one worker leaves the device
+        idle between stacks (a large GPU); on a CPU they share its cores.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -51,6 +55,7 @@ class WorkerConfig(BaseModel):
     exact: bool = False
     compile: bool = False
     uncertainty: bool = False
+    count: int = Field(1, ge=1, le=16)
 
 
 class RunConfig(BaseModel):
@@ -160,6 +165,7 @@ class RunConfig(BaseModel):
             exact=self.worker.exact,
             compile=self.worker.compile,
             uncertainty=self.worker.uncertainty,
+            workers=self.worker.count,
         )
 
 

@@ -44,7 +44,7 @@ def test_the_spawned_worker_gets_the_configs_flags(tmp_path, monkeypatch) -> Non
         pass
 
     class Supervisor:
-        def __init__(self, args, **kw) -> None:  # noqa: ANN001
+        def __init__(self, args, *rest, **kw) -> None:  # noqa: ANN001
             seen["args"] = list(args)
             raise Stop
 
@@ -63,3 +63,63 @@ def test_the_spawned_worker_gets_the_configs_flags(tmp_path, monkeypatch) -> Non
 
 def test_defaults_leave_the_worker_to_choose() -> None:
     assert WorkerConfig() == WorkerConfig(device=None, exact=False, compile=False, uncertainty=False)
+
+
+def test_worker_count_reaches_the_session_and_zero_is_refused(tmp_path) -> None:
+    assert load_run_config(_config(tmp_path, count=3)).session_options(show_window=False).workers == 3
+    with pytest.raises(ValueError, match="count"):
+        load_run_config(_config(tmp_path, count=0))
+
+
+def test_a_pool_of_workers_is_started_restarted_and_stopped_as_one(tmp_path) -> None:
+    """`WorkerPool`: the supervisor interface over several worker processes (here a
+    stand-in command that sleeps), health reported as one."""
+    import sys
+
+    from livestain.acquisition import supervisor
+
+    pool = supervisor.WorkerPool(["worker"], 2, report=lambda line: None)
+    restarted: list[str] = []
+    pool.on_restart = restarted.append
+    assert all(w.on_restart is pool.on_restart for w in pool.workers)
+    for w in pool.workers:  # a stand-in process per worker: no torch needed to test the pool
+        w.start = lambda w=w: (setattr(w, "proc", supervisor.subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)"])), setattr(w, "_started_at", 0.0))
+    pool.start()
+    try:
+        status = pool.status()
+        assert len(status["worker_pids"]) == 2 and len(set(status["worker_pids"])) == 2
+        assert status["worker_alive"] is True and status["worker_restarts"] == 0
+        pool.workers[1].proc.kill()
+        pool.workers[1].proc.wait()
+        assert pool.status()["worker_alive"] is False  # one down: the pool is not all alive
+        pool.workers[1]._backoff = 0.0
+        pool.check()  # notices the exit
+        pool.check()  # restarts after the (zero) back-off
+        assert pool.status()["worker_alive"] is True and pool.status()["worker_restarts"] == 1
+        assert len(restarted) == 1
+    finally:
+        pool.stop(timeout_s=2)
+    assert not any(w.alive for w in pool.workers)
+
+
+@pytest.mark.slow
+def test_two_local_workers_share_a_runs_stacks(tmp_path, base_port) -> None:
+    """`livestain demo --workers 2`: both worker processes predict, every stack once."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "livestain.cli", "demo", "--headless", "--timepoints", "6",
+                           "--interval", "0", "--positions", "3", "--workers", "2", "--out", str(out),
+                           "--port", str(base_port)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    db = sqlite3.connect(f"file:{out / 'journal.sqlite'}?mode=ro", uri=True)
+    rows = db.execute("SELECT seq, prediction_info FROM stacks WHERE predicted_path IS NOT NULL").fetchall()
+    db.close()
+    import json
+
+    workers = [json.loads(info)["worker"] for _, info in rows]
+    assert len(rows) == 18 and len({seq for seq, _ in rows}) == 18  # every stack, once
+    assert len(set(workers)) == 2, workers  # both workers took stacks

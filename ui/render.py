@@ -149,14 +149,3 @@ class Compositor:
         tmp += 0.5
         np.copyto(out[..., 3], tmp, casting="unsafe")
         return out
-
-
-def composite_overlay(
-    planes: np.ndarray, colors: list[RGB], opacity: float,
-    q: tuple[float, float] = OVERLAY_PERCENTILES,
-) -> np.ndarray:
-    """One-off composite of planes [s, y, x] with automatic levels (a fresh array)."""
-    ny, nx = planes.shape[1:]
-    levels = [auto_levels(p, q, MIN_OVERLAY_SPAN) for p in planes]
-    rgba = Compositor().composite(ny, nx, list(planes), colors, [opacity] * len(colors), levels)
-    return rgba.copy()

@@ -178,11 +178,6 @@ class LiveWindow(QtWidgets.QMainWindow):
         self.setCentralWidget(splitter)
         self.resize(1300, 900)
 
-    @property
-    def _checks(self) -> dict[str, QtWidgets.QCheckBox]:
-        """Visibility boxes by structure (kept for scripts written for the first viewer)."""
-        return self.structures.checks
-
     def closeEvent(self, event: QtGui.QCloseEvent) -> None:  # noqa: N802 (Qt override)
         """Stop polling; closing only closes this viewer, the daemon is never told."""
         self._poll_timer.stop()
