@@ -29,6 +29,7 @@ import useq
 import zmq
 
 from livestain import wire
+from livestain.plate import PlateLayout
 from livestain.store import RunStore, open_store
 
 from .audit import planned_keys
@@ -115,7 +116,8 @@ class Daemon:
             self.journal = Journal(self.out_dir)
             self.store: RunStore = open_store(self.out_dir, self._storage, timepoints=self._n_t,
                                               interval_s=interval_s(sequence),
-                                              compression=policies.storage_compression)
+                                              compression=policies.storage_compression,
+                                              plate=PlateLayout.from_sequence(sequence))
             self._seq = self.journal.next_seq()
             self.summary = RunSummary(self.run_id, self.out_dir)
             self.trust = TrustLedger()  # per-stack confidence and input flags, for status and window

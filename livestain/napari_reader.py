@@ -1,4 +1,5 @@
-"""napari opens a livestain run: ``napari OUT`` (or one ``OUT/p000/raw.ome.zarr``).
+"""napari opens a livestain run: ``napari OUT`` (or one ``OUT/p000/raw.ome.zarr``, or a
+multi-well run's plate field ``OUT/raw.ome.zarr/B/3/0``).
 
 Contributed through the npe2 manifest ``livestain/napari.yaml``. Each position becomes
 its raw channels (grey brightfield) and its predicted structures (in the window's
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from livestain.colors import structure_color
+from livestain.plate import PlateLayout
 from livestain.store import PREDICTION_IMAGE, RAW_IMAGE
 
 LayerData = tuple[Any, dict[str, Any], str]
@@ -40,6 +42,11 @@ def livestain_images(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         return []
+    plate = PlateLayout.read(path / RAW_IMAGE)
+    if plate is not None:  # a multi-well run: its plates' fields, in plan order
+        images = [path / name / plate.image_path(p) for p in sorted(plate.fields)
+                  for name in (RAW_IMAGE, PREDICTION_IMAGE)]
+        return [image for image in images if _livestain_attrs(image) is not None]
     found = []
     for position in sorted(path.glob("p[0-9][0-9][0-9]")):
         found += [image for image in (position / RAW_IMAGE, position / PREDICTION_IMAGE)
@@ -68,7 +75,7 @@ def image_layer(image: Path) -> LayerData:
     scale_tczyx = meta["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
     array = da.from_zarr(zarr.open_array(str(image / "0"), mode="r"))
     channels: list[str] = list(attrs["channels"])
-    position = image.parent.name
+    position = _position_label(image)
     raw = attrs["kind"] == "raw"
     names = [f"{position} {c}" for c in channels]
     colormaps: list[Any] = []
@@ -93,6 +100,13 @@ def image_layer(image: Path) -> LayerData:
     if not raw:  # z-scored structures: background ~0, objects 1-4
         kwargs["contrast_limits"] = [[0.0, 4.0]] * len(channels)
     return array, kwargs, "image"
+
+
+def _position_label(image: Path) -> str:
+    """``p003`` for a position's image, ``B3 field 1`` for a plate's field."""
+    if image.parent.parent.parent.name in (RAW_IMAGE, PREDICTION_IMAGE):
+        return f"{image.parent.parent.name}{image.parent.name} field {image.name}"
+    return image.parent.name
 
 
 def _livestain_attrs(image: Path) -> dict[str, Any] | None:

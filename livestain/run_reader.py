@@ -11,6 +11,7 @@ found again by their ``pNNN/`` layout, `in_dataset`).
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +40,17 @@ class StackEntry:
 
 
 def in_dataset(out_dir: Path, recorded: str | Path) -> Path:
-    """``recorded``'s place in the ``pNNN/`` layout of the run folder ``out_dir`` (the
-    journal keeps references as the daemon wrote them, maybe relative to another cwd)."""
+    """``recorded``'s place in the layout of the run folder ``out_dir``: ``pNNN/FILE``, or
+    a plate's ``raw.ome.zarr/ROW/COL/FIELD#...`` (the journal keeps references as the
+    daemon wrote them, maybe relative to another cwd, or before the run was moved)."""
+    plate_field = _PLATE_REF.search(str(recorded))
+    if plate_field is not None:
+        return Path(out_dir) / plate_field.group(1)
     path = Path(recorded)
     return Path(out_dir) / path.parent.name / path.name
+
+
+_PLATE_REF = re.compile(r"(?:^|/)([^/]+\.ome\.zarr/[A-Za-z0-9]+/[A-Za-z0-9]+/\d+#[^/]*)$")
 
 
 class RunReader:

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import numpy as np
 
 from livestain.colors import hex_color
+from livestain.plate import PlateLayout
 from livestain.stackio import fsync_dir, read_stack, write_stack
 
 Storage = Literal["zarr", "tiff"]
@@ -49,7 +50,8 @@ Compression = Literal["none", "zstd"]
 
 RAW_IMAGE = "raw.ome.zarr"
 PREDICTION_IMAGE = "prediction.ome.zarr"
-_REF = re.compile(r"^(?P<image>.+\.ome\.zarr)#t=(?P<t>\d+)(?:&c=(?P<c>[^&]+))?$")
+# an image: OUT/p000/raw.ome.zarr, or a plate's field: OUT/raw.ome.zarr/B/3/0 (`livestain.plate`)
+_REF = re.compile(r"^(?P<image>.+\.ome\.zarr(?:/[A-Za-z0-9]+/[A-Za-z0-9]+/\d+)?)#t=(?P<t>\d+)(?:&c=(?P<c>[^&]+))?$")
 
 
 class StoreError(OSError):
@@ -192,18 +194,26 @@ class ZarrStore(RunStore):
     kind: Storage = "zarr"
 
     def __init__(self, out_dir: Path, *, timepoints: int = 1, interval_s: float = 0.0,
-                 compression: Compression = "none") -> None:
+                 compression: Compression = "none", plate: PlateLayout | None = None) -> None:
         super().__init__(out_dir)
         self.timepoints = max(1, int(timepoints))
         self.interval_s = float(interval_s)
         self.compression = compression
+        self.plate = plate
         self._arrays: dict[Path, Any] = {}
         self._attrs: dict[Path, dict[str, Any]] = {}  # livestain's metadata block per image
+        if plate is not None:  # the plates' groups first: viewers open them before any image exists
+            for name in (RAW_IMAGE, PREDICTION_IMAGE):
+                plate.write(self.out_dir / name)
 
     def raw_image(self, p: int) -> Path:
+        if self.plate is not None:
+            return self.out_dir / RAW_IMAGE / self.plate.image_path(p)
         return position_folder(self.out_dir, p) / RAW_IMAGE
 
     def prediction_image(self, p: int) -> Path:
+        if self.plate is not None:
+            return self.out_dir / PREDICTION_IMAGE / self.plate.image_path(p)
         return position_folder(self.out_dir, p) / PREDICTION_IMAGE
 
     def raw_ref(self, t: int, p: int, channel: str) -> str:
@@ -385,12 +395,14 @@ def _write_image_metadata(image: Path, channels: list[str], voxel_size_um: Seque
 
 
 def open_store(out_dir: Path, storage: Storage = "zarr", *, timepoints: int = 1, interval_s: float = 0.0,
-               compression: Compression = "none") -> RunStore:
-    """The store a run writes through (``storage`` from the run's policies)."""
+               compression: Compression = "none", plate: PlateLayout | None = None) -> RunStore:
+    """The store a run writes through (``storage`` from the run's policies); a Zarr run
+    whose positions name their wells is stored as HCS plates (``plate``)."""
     if storage == "tiff":
         return TiffStore(out_dir)
     if storage == "zarr":
-        return ZarrStore(out_dir, timepoints=timepoints, interval_s=interval_s, compression=compression)
+        return ZarrStore(out_dir, timepoints=timepoints, interval_s=interval_s, compression=compression,
+                         plate=plate)
     raise ValueError(f"unknown storage {storage!r}: use one of {', '.join(STORAGES)}")
 
 
@@ -398,7 +410,7 @@ def storage_of(out_dir: Path) -> Storage | None:
     """What an existing run folder holds: ``zarr`` if any position has a Zarr image,
     ``tiff`` if it has OME-TIFF stacks, None for an empty folder."""
     out_dir = Path(out_dir)
-    if any(out_dir.glob(f"p[0-9][0-9][0-9]/{RAW_IMAGE}")):
+    if any(out_dir.glob(f"p[0-9][0-9][0-9]/{RAW_IMAGE}")) or (out_dir / RAW_IMAGE / "zarr.json").is_file():
         return "zarr"
     if any(out_dir.glob("p[0-9][0-9][0-9]/t*_*.ome.tif")):
         return "tiff"

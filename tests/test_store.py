@@ -175,3 +175,56 @@ def test_napari_itself_opens_a_zarr_run_through_livestains_plugin(tmp_path) -> N
     assert dna.colormap.colors[-1][:3] == pytest.approx([40 / 255, 110 / 255, 1.0]) and dna.blending == "additive"
     assert float(np.asarray(dna.data[1]).mean()) == pytest.approx(2.0)
     np.testing.assert_array_equal(np.asarray(viewer.layers["p000 Brightfield"].data[1]), _stack(1))
+
+
+def test_a_multi_well_run_is_stored_as_hcs_plates_that_readers_open(tmp_path, base_port) -> None:
+    """Positions from useq's WellPlatePlan carry their wells: the run is two NGFF 0.5
+    plates (raw, predictions) with one image per field, valid, read back by the run
+    reader, the audit, napari's reader hook and the OME-TIFF export, and resumable."""
+    import useq
+
+    from livestain import wire
+    from livestain.acquisition.audit import audit_run
+    from livestain.acquisition.daemon import Daemon
+    from livestain.acquisition.policies import Policies
+    from livestain.devices.simulated import SimulatedScope, build_simulated_core
+    from livestain.inference.predict import Predictor
+    from livestain.launch import demo_sequence
+    from livestain.plate import PlateLayout, row_name
+
+    from _helpers import run_with_worker
+
+    plate = useq.WellPlatePlan(plate=96, a1_center_xy=(0, 0), selected_wells=([0, 1], [0, 2]),
+                               well_points_plan=useq.GridRowsColumns(rows=1, columns=2, fov_width=80, fov_height=80))
+    plan = demo_sequence(2, 0.0).model_copy(update={"stage_positions": plate})
+    layout = PlateLayout.from_sequence(plan)
+    assert layout is not None and layout.image_path(2) == "B/3/0" and layout.label(3) == "B3 field 1"
+    out = tmp_path / "run"
+    eps = wire.endpoints(base_port=base_port)
+    daemon = Daemon(build_simulated_core(SimulatedScope()), plan, out, eps, Policies(drain_timeout_s=60.0),
+                    report=lambda line: None)
+    summary, _ = run_with_worker(daemon, eps, Predictor(None, "cpu"), input_checks=False)
+    assert summary.acquired == 8 and summary.predicted == 8 and summary.error is None
+    for kind in ("raw.ome.zarr", "prediction.ome.zarr"):
+        yaozarrs.validate_zarr_store(str(out / kind))  # the plate, its wells and fields
+        ome = json.loads((out / kind / "zarr.json").read_text())["attributes"]["ome"]["plate"]
+        assert [w["path"] for w in ome["wells"]] == ["A/1", "B/3"] and ome["field_count"] == 2
+        assert [r["name"] for r in ome["rows"]] == ["A", "B"] and [c["name"] for c in ome["columns"]] == ["1", "3"]
+        for well in ("A/1", "B/3"):
+            images = json.loads((out / kind / well / "zarr.json").read_text())["attributes"]["ome"]["well"]["images"]
+            assert [i["path"] for i in images] == ["0", "1"]
+    assert not list(out.glob("p[0-9][0-9][0-9]"))  # no per-position folders
+    stored = zarr.open_array(str(out / "raw.ome.zarr" / "B" / "3" / "1" / "0"), mode="r")
+    with RunReader(out) as run:
+        raw, info = run.raw(1, 3)
+        pred, _ = run.prediction(1, 3)
+    assert stored.shape == (2, 1, 16, 256, 256) and info["p"] == 3
+    np.testing.assert_array_equal(stored[1, 0], raw)
+    assert pred.shape == (3, 16, 256, 256)
+    report = audit_run(out)
+    assert report.ok and report.planned == 8 and sum(report.predicted_by.values()) == 8
+    layers = read_run(str(out))
+    assert len(layers) == 8  # raw and predictions of 4 fields
+    assert layers[5][1]["name"][0] == "B3 field 0 dna"
+    assert export_ome_tiff(out, tmp_path / "tiff").written == 16
+    assert storage_of(out) == "zarr" and row_name(26) == "AA"
