@@ -169,10 +169,12 @@ class PredictTask:
     keep: tuple[int, ...]
     structures: tuple[str, ...]
     tta: bool = False
+    source_seq: int | None = None  # the journal's, for a Zarr run (a TIFF carries its own)
+    run_id: str | None = None
 
     @property
     def ref(self) -> StackRef:
-        return StackRef(Path(self.run), self.t, self.p, Path(self.source))
+        return StackRef(Path(self.run), self.t, self.p, Path(self.source), self.source_seq, self.run_id)
 
 
 def _as_zyx(stack: np.ndarray, path: Path) -> np.ndarray:
@@ -226,9 +228,9 @@ def predict_stack(task: PredictTask) -> dict[str, Any]:
             "tta": task.tta,
             "t": task.t,
             "p": task.p,
-            "run_id": info.get("run_id"),
+            "run_id": info.get("run_id", ref.run_id),
             "source_path": _relative(ref.path, Path(task.run)),
-            "source_seq": info.get("seq"),
+            "source_seq": info.get("seq", ref.seq),
             "source_channel": info.get("channel"),
             "shape": list(pred.shape),
             "voxel_size_um": voxel,
@@ -417,7 +419,7 @@ def execute(client: Any, plan: Plan, *, torch_threads: int | None = None, device
     for i, rp in enumerate(plan.runs):
         for ref in rp.todo:
             tasks.append((i, PredictTask(str(rp.run), rp.pset.name, ref.t, ref.p, str(ref.path), plugin.name,
-                                         plan.keep, plan.structures, plan.tta)))
+                                         plan.keep, plan.structures, plan.tta, ref.seq, ref.run_id)))
     tasks.sort(key=lambda it: (it[1].t, it[0], it[1].p))  # early time points of every run first
     with contextlib.ExitStack() as held:
         for rp in plan.runs:

@@ -52,7 +52,7 @@ except ImportError:  # Windows: no advisory locks; one call per set is then the 
 
 from livestain.run_reader import RunReader
 from livestain.stackio import fsync_dir, write_stack
-from livestain.store import PREDICTION_IMAGE, RAW_IMAGE, is_zarr_ref, storage_of, zarr_channels
+from livestain.store import PREDICTION_IMAGE, RAW_IMAGE, is_zarr_ref, sibling_image, storage_of, zarr_channels
 
 SUFFIX = ".ome.tif"
 PREDICTIONS = "predictions"
@@ -76,6 +76,10 @@ class StackRef:
     t: int
     p: int
     path: Path
+    #: the journal's sequence number and run id of the stack (a Zarr chunk carries no
+    #: header of its own, so these travel with the reference; a TIFF has them inside)
+    seq: int | None = None
+    run_id: str | None = None
 
     @property
     def key(self) -> str:
@@ -147,7 +151,8 @@ def input_channel(run: Path, requested: str | None = None) -> str:
 
 def run_stacks(run: Path, channel: str) -> list[StackRef]:
     """Every stack of ``channel`` in a run, ordered by time point, then position."""
-    refs = [StackRef(run, t, p, path) for path, c, t, p in _stack_files(run, with_index=True) if c == channel]
+    refs = [StackRef(run, t, p, path, seq, run_id)
+            for path, c, t, p, seq, run_id in _stack_files(run, with_index=True) if c == channel]
     return sorted(refs, key=lambda r: (r.t, r.p))
 
 
@@ -155,16 +160,16 @@ def live_prediction_path(ref: StackRef) -> Path:
     """The daemon's own prediction of a stack (``p000/t0000_prediction.ome.tif``, or its
     reference in ``p000/prediction.ome.zarr``)."""
     if is_zarr_ref(ref.path):
-        return ref.run / f"p{ref.p:03d}" / f"{PREDICTION_IMAGE}#t={ref.t}"
+        return Path(f"{sibling_image(ref.path, PREDICTION_IMAGE)}#t={ref.t}")
     return ref.run / f"p{ref.p:03d}" / f"t{ref.t:04d}_prediction{SUFFIX}"
 
 
 def channel_path(ref: StackRef, channel: str) -> Path:
     """Another channel of the same time point and position (paired fluorescence)."""
     if is_zarr_ref(ref.path):
-        image = ref.run / f"p{ref.p:03d}" / RAW_IMAGE
+        image = sibling_image(ref.path, RAW_IMAGE)
         names = {c.lower(): c for c in zarr_channels(image)}
-        return image.parent / f"{RAW_IMAGE}#t={ref.t}&c={names.get(channel.lower(), channel)}"
+        return Path(f"{image}#t={ref.t}&c={names.get(channel.lower(), channel)}")
     return ref.run / f"p{ref.p:03d}" / f"t{ref.t:04d}_{channel.lower()}{SUFFIX}"
 
 
@@ -182,7 +187,8 @@ def _stack_files(run: Path, with_index: bool = False) -> list[Any]:
         with RunReader(run) as reader:
             for e in reader.stacks():
                 ref = Path(e.raw_ref)
-                out.append((ref, e.channel.lower(), e.t, e.p) if with_index else (ref, e.channel.lower()))
+                out.append((ref, e.channel.lower(), e.t, e.p, e.seq, e.info.get("run_id"))
+                           if with_index else (ref, e.channel.lower()))
         return out
     for d in _subdirs(run):
         pm = _POSITION_DIR.match(d.name)
@@ -193,7 +199,7 @@ def _stack_files(run: Path, with_index: bool = False) -> list[Any]:
             if not m or m.group(2) in NOT_CHANNELS:
                 continue
             if with_index:
-                out.append((f, m.group(2), int(m.group(1)), int(pm.group(1))))
+                out.append((f, m.group(2), int(m.group(1)), int(pm.group(1)), None, None))
             else:
                 out.append((f, m.group(2)))
     return out

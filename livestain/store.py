@@ -91,6 +91,22 @@ def read_ref(ref: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     return np.asarray(array[t, c].read().result()), info | {"channel": match["c"]}
 
 
+def sibling_image(ref: str | Path, kind: str) -> Path:
+    """The image of another kind (``RAW_IMAGE``, ``PREDICTION_IMAGE``) for the same
+    position as a Zarr reference: ``p000/raw.ome.zarr`` <-> ``p000/prediction.ome.zarr``,
+    or a plate's ``raw.ome.zarr/B/3/0`` <-> ``prediction.ome.zarr/B/3/0``."""
+    match = _REF.match(str(ref))
+    if match is None:
+        raise StoreError(f"{ref} is not a reference into a livestain OME-Zarr image")
+    image = Path(match["image"])
+    parts = list(image.parts)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] in (RAW_IMAGE, PREDICTION_IMAGE):
+            parts[i] = kind
+            return Path(*parts)
+    raise StoreError(f"{image} is neither a {RAW_IMAGE} nor a {PREDICTION_IMAGE} image")
+
+
 def zarr_channels(image: Path) -> list[str]:
     """The channel names of a livestain OME-Zarr image ([] if it has none yet)."""
     try:

@@ -386,3 +386,62 @@ def test_predict_run_on_a_local_cluster_then_nothing_to_do(tmp_path, capsys, mod
     assert main(["predict-run", str(run)]) == 0
     assert "nothing to do" in capsys.readouterr().out
     assert main(["predict-run", str(run), "--set", "live"]) == 2
+
+
+def make_zarr_run(out: Path, n_t: int = 2, plate: bool = True, shape: tuple[int, int, int] = (8, 64, 64)) -> Path:
+    """A Zarr run as the daemon writes one (store + journal), here a 2-well plate."""
+    import useq
+
+    from livestain.acquisition.journal import Journal
+    from livestain.plate import PlateLayout
+    from livestain.store import open_store
+
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = f"sim-{out.name}"
+    (out / "run.json").write_text(json.dumps({"run_id": run_id, "livestain": "0.1.0", "storage": "zarr",
+                                              "policies": {"stream_channels": ["Brightfield"]}}))
+    layout = None
+    if plate:
+        wells = useq.WellPlatePlan(plate=96, a1_center_xy=(0, 0), selected_wells=([0, 1], [0, 2]))
+        layout = PlateLayout.from_sequence(useq.MDASequence(stage_positions=wells))
+    store = open_store(out, "zarr", timepoints=n_t, plate=layout)
+    journal = Journal(out)
+    rng = np.random.default_rng(0)
+    seq = 100  # not t * n_p + p: the seq must come from the journal, not be guessed
+    for t in range(n_t):
+        for p in range(2):
+            info = {"kind": "stack", "run_id": run_id, "seq": seq, "t": t, "p": p, "channel": "Brightfield",
+                    "voxel_size_um": list(VOXEL)}
+            stack = (1000 + rng.normal(0, 20, shape)).astype(np.uint16)
+            ref = store.write_raw(t, p, "Brightfield", stack, voxel_size_um=VOXEL, info=info)
+            journal.stack_written(seq, t, p, "Brightfield", Path(ref), 0, info=info)
+            seq += 1
+    journal.close()
+    return out
+
+
+def test_a_zarr_plate_runs_stacks_carry_their_journal_seq_and_find_their_siblings(tmp_path) -> None:
+    run = make_zarr_run(tmp_path / "run")
+    refs = run_stacks(run, "brightfield")
+    assert [(r.t, r.p, r.seq, r.run_id) for r in refs] == [(0, 0, 100, "sim-run"), (0, 1, 101, "sim-run"),
+                                                           (1, 0, 102, "sim-run"), (1, 1, 103, "sim-run")]
+    assert str(refs[3].path).endswith("raw.ome.zarr/B/3/0#t=1&c=Brightfield")
+    assert str(runsets.live_prediction_path(refs[3])).endswith("prediction.ome.zarr/B/3/0#t=1")
+    assert str(runsets.channel_path(refs[3], "dna")).endswith("raw.ome.zarr/B/3/0#t=1&c=dna")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_predict_run_on_a_zarr_plate_run_records_each_stacks_journal_seq(tmp_path, model, cluster) -> None:
+    run = make_zarr_run(tmp_path / "run")
+    plan = plan_prediction([run], model)
+    assert plan.todo == 4
+    report = execute(cluster, plan, torch_threads=1)
+    assert report.failed == 0 and report.finished == 4
+    pset = plan.runs[0].pset
+    seqs = {}
+    for ref in plan.runs[0].stacks:
+        _, info = read_stack(pset.path_for(ref))
+        seqs[(info["t"], info["p"])] = (info["source_seq"], info["run_id"])
+    assert seqs == {(0, 0): (100, "sim-run"), (0, 1): (101, "sim-run"), (1, 0): (102, "sim-run"),
+                    (1, 1): (103, "sim-run")}
