@@ -24,6 +24,7 @@ from typing import Any
 import tifffile
 import useq
 
+from livestain.run_reader import header_columns
 from livestain.stackio import damage_of, read_info
 from livestain.store import is_zarr_ref, read_ref, ref_exists, ref_file
 
@@ -177,8 +178,11 @@ def _journal_models_and_gaps(journal_path: Path) -> tuple[dict[int, str], dict[i
         models = {int(seq): str(m) for seq, m in db.execute("SELECT seq, model FROM stacks WHERE model IS NOT NULL")
                   } if "model" in have else {}
         gaps: dict[int, list[int]] = {}
-        if "info" in have:
-            for seq, info in db.execute("SELECT seq, info FROM stacks WHERE gaps > 0 AND info IS NOT NULL"):
+        join, stack, _ = header_columns(db)
+        if stack != "NULL":
+            for seq, info in db.execute(f"SELECT s.seq, {stack} FROM stacks s {join} WHERE s.gaps > 0"):
+                if not info:
+                    continue
                 planes = json.loads(info).get("gaps")
                 if isinstance(planes, list):
                     gaps[int(seq)] = planes

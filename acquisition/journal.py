@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from livestain.run_reader import in_dataset
+from livestain.run_reader import header_columns, in_dataset
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS stacks (
@@ -44,6 +44,11 @@ CREATE TABLE IF NOT EXISTS checks (
 CREATE TABLE IF NOT EXISTS events (
     at REAL NOT NULL,
     what TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS headers (
+    seq INTEGER PRIMARY KEY,
+    stack TEXT,
+    prediction TEXT
 );
 """
 
@@ -98,11 +103,13 @@ class Journal:
         self._add_missing_columns()
 
     #: Columns added after the first release: a journal from before gains them on open.
+    #: (The stack's and its prediction's headers, which a Zarr chunk has no description
+    #: of its own to carry, are JSON in the ``headers`` table: kept out of ``stacks``, they
+    #: leave its rows small, so the per-stack queries stay fast over a run of days. A few
+    #: journals of 2026-12-01 have them as ``info``/``prediction_info`` columns instead;
+    #: `livestain.run_reader.header_columns` reads either.)
     LATER_COLUMNS = {"confidence": "REAL", "flags": "TEXT", "not_predictable": "TEXT",
-                     "focus_offset_um": "REAL", "z_correction_um": "REAL", "model": "TEXT",
-                     # the stack's and its prediction's headers as JSON: a Zarr chunk, unlike
-                     # an OME-TIFF, has no description of its own to carry them
-                     "info": "TEXT", "prediction_info": "TEXT"}
+                     "focus_offset_um": "REAL", "z_correction_um": "REAL", "model": "TEXT"}
 
     def _add_missing_columns(self) -> None:
         have = {row[1] for row in self.db.execute("PRAGMA table_info(stacks)")}
@@ -113,11 +120,27 @@ class Journal:
         # (a partial index: it holds only them, so it stays small however long the run)
         self.db.execute("CREATE INDEX IF NOT EXISTS waiting ON stacks(seq) "
                         "WHERE predicted_path IS NULL AND not_predictable IS NULL")
+        # a stack found by its place (`RunReader.entry`, checks pairing a frame with its prediction)
+        self.db.execute("CREATE INDEX IF NOT EXISTS place ON stacks(t, p, channel)")
 
     def _write(self, sql: str, params: tuple) -> None:
         """One committed change; SQLite's failures (a full disk) become `JournalWriteError`."""
         try:
             self.db.execute(sql, params)
+        except sqlite3.Error as e:
+            raise JournalWriteError(f"could not record the run's progress in {self.path}: {e}") from None
+
+    def _write_together(self, statements: list[tuple[str, tuple]]) -> None:
+        """Several changes committed as one (a crash leaves all or none)."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    self.db.execute(sql, params)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
         except sqlite3.Error as e:
             raise JournalWriteError(f"could not record the run's progress in {self.path}: {e}") from None
 
@@ -127,12 +150,12 @@ class Journal:
         """A stack is on disk (``raw_path``: its store reference); with where its cells'
         focal plane was found (from the stack's centre, um; None: not found or not
         estimated), the focus-tracking correction it was taken with and its header."""
-        self._write(
-            "INSERT OR REPLACE INTO stacks (seq, t, p, channel, raw_path, gaps, acquired_at, "
-            "focus_offset_um, z_correction_um, info) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (seq, t, p, channel, str(raw_path), gaps, time.time(), focus_offset_um, z_correction_um,
-             _as_json(info)),
-        )
+        self._write_together([
+            ("INSERT OR REPLACE INTO stacks (seq, t, p, channel, raw_path, gaps, acquired_at, "
+             "focus_offset_um, z_correction_um) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             (seq, t, p, channel, str(raw_path), gaps, time.time(), focus_offset_um, z_correction_um)),
+            ("INSERT OR REPLACE INTO headers (seq, stack) VALUES (?, ?)", (seq, _as_json(info))),
+        ])
 
     def prediction_written(self, seq: int, path: Path, latency_s: float,
                            confidence: float | None = None, flags: str = "", model: str = "",
@@ -140,16 +163,19 @@ class Journal:
         """A stack's prediction is on disk, with the worker's per-stack confidence, the
         input checks' flags (comma-separated codes, "" when none), the model that made
         it (``name@hash``) and its header (provenance, timings)."""
-        self._write(
-            "UPDATE stacks SET predicted_path = ?, predicted_at = ?, latency_s = ?, confidence = ?, "
-            "flags = ?, model = ?, prediction_info = ? WHERE seq = ?",
-            (str(path), time.time(), latency_s, confidence, flags, model or None, _as_json(info), seq),
-        )
+        self._write_together([
+            ("UPDATE stacks SET predicted_path = ?, predicted_at = ?, latency_s = ?, confidence = ?, "
+             "flags = ?, model = ? WHERE seq = ?",
+             (str(path), time.time(), latency_s, confidence, flags, model or None, seq)),
+            ("INSERT INTO headers (seq, prediction) VALUES (?, ?) "
+             "ON CONFLICT(seq) DO UPDATE SET prediction = excluded.prediction", (seq, _as_json(info))),
+        ])
 
     def info(self, seq: int, prediction: bool = False) -> dict[str, Any] | None:
         """The header recorded with a stack (or its prediction); None if none was."""
-        column = "prediction_info" if prediction else "info"
-        row = self.db.execute(f"SELECT {column} FROM stacks WHERE seq = ?", (seq,)).fetchone()
+        join, stack, pred = header_columns(self.db)
+        row = self.db.execute(f"SELECT {pred if prediction else stack} FROM stacks s {join} WHERE s.seq = ?",
+                              (seq,)).fetchone()
         return json.loads(row[0]) if row and row[0] else None
 
     def not_predictable(self, seq: int, reason: str) -> None:

@@ -53,6 +53,22 @@ def in_dataset(out_dir: Path, recorded: str | Path) -> Path:
 _PLATE_REF = re.compile(r"(?:^|/)([^/]+\.ome\.zarr/[A-Za-z0-9]+/[A-Za-z0-9]+/\d+#[^/]*)$")
 
 
+def header_columns(db: sqlite3.Connection) -> tuple[str, str, str]:
+    """How to read the recorded headers beside ``stacks s``: (a join, the stack's header
+    column, the prediction's). Journals keep them in their own ``headers`` table; a few
+    of 2026-12-01 have them as columns of ``stacks``; the oldest have none."""
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    legacy = "prediction_info" in {row[1] for row in db.execute("PRAGMA table_info(stacks)")}
+    if "headers" in tables:
+        join = "LEFT JOIN headers h ON h.seq = s.seq"
+        if legacy:
+            return join, "COALESCE(h.stack, s.info)", "COALESCE(h.prediction, s.prediction_info)"
+        return join, "h.stack", "h.prediction"
+    if legacy:
+        return "", "s.info", "s.prediction_info"
+    return "", "NULL", "NULL"
+
+
 class RunReader:
     """Read-only view of a run folder: its stacks, their headers and their pixels."""
 
@@ -75,22 +91,27 @@ class RunReader:
 
     def stacks(self, channel: str | None = None) -> list[StackEntry]:
         """Every stack recorded (of ``channel``), in acquisition order."""
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(stacks)")}
-        infos = ", info, prediction_info" if "prediction_info" in have else ", NULL, NULL"
-        where, params = ("WHERE channel = ?", (channel,)) if channel is not None else ("", ())
-        rows = self._db.execute(
-            f"SELECT seq, t, p, channel, raw_path, gaps, predicted_path{infos} FROM stacks {where} ORDER BY seq",
-            params).fetchall()
-        return [StackEntry(seq, t, p, ch, str(in_dataset(self.out_dir, raw)), gaps,
-                           str(in_dataset(self.out_dir, pred)) if pred else None,
-                           json.loads(info) if info else {}, json.loads(pinfo) if pinfo else {})
-                for seq, t, p, ch, raw, gaps, pred, info, pinfo in rows]
+        where, params = ("WHERE s.channel = ?", (channel,)) if channel is not None else ("", ())
+        return self._entries(where, params)
 
     def entry(self, t: int, p: int = 0, channel: str = "Brightfield") -> StackEntry:
-        for e in self.stacks(channel):
-            if e.t == t and e.p == p:
-                return e
-        raise KeyError(f"{self.out_dir} holds no {channel} stack at t={t}, p={p}")
+        """One stack (the first recorded, if it was recorded twice); one query on the
+        journal's (t, p, channel) index, not a pass over every stack with its header, so
+        reading a long run stack by stack stays linear."""
+        found = self._entries("WHERE s.t = ? AND s.p = ? AND s.channel = ?", (t, p, channel))
+        if not found:
+            raise KeyError(f"{self.out_dir} holds no {channel} stack at t={t}, p={p}")
+        return found[0]
+
+    def _entries(self, where: str, params: tuple) -> list[StackEntry]:
+        join, stack, pred = header_columns(self._db)
+        rows = self._db.execute(
+            f"SELECT s.seq, s.t, s.p, s.channel, s.raw_path, s.gaps, s.predicted_path, {stack}, {pred} "
+            f"FROM stacks s {join} {where} ORDER BY s.seq", params).fetchall()
+        return [StackEntry(seq, t, p, ch, str(in_dataset(self.out_dir, raw)), gaps,
+                           str(in_dataset(self.out_dir, pred_ref)) if pred_ref else None,
+                           json.loads(info) if info else {}, json.loads(pinfo) if pinfo else {})
+                for seq, t, p, ch, raw, gaps, pred_ref, info, pinfo in rows]
 
     def raw(self, t: int, p: int = 0, channel: str = "Brightfield") -> tuple[np.ndarray, dict[str, Any]]:
         """A raw stack (ZYX) and its header (the journal's, else the file's)."""

@@ -106,7 +106,6 @@ def test_a_pool_of_workers_is_started_restarted_and_stopped_as_one(tmp_path) -> 
 @pytest.mark.slow
 def test_two_local_workers_share_a_runs_stacks(tmp_path, base_port) -> None:
     """`livestain demo --workers 2`: both worker processes predict, every stack once."""
-    import sqlite3
     import subprocess
     import sys
 
@@ -115,11 +114,10 @@ def test_two_local_workers_share_a_runs_stacks(tmp_path, base_port) -> None:
                            "--interval", "0", "--positions", "3", "--workers", "2", "--out", str(out),
                            "--port", str(base_port)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    db = sqlite3.connect(f"file:{out / 'journal.sqlite'}?mode=ro", uri=True)
-    rows = db.execute("SELECT seq, prediction_info FROM stacks WHERE predicted_path IS NOT NULL").fetchall()
-    db.close()
-    import json
+    from livestain.run_reader import RunReader
 
-    workers = [json.loads(info)["worker"] for _, info in rows]
+    with RunReader(out) as run:
+        rows = [(e.seq, e.prediction_info) for e in run.stacks() if e.prediction_ref]
+    workers = [info["worker"] for _, info in rows]
     assert len(rows) == 18 and len({seq for seq, _ in rows}) == 18  # every stack, once
     assert len(set(workers)) == 2, workers  # both workers took stacks

@@ -228,3 +228,32 @@ def test_a_multi_well_run_is_stored_as_hcs_plates_that_readers_open(tmp_path, ba
     assert layers[5][1]["name"][0] == "B3 field 0 dna"
     assert export_ome_tiff(out, tmp_path / "tiff").written == 16
     assert storage_of(out) == "zarr" and row_name(26) == "AA"
+
+
+def test_a_journal_with_headers_inline_from_before_still_reads(tmp_path) -> None:
+    """Journals of 2026-12-01 kept the headers as columns of ``stacks``; the run reader
+    and a resumed run's journal read them, and new headers go to the ``headers`` table."""
+    import sqlite3
+
+    from livestain.acquisition.journal import Journal
+
+    store = open_store(tmp_path, "zarr")
+    ref = store.write_raw(0, 0, "Brightfield", _stack(0), voxel_size_um=VOXEL, info={})
+    db = sqlite3.connect(tmp_path / "journal.sqlite")
+    db.executescript("""
+        CREATE TABLE stacks (seq INTEGER PRIMARY KEY, t INTEGER NOT NULL, p INTEGER NOT NULL,
+            channel TEXT NOT NULL, raw_path TEXT NOT NULL, gaps INTEGER NOT NULL DEFAULT 0,
+            acquired_at REAL NOT NULL, predicted_path TEXT, predicted_at REAL, latency_s REAL,
+            info TEXT, prediction_info TEXT);""")
+    db.execute("INSERT INTO stacks (seq, t, p, channel, raw_path, acquired_at, info) VALUES (0, 0, 0, "
+               "'Brightfield', ?, 0, ?)", (ref, json.dumps({"seq": 0, "old": True})))
+    db.commit()
+    db.close()
+    journal = Journal(tmp_path)  # a resume opens it
+    journal.stack_written(1, 1, 0, "Brightfield", Path(store.write_raw(1, 0, "Brightfield", _stack(1),
+                          voxel_size_um=VOXEL, info={})), 0, info={"seq": 1, "new": True})
+    assert journal.info(0) == {"seq": 0, "old": True} and journal.info(1) == {"seq": 1, "new": True}
+    journal.close()
+    with RunReader(tmp_path) as run:
+        assert [e.info for e in run.stacks()] == [{"seq": 0, "old": True}, {"seq": 1, "new": True}]
+        assert run.raw(0, 0)[1]["old"] is True
