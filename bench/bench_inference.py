@@ -159,7 +159,6 @@ def bench_network(name: str, net: UNet3D, shape: tuple[int, int, int], repeats: 
         })
     for r in rows:
         r["speedup_vs_reference"] = round(rows[0]["seconds"] / r["seconds"], 2)
-    del fast32, fast16, single
     return rows
 
 

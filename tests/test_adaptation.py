@@ -23,7 +23,6 @@ from livestain.acquisition.policies import Policies
 from livestain.devices.sample import CellPopulation
 from livestain.devices.simulated import SimulatedScope, build_simulated_core
 from livestain.launch import demo_sequence
-from livestain.stackio import read_stack
 
 #: The novel-cells scenario's colony: the bundled model scores DNA r ~0.5 on it.
 DENSE = CellPopulation(n_cells=(22, 30), body_xy_um=(6.0, 10.0), body_z_um=(2.5, 4.5), max_overlap=0.35,

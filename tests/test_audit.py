@@ -7,7 +7,6 @@ import sqlite3
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import useq
 

@@ -12,7 +12,6 @@ import pytest
 
 from livestain.devices.pairs import simulate_pairs
 from livestain.inference.train import pearson
-from livestain.stackio import read_stack, voxel_size_of
 
 pytestmark = pytest.mark.slow
 

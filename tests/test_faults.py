@@ -6,11 +6,9 @@ misplaced.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +28,6 @@ from livestain.store import ref_file
 pytestmark = pytest.mark.slow
 
 from _helpers import CLI
-from _helpers import daemon_status as _status
 from _helpers import wait_for_status as _wait_for
 
 

@@ -19,7 +19,6 @@ from livestain.acquisition.policies import Policies
 from livestain.devices.simulated import SimulatedScope, build_simulated_core
 from livestain.focus import FocusEstimate
 from livestain.launch import demo_sequence
-from livestain.stackio import read_stack
 from livestain.run_reader import RunReader
 
 

@@ -14,7 +14,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from livestain.devices.simulated import SimulatedScope, build_simulated_core
 from livestain.inference.checkpoint import bundled_model_path
 from livestain.launch import demo_sequence, exit_code
 from livestain.runconfig import load_run_config
-from livestain.stackio import read_stack, write_stack
+from livestain.stackio import write_stack
 
 from _helpers import run_predictions, run_stacks, stack_file
 from livestain.store import ref_exists

@@ -15,7 +15,6 @@ from livestain.launch import demo_sequence
 from livestain.run_reader import RunReader
 from _helpers import run_with_worker
 
-from livestain.stackio import read_stack
 
 
 def test_a_worker_with_uncertainty_sends_it_beside_each_structure(tmp_path, base_port) -> None:

@@ -14,7 +14,7 @@ import useq
 from livestain import wire
 from livestain.devices.replay import build_replay_core, load_replay
 from livestain.run_reader import RunReader
-from livestain.stackio import read_stack, voxel_size_of, write_stack
+from livestain.stackio import write_stack
 
 BFDC3D = "bfdc3d_imodpasteur/dict_redLED_SP_100nm_1_MMStack_Pos0.ome.tif"
 

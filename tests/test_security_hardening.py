@@ -231,7 +231,6 @@ def test_a_local_process_cannot_write_official_predictions(tmp_path, base_port) 
     from livestain.devices.simulated import SimulatedScope, build_simulated_core
     from livestain.inference.worker import Worker
     from livestain.launch import demo_sequence
-    from livestain.stackio import read_stack
 
     eps = wire.endpoints(base_port=base_port)
     daemon = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(3, 0.3), tmp_path / "run",

@@ -14,7 +14,6 @@ from livestain.acquisition.trust import TrustLedger
 from livestain.devices.simulated import SimulatedScope, build_simulated_core
 from livestain.inference.worker import Worker
 from livestain.launch import demo_sequence
-from livestain.stackio import read_stack
 
 from livestain.run_reader import RunReader
 from _helpers import QuickPredictor

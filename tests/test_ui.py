@@ -716,7 +716,6 @@ def test_every_status_field_the_panel_reads_is_one_a_daemon_sends(tmp_path, qapp
     row showed a fallback and paired-mode progress read "complete" at 25%."""
     from livestain.acquisition.daemon import Daemon
     from livestain.devices.simulated import SimulatedScope, build_simulated_core
-    from livestain.launch import demo_sequence
     from livestain.runconfig import load_run_config
     from livestain.ui.status_panel import StatusPanel
     from pathlib import Path
