@@ -10,7 +10,7 @@
 
 Models go to ``--out`` (not the project: the sephace data are licensed for
 non-commercial research only), figures to ``docs/real_sephace.png`` and
-``docs/real_ndev.png``. See `livestain.inference.experiments` for the details and the
+``docs/real_ndev.png``. See `bench/real_experiments.py` for the details and the
 baselines printed beside each result.
 """
 
@@ -20,7 +20,7 @@ import argparse
 import time
 from pathlib import Path
 
-from livestain.inference import experiments as ex
+import real_experiments as ex
 
 
 def main() -> int:

@@ -11,7 +11,7 @@ Datasets (each skipped, with a line saying so, when absent):
   Each field is tiled into its 4 quadrants (512 x 672 native pixels, 103 x 135 um).
   Test: the 4 quadrants of Set2 (never trained on, by any arm). Training fields: the
   quadrants of Set1 in raster order (1 = top-left, 2 = top row, all = 4), 2 x 2 binned
-  for training as in `inference.experiments` (0.40 um pixels).
+  for training as in `real_experiments` (0.40 um pixels).
 * ``ndev`` (``pip install --no-deps ndev-sampledata``): one field of a scratch assay,
   10 time points of a 210 x 576 oblique transmitted-light image and its Hoechst image.
   Each time point is tiled into its 4 quadrants (105 x 288 px). Test: the bottom-right
@@ -33,7 +33,7 @@ every test crop (mean and worst):
   the library's own error): the bundled model is 3D (a stack in, a stack out) and this
   truth is a single plane, which needs a 2.5D model; a fine-tune keeps its initial
   network's architecture.
-* ``scratch (2.5D)``: the 2.5D model `inference.experiments` trains (depth 3, 16
+* ``scratch (2.5D)``: the 2.5D model `real_experiments` trains (depth 3, 16
   channels; sephace a 6-plane window, ndev a 1-plane one) on the first 1, 2 or all
   training fields, ``--steps`` steps.
 * ``sim-pretrained 2.5D``, with 0 fields: the same architecture trained only on
@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from livestain.inference import experiments as ex
+import real_experiments as ex
 from livestain.inference.checkpoint import LoadedModel, ModelMeta, load_checkpoint
 from livestain.inference.evaluate import evaluate_model
 from livestain.inference.model import UNet3D, UNetConfig
@@ -114,7 +114,7 @@ class Plan:
                    sim_fields=2, sim_size=64, precision="fp32", quick=True)
 
     def settings(self, steps: int, z: int, lr: float | None = None) -> TrainSettings:
-        # the augmentation of `inference.experiments` (real data vary in exposure and contrast)
+        # the augmentation of `real_experiments` (real data vary in exposure and contrast)
         return TrainSettings(steps=steps, patch=(z, self.patch, self.patch), batch=self.batch, seed=self.seed,
                              lr=self.lr if lr is None else lr, intensity=0.1, gamma=0.2, noise=0.03,
                              precision=self.precision)

@@ -568,7 +568,7 @@ def test_export_command_reports_the_onnx_difference(tmp_path) -> None:
 def test_new_inference_modules_import_neither_pymmcore_nor_devices() -> None:
     code = (
         "import sys\n"
-        "import livestain.inference.export, livestain.inference.experiments, livestain.inference.train\n"
+        "import livestain.inference.export, livestain.inference.train\n"
         "bad = [m for m in sys.modules if m.startswith(('pymmcore', 'livestain.devices', 'matplotlib', 'onnx'))]\n"
         "assert not bad, bad\n"
     )
@@ -578,8 +578,18 @@ def test_new_inference_modules_import_neither_pymmcore_nor_devices() -> None:
 # ------------------------------------------------------------------ real data
 
 
+def _real_experiments():
+    """bench/real_experiments.py: benchmark code, not shipped in the package."""
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import real_experiments
+
+    return real_experiments
+
+
 def test_real_sephace_pipeline_runs_on_crops(shared_data, tmp_path) -> None:
-    from livestain.inference import experiments as ex
+    ex = _real_experiments()
 
     if not ex.sephace_available(shared_data / "sephace_bf_dapi"):
         pytest.skip("sephace_bf_dapi is not in ../shared/data")
@@ -598,7 +608,7 @@ def test_real_sephace_pipeline_runs_on_crops(shared_data, tmp_path) -> None:
 
 
 def test_real_ndev_pipeline_runs_on_crops(tmp_path) -> None:
-    from livestain.inference import experiments as ex
+    ex = _real_experiments()
 
     if ex.ndev_path() is None:
         pytest.skip("ndev-sampledata is not installed (pip install --no-deps ndev-sampledata)")

@@ -1,5 +1,8 @@
 """Real-data experiments: the training pipeline on real brightfield, not the simulator.
 
+A benchmark helper, not shipped in the package (it reads ``../shared`` beside the
+clone); `bench/real_data.py` and `bench/transfer.py` import it.
+
 Two public datasets, each used the way the issue asks:
 
 ``sephace`` (``../shared/data/sephace_bf_dapi``, Ali & Gooding; non-commercial research
@@ -41,12 +44,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import ModelMeta, load_checkpoint, save_checkpoint
-from .evaluate import evaluate_model
-from .model import UNet3D, UNetConfig
-from .normalize import PercentileNorm, zscore
-from .predict import Predictor
-from .train import TrainSettings, pearson, train
+from livestain.inference.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
+from livestain.inference.evaluate import evaluate_model
+from livestain.inference.model import UNet3D, UNetConfig
+from livestain.inference.normalize import PercentileNorm, zscore
+from livestain.inference.predict import Predictor
+from livestain.inference.train import TrainSettings, pearson, train
 
 SEPHACE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sephace_bf_dapi"
 SEPHACE_PIXEL_UM = 0.20044642857142855
@@ -195,7 +198,7 @@ def run_experiment(
     result = train([f.as_pair() for f in trn], [f.as_pair() for f in val], exp.config, exp.settings, norm,
                    on_step=on_step, val_every=every)
     meta = ModelMeta(exp.config, norm, trn[0].voxel_size_um, extra={
-        "recipe": f"livestain.inference.experiments ({exp.name})",
+        "recipe": f"bench/real_experiments.py ({exp.name})",
         "settings": exp.settings.to_dict(),
         "data": {"train_fields": exp.train_names, "test_fields": exp.test_names, "binning": exp.binning},
         "history": result.history,
@@ -261,7 +264,7 @@ def save_real_figure(path: Path, model_path: str | Path, fields: Sequence[RealFi
     """Rows: test fields (and, with ``zoom``, a ``zoom`` x ``zoom`` crop of the first where its
     truth has most signal);
     columns: brightfield | predicted | truth (prediction and truth on one z-score scale)."""
-    from .evaluate import agg_figure
+    from livestain.inference.evaluate import agg_figure
 
     predictor = Predictor(str(model_path), "cpu")
     rows = []
