@@ -33,6 +33,7 @@ from .adaptation import Adaptation, ModelVersion
 from .checks import CheckScore, CheckScorer, check_channel_of, doubt_checks, extra_checks_allowed
 from .focus_tracking import FocusTracker, tracked_events
 from .policies import Policies
+from .run_events import WrittenPrediction, WrittenStack
 from .run_folder import MARKER, write_json_atomically
 from .stacks import Stack
 
@@ -124,15 +125,19 @@ class ClosedLoop:
         return estimate.to_dict() | {"z_correction_um": round(taken_with, 3),
                                      "next_z_correction_um": round(move.correction_um, 3)}
 
-    def stack_written(self, t: int, p: int, channel: str, ref: Path) -> None:
+    def on_stack_written(self, written: WrittenStack) -> None:
+        """`RunEvents.stack_written`: a check frame's fluorescence waits for its prediction."""
         if self.checks is not None:
-            self._record(self.checks.stack_written(t, p, channel, ref))
+            stack = written.stack
+            self._record(self.checks.stack_written(stack.t, stack.p, stack.channel, written.ref))
 
-    def prediction_written(self, t: int, p: int, ref: Path, structures: list[str],
-                           confidence: float | None) -> None:
+    def on_prediction_written(self, written: WrittenPrediction) -> None:
+        """`RunEvents.prediction_written`: scored against a waiting check frame; an unsure
+        one asks for a check frame at its position's next time point."""
         if self.checks is None:
             return
-        self._record(self.checks.prediction_written(t, p, ref, structures))
+        t, p, confidence = written.t, written.p, written.confidence
+        self._record(self.checks.prediction_written(t, p, written.ref, written.structures))
         unsure = self.policies.checks.when_unsure if self.policies.checks else None
         if unsure is not None and confidence is not None and confidence < unsure:
             self._request_check(t, p, f"confidence {confidence:.2f} < {unsure:g}")

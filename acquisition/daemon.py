@@ -1,18 +1,12 @@
 """The acquisition daemon: plan in, stacks to disk, stacks to workers, predictions back.
 
-Threads and their jobs (the loop apart from the work):
-
-* the MDA thread (pymmcore-plus's runner) drives the hardware; our ``frameReady``
-  handler only puts ``(event, image, time)`` on a queue, so acquisition never waits
-  for disk, network or inference;
-* the daemon loop (the caller's thread) owns every socket and file: it assembles
-  frames into stacks, writes each finished stack to disk *before* streaming it
-  (`StackWriter`), follows each streamed stack to its prediction (`PredictionTracker`:
-  late stacks, catch-up from disk, hung and failing workers), tells the closed loop
-  (`ClosedLoop`: focus, check frames, adaptation) about both, and answers control
-  commands with the run's status (`livestain.run_status.RunStatus`).
-
-This module is the orchestration only: each of those jobs is a module of its own.
+The orchestration only; each job is a module of its own. The MDA thread only queues
+frames (`MdaFrames`); the daemon loop (the caller's thread) owns every socket and file:
+it assembles frames into stacks, writes each to disk first (`StackWriter`), then emits
+`RunEvents.stack_written` to the stages (check frames, viewers, workers); it follows each
+streamed stack to its prediction (`PredictionTracker`, which emits
+`prediction_written`), and answers the control socket (`RunControl`) with the run's
+status (`livestain.run_status.RunStatus`).
 """
 
 from __future__ import annotations
@@ -45,6 +39,7 @@ from .policies import Policies
 from .predictions import PredictionTracker
 from .preflight import check_plan, check_plan_against_core
 from .retry import install_snap_retries
+from .run_events import RunEvents, WrittenStack, emit
 from .run_folder import RunFolder
 from .run_report import write_summary
 from .run_summary import RunStopped, RunSummary, stop_on_journal_error
@@ -122,9 +117,10 @@ class Daemon:
             self.summary = RunSummary(self.run_id, self.out_dir)
             self.trust = TrustLedger()  # per-stack confidence and input flags, for status and window
             self.loop = self._closed_loop(core, n_predicted)
+            self.events = RunEvents()
             self.predictions = PredictionTracker(
                 run_id=self.run_id, out_dir=self.out_dir, sockets=self.sockets, journal=self.journal,
-                store=self.store, summary=self.summary, trust=self.trust, loop=self.loop,
+                store=self.store, summary=self.summary, trust=self.trust, events=self.events,
                 stream_channels=self.stream_channels, where=self._where, report=report, note=self._note,
                 next_seq=lambda: self._seq, resend_after_s=policies.resend_after_s,
                 on_hung_worker=hooks.on_hung_worker)
@@ -142,6 +138,11 @@ class Daemon:
         self.mda = MdaFrames(core, self.assembler.n_z, self.dose)
         self.sockets.poller.register(self.mda.doorbell, zmq.POLLIN)
         self.control = RunControl(core.mda, self.status, self._note, report, on_stop=self.request_stop)
+        # the stages after the disk, in order: check frames, viewers, workers
+        self.events.stack_written.connect(self.loop.on_stack_written)
+        self.events.stack_written.connect(self._display)
+        self.events.stack_written.connect(self._to_workers)
+        self.events.prediction_written.connect(self.loop.on_prediction_written)
         self._lost = LostStackTracker(pending_keys(sequence, self._done))
         self._last_frame: np.ndarray | None = None
         self._injected: set[tuple[int, int, str]] = set()  # check stacks added on doubt, not in the plan
@@ -279,10 +280,18 @@ class Daemon:
             self.report(f"{self._where(stack.t, stack.p)} every plane of {stack.channel} failed: "
                         f"recorded as a gap, nothing to predict")
             return
-        self.loop.stack_written(stack.t, stack.p, stack.channel, raw_path)
-        self.sockets.publish(header, stack.planes)
+        emit(self.events.stack_written, WrittenStack(seq, stack, header, raw_path))
+
+    def _display(self, written: WrittenStack) -> None:
+        """Viewers get every stack (brightfield and fluorescence alike)."""
+        self.sockets.publish(written.header, written.stack.planes)
+
+    def _to_workers(self, written: WrittenStack) -> None:
+        """Workers get the streamed channels, followed to their prediction."""
+        stack = written.stack
         if stack.channel in self.stream_channels:
-            self.predictions.add(StackRecord(seq, stack.t, stack.p, raw_path, time.time(), header), stack.planes)
+            self.predictions.add(StackRecord(written.seq, stack.t, stack.p, written.ref, time.time(),
+                                             written.header), stack.planes)
 
     def _drain_predictions(self) -> None:
         """After the plan: wait (bounded) for predictions of every streamed stack."""

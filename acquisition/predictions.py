@@ -25,8 +25,8 @@ import numpy as np
 from livestain import __version__, wire
 from livestain.store import RunStore, read_ref, ref_exists
 
-from .closed_loop import ClosedLoop
 from .journal import Journal
+from .run_events import RunEvents, WrittenPrediction, emit
 from .run_summary import RunStopped, RunSummary, stop_on_journal_error, write_fix
 from .stack_state import StackRecord, StackState
 from .streaming import DaemonSockets
@@ -43,10 +43,11 @@ class PredictionTracker:
     run_id, out_dir : str, Path
         The run's id (answers for another run are refused) and folder (for short paths
         in the console lines).
-    sockets, journal, store, summary, trust, loop
+    sockets, journal, store, summary, trust, events
         The daemon's parts this bookkeeping writes to: stacks go out through the
         sockets, predictions to the store and the journal, figures to the summary, the
-        worker's confidence to the trust ledger, and each prediction to the closed loop.
+        worker's confidence to the trust ledger; each prediction written is an event
+        (`RunEvents.prediction_written`: check-frame scoring, fluorescence on doubt).
     stream_channels : sequence of str
         Channels that are predicted (the journal's waiting stacks are of these).
     where : callable
@@ -75,13 +76,13 @@ class PredictionTracker:
     PREDICTION_ATTEMPTS = 2
 
     def __init__(self, *, run_id: str, out_dir: Path, sockets: DaemonSockets, journal: Journal,
-                 store: RunStore, summary: RunSummary, trust: TrustLedger, loop: ClosedLoop,
+                 store: RunStore, summary: RunSummary, trust: TrustLedger, events: RunEvents,
                  stream_channels: Sequence[str], where: Callable[[int, int], str],
                  report: Callable[[str], None], note: Callable[[str], None], next_seq: Callable[[], int],
                  resend_after_s: float, on_hung_worker: Callable[[list[str]], None] = lambda holders: None) -> None:
         self.run_id, self.out_dir = run_id, out_dir
         self.sockets, self.journal, self.store = sockets, journal, store
-        self.summary, self.trust, self.loop = summary, trust, loop
+        self.summary, self.trust, self.events = summary, trust, events
         self.stream_channels = list(stream_channels)
         self.where, self.report, self.note, self.next_seq = where, report, note, next_seq
         self.resend_after_s = resend_after_s  # shortened while draining
@@ -259,7 +260,8 @@ class PredictionTracker:
                                             trust.confidence, ",".join(trust.flags), header.model,
                                             info=info)
         self.summary.predicted += 1
-        self.loop.prediction_written(record.t, record.p, pred_path, header.structures, trust.confidence)
+        emit(self.events.prediction_written, WrittenPrediction(record.seq, record.t, record.p, pred_path,
+                                                               list(header.structures), trust.confidence))
         if late:
             self.summary.predicted_late += 1
         else:
