@@ -38,7 +38,9 @@ except ImportError:  # Windows (where most Micro-Manager scopes run): no rlimits
     resource = None  # type: ignore[assignment]
 
 from livestain import wire
-from livestain.security import TOKEN_ENV, DaemonToken, ServerSecurity, split_endpoint
+from livestain.security import DaemonToken, ServerSecurity, split_endpoint
+
+from .handovers import HandOvers, TokenGate
 from livestain.shm import MIN_SHM_BYTES, ShmPool
 
 log = logging.getLogger(__name__)
@@ -101,14 +103,6 @@ class DaemonSockets:
 
     #: A worker's ready message counts this long; idle workers repeat it every second.
     READY_EXPIRES_S = 5.0
-    #: Hand-overs of released stacks remembered, so a late answer from a worker the
-    #: stack was handed to is a duplicate, not a stranger's (bounded: runs last days).
-    FINISHED_MEMORY = 1024
-    #: Workers (identities, names) remembered for hand-over counts and heartbeats; past
-    #: it the longest unseen are forgotten (a worker restarted hundreds of times).
-    WORKERS_REMEMBERED = 64
-    #: At most one warning per this many seconds about peers without the token.
-    REFUSAL_LOG_EVERY_S = 10.0
 
     def __init__(
         self,
@@ -127,28 +121,21 @@ class DaemonSockets:
         self._handshake_ms = HANDSHAKE_IVL_NETWORK_MS if keys else HANDSHAKE_IVL_LOOPBACK_MS
         self.stacks = self._bind(zmq.ROUTER, eps["stacks"], sndhwm=4, router_mandatory=True,
                                  maxmsgsize=MAX_SMALL_MESSAGE_BYTES)
-        # stacks handed to each worker identity, most recent last (bounded: every restart
-        # of a worker is a new identity, and a run of days restarts some)
-        self.sent_to: OrderedDict[bytes, int] = OrderedDict()
-        # worker names each stack in flight was handed to; released ones, briefly
-        self.handed: dict[int, set[str]] = {}
-        self._finished: OrderedDict[int, frozenset[str]] = OrderedDict()
-        self._last_refusal_log = 0.0
-        self._refusals_unlogged = 0
+        self.handovers = HandOvers()  # which worker got which stack: who may answer
+        self.counts = StreamCounts()
         self.hostname = socket.gethostname()
         self.pool: ShmPool | None = ShmPool() if shm else None
         # workers waiting for a stack, by ZeroMQ identity -> (name, last ready time,
         # structures it predicts if it is on this host and offers shared memory, else 0)
         self.idle: OrderedDict[bytes, tuple[str, float, int]] = OrderedDict()
-        self.workers_seen: OrderedDict[str, float] = OrderedDict()  # bounded as sent_to
         self.results = self._bind(zmq.PULL, eps["results"], rcvhwm=16)
         self.display = self._bind(zmq.PUB, eps["display"], sndhwm=4)
         self.control = self._bind(zmq.REP, eps["control"], maxmsgsize=MAX_SMALL_MESSAGE_BYTES)
         if keys is None:  # loopback: CURVE does not say who a peer is, the token does
             self.token = DaemonToken(host, base_port)  # after the binds: never a busy port's
+        self.gate = TokenGate(self.token, self.counts)
         self.backlog: deque[tuple[wire.StackHeader, np.ndarray]] = deque()
         self.backlog_limit = backlog
-        self.counts = StreamCounts()
         self.poller = zmq.Poller()
         self.poller.register(self.results, zmq.POLLIN)
         self.poller.register(self.stacks, zmq.POLLIN)
@@ -214,12 +201,11 @@ class DaemonSockets:
                 log.warning("dropped malformed message on stacks socket: %s", e)
                 continue
             name = str(body.get("worker", "?"))[:200]
-            if not self._authentic(body):
-                self._refuse(f"ready from {name!r} without the worker token: no stack for it")
+            if not self.gate.accepts(body):
+                self.gate.refuse(f"ready from {name!r} without the worker token: no stack for it")
                 continue
             now = time.monotonic()
-            _touch(self.workers_seen, name, now, self.WORKERS_REMEMBERED)
-            if received >= self.sent_to.get(identity, 0):
+            if self.handovers.asked(identity, name, received):
                 same_host = bool(self.pool) and body.get("shm_host") == self.hostname
                 try:
                     out_channels = min(max(int(body.get("out_channels", 1) or 1), 1), 64)
@@ -253,8 +239,7 @@ class DaemonSockets:
                     continue  # that worker is gone; try the next one
                 raise
             self.backlog.pop()
-            self.handed.setdefault(header.seq, set()).add(name)
-            _touch(self.sent_to, identity, self.sent_to.get(identity, 0) + 1, self.WORKERS_REMEMBERED)
+            self.handovers.hand(header.seq, identity, name)
             self.counts.sent += 1
             sent.append((header.seq, name))
         return sent
@@ -287,7 +272,7 @@ class DaemonSockets:
 
         ``reuse=False`` when its worker may still write into them (presumed hung).
         """
-        self._forget(seq)
+        self.handovers.forget(seq)
         if self.pool is not None:
             self.pool.give_back(seq, reuse)
 
@@ -299,52 +284,11 @@ class DaemonSockets:
     def discard(self, seq: int) -> None:
         """Drop a stack from the backlog (it was predicted meanwhile, e.g. by its first worker)."""
         self.backlog = deque(item for item in self.backlog if item[0].seq != seq)
-        self._forget(seq)
-
-    # -- who may answer ---------------------------------------------------------------
-    def _forget(self, seq: int) -> None:
-        """Stack ``seq`` is done: move its hand-overs to the short memory of finished
-        stacks, so the record of stacks in flight never grows over a run of days."""
-        names = self.handed.pop(seq, None)
-        if names is None:
-            return
-        self._finished[seq] = self._finished.pop(seq, frozenset()) | names
-        while len(self._finished) > self.FINISHED_MEMORY:
-            self._finished.popitem(last=False)
-
-    def was_handed(self, seq: int, worker: str) -> bool:
-        """True when stack ``seq`` was handed to ``worker`` (in flight, or recently done:
-        a late duplicate is then the daemon's to drop, not a stranger's answer)."""
-        return worker in self.handed.get(seq, ()) or worker in self._finished.get(seq, ())
-
-    def _authentic(self, message: dict | wire.StackHeader) -> bool:
-        """True when a ready body or prediction header carries this run's worker token
-        (always, with CURVE keys: the key has authenticated the peer already)."""
-        if isinstance(message, wire.StackHeader):
-            presented = wire.pop_token(message)  # always: a secret goes into no file
-        else:
-            presented = message.get(wire.TOKEN_FIELD)
-        return self.token is None or self.token.accepts(presented)
-
-    def _refuse(self, reason: str) -> None:
-        """Count a message from a peer without the token; log it at most every few
-        seconds (a stale worker repeats its ready message every second)."""
-        self.counts.malformed_results += 1
-        self.counts.unauthenticated += 1
-        now = time.monotonic()
-        if now - self._last_refusal_log < self.REFUSAL_LOG_EVERY_S:
-            self._refusals_unlogged += 1
-            return
-        unlogged = self._refusals_unlogged
-        more = f" (and {unlogged} more since the last such line)" if unlogged else ""
-        log.warning("dropped %s%s; a worker needs the token file %s or $%s", reason, more,
-                    self.token.path if self.token else "-", TOKEN_ENV)
-        self._last_refusal_log, self._refusals_unlogged = now, 0
+        self.handovers.forget(seq)
 
     def worker_heartbeats(self) -> dict[str, float]:
         """Seconds since each worker last asked for work (absent: never seen)."""
-        now = time.monotonic()
-        return {name: round(now - at, 1) for name, at in self.workers_seen.items()}
+        return self.handovers.heartbeats()
 
     def status(self) -> dict[str, Any]:
         """The sockets' share of the run's status (`livestain.run_status.RunStatus`)."""
@@ -381,11 +325,11 @@ class DaemonSockets:
                 return self._checked_failure(header)
             if header.kind != "prediction":
                 raise wire.WireError(f"expected a prediction on the results socket, got {header.kind}")
-            if not self._authentic(header):  # also strips the token from the header
-                self._refuse(f"prediction of stack seq {header.source_seq} from "
+            if not self.gate.accepts(header):  # also strips the token from the header
+                self.gate.refuse(f"prediction of stack seq {header.source_seq} from "
                              f"{header.worker[:200]!r} without the worker token")
                 return None
-            if not self.was_handed(header.source_seq, header.worker[:200]):  # as receive_ready keeps it
+            if not self.handovers.was_handed(header.source_seq, header.worker[:200]):  # as receive_ready keeps it
                 raise wire.WireError(f"stack seq {header.source_seq} was never handed to "
                                      f"worker {header.worker[:200]!r}")
             if header.shm:  # written into the segment lent with its stack
@@ -410,12 +354,11 @@ class DaemonSockets:
     def _checked_failure(self, header: wire.FailureHeader) -> tuple[wire.FailureHeader, None] | None:
         """A failure counts under the same rules as a prediction: the token, and only
         from a worker the stack was handed to."""
-        presented = wire.pop_failure_token(header)
-        if self.token is not None and not self.token.accepts(presented):
-            self._refuse(f"failure report for stack seq {header.source_seq} from "
+        if not self.gate.accepts(header):
+            self.gate.refuse(f"failure report for stack seq {header.source_seq} from "
                          f"{header.worker[:200]!r} without the worker token")
             return None
-        if not self.was_handed(header.source_seq, header.worker[:200]):
+        if not self.handovers.was_handed(header.source_seq, header.worker[:200]):
             raise wire.WireError(f"stack seq {header.source_seq} was never handed to "
                                  f"worker {header.worker[:200]!r}")
         return header, None
@@ -432,14 +375,6 @@ class DaemonSockets:
         if getattr(self, "token", None) is not None:
             self.token.close()
             self.token = None
-
-
-def _touch(memory: OrderedDict, key: object, value: object, limit: int) -> None:
-    """Set ``memory[key]`` as the most recent entry; forget the oldest past ``limit``."""
-    memory[key] = value
-    memory.move_to_end(key)
-    while len(memory) > limit:
-        memory.popitem(last=False)
 
 
 def _bind_when_free(sock: zmq.Socket, endpoint: str, wait_s: float = 1.0) -> None:

@@ -19,7 +19,8 @@ from livestain.acquisition.predictions import PredictionTracker
 from livestain.acquisition.run_summary import RunSummary
 from livestain.acquisition.stack_state import StackRecord
 from livestain.acquisition.stacks import StackAssembler
-from livestain.acquisition.streaming import DaemonSockets, _touch
+from livestain.acquisition.handovers import HandOvers
+from livestain.acquisition.streaming import DaemonSockets
 from livestain.shm import ShmPool
 
 N = 10_000
@@ -38,7 +39,7 @@ def _tracker(tmp_path: Path) -> PredictionTracker:
     """A daemon's prediction bookkeeping over its own journal, with no sockets or store
     (the structures under test touch neither)."""
     return PredictionTracker(run_id="run", out_dir=tmp_path, sockets=None, journal=Journal(tmp_path),  # type: ignore[arg-type]
-                             store=None, summary=RunSummary("run", tmp_path), trust=None, loop=None,  # type: ignore[arg-type]
+                             store=None, summary=RunSummary("run", tmp_path), trust=None, events=None,  # type: ignore[arg-type]
                              stream_channels=["BF"], where=lambda t, p: "", report=lambda line: None,
                              note=lambda what: None, next_seq=lambda: 0, resend_after_s=300.0)
 
@@ -53,17 +54,19 @@ def test_daemon_remembers_a_bounded_number_of_predicted_stacks(tmp_path: Path) -
 
 def test_sockets_forget_handed_stacks_and_old_workers(base_port: int) -> None:
     sockets = DaemonSockets(wire.endpoints(base_port=base_port), shm=True)
+    handovers = sockets.handovers
     try:
         for seq in range(N):
-            sockets.handed.setdefault(seq, set()).add(f"host:{seq % 3}")
+            handovers.hand(seq, b"id", f"host:{seq % 3}")
             sockets.release(seq)
-        assert not sockets.handed
-        assert len(sockets._finished) <= DaemonSockets.FINISHED_MEMORY
+        assert not handovers.handed
+        assert len(handovers._finished) <= HandOvers.FINISHED_MEMORY
+        assert handovers.was_handed(N - 1, f"host:{(N - 1) % 3}")  # a late duplicate is still known
         for i in range(N):  # a worker restarted N times: a new identity and name each time
-            _touch(sockets.sent_to, f"id{i}".encode(), 1, sockets.WORKERS_REMEMBERED)
-            _touch(sockets.workers_seen, f"host:{i}", float(i), sockets.WORKERS_REMEMBERED)
-        assert len(sockets.sent_to) <= DaemonSockets.WORKERS_REMEMBERED
-        assert len(sockets.workers_seen) <= DaemonSockets.WORKERS_REMEMBERED
+            handovers.asked(f"id{i}".encode(), f"host:{i}", 0)
+            handovers.hand(N + i, f"id{i}".encode(), f"host:{i}")
+        assert len(handovers.sent_to) <= HandOvers.WORKERS_REMEMBERED
+        assert len(handovers.workers_seen) <= HandOvers.WORKERS_REMEMBERED
         assert f"host:{N - 1}" in sockets.worker_heartbeats()
     finally:
         sockets.close()

@@ -144,15 +144,16 @@ def test_a_prediction_from_a_worker_never_handed_the_stack_is_dropped(sockets_an
 
 def test_hand_overs_are_forgotten_when_a_stack_is_done(sockets_and_peers) -> None:
     daemon, dealer, push = sockets_and_peers
-    daemon.FINISHED_MEMORY = 3
+    handovers = daemon.handovers
+    handovers.FINISHED_MEMORY = 3
     for seq in range(10):
-        daemon.handed[seq] = {"w"}
+        handovers.hand(seq, b"id-w", "w")
         (daemon.release if seq % 2 else daemon.discard)(seq)
-    assert daemon.handed == {} and list(daemon._finished) == [7, 8, 9]
+    assert handovers.handed == {} and list(handovers._finished) == [7, 8, 9]
     # a late answer of a stack just done is still the worker's (the daemon drops the
     # duplicate); one from long ago is a stranger's
-    assert daemon.was_handed(9, "w") and not daemon.was_handed(0, "w")
-    assert not daemon.was_handed(9, "someone-else")
+    assert handovers.was_handed(9, "w") and not handovers.was_handed(0, "w")
+    assert not handovers.was_handed(9, "someone-else")
 
 
 def test_without_the_token_a_peer_gets_no_stack_and_its_predictions_are_dropped(

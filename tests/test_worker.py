@@ -320,7 +320,7 @@ def test_a_late_answer_for_a_finished_stack_is_dropped_but_not_called_malformed(
     daemon, push = daemon_and_results_push
     assert daemon.pool is not None and daemon.token is not None
     room = daemon.pool.reserve(4, 3 * 8 * 4)
-    daemon.handed[4] = {"slow-worker"}  # as pump records it
+    daemon.handovers.hand(4, b"id-slow", "slow-worker")  # as pump records it
     daemon.release(4)  # predicted meanwhile by another worker
     late = wire.StackHeader(kind="prediction", run_id="r", seq=4, t=0, shape=[3, 1, 2, 4],
                             dtype="float32", voxel_size_um=[1, 1, 1], structures=["a", "b", "c"],
@@ -331,7 +331,7 @@ def test_a_late_answer_for_a_finished_stack_is_dropped_but_not_called_malformed(
     assert daemon.counts.malformed_results == 0
     foreign = late.model_copy(update={"source_seq": 9, "seq": 9, "shm": "psm_not_ours"})
     daemon.pool.reserve(9, 64)
-    daemon.handed[9] = {"slow-worker"}
+    daemon.handovers.hand(9, b"id-slow", "slow-worker")
     push.send_multipart([foreign.to_json(), b""])  # a segment never lent to stack 9
     assert daemon.results.poll(5000)
     assert daemon.receive_result() is None
