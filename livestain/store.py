@@ -254,7 +254,24 @@ class ZarrStore(RunStore):
             raise StoreError(f"{image} holds structures {_image_attrs(image)['channels']}; this prediction "
                              f"has {list(structures)}: write predictions of another model to a new run")
         _write(stored[t], array.astype(stored.dtype.numpy_dtype, copy=False), image)
+        self._note_model(image, t, info or {})
         return self.prediction_ref(t, p)
+
+    def _note_model(self, image: Path, t: int, info: dict[str, Any]) -> None:
+        """Provenance in the image itself: each model that predicted into it, from which
+        time point, on what (a viewer or script sees it without the journal). The
+        metadata is rewritten only when a new model appears (a swap), not per stack."""
+        model = info.get("model")
+        attrs = self._attrs.get(image)
+        if not model or attrs is None:
+            return
+        models: list[dict[str, Any]] = attrs.setdefault("models", [])
+        if models and models[-1]["model"] == model:
+            return
+        models.append({"model": model, "from_t": t, "device": info.get("device"), "torch": info.get("torch"),
+                       "livestain": (info.get("versions") or {}).get("livestain")})
+        _write_image_metadata(image, attrs["channels"], attrs["voxel_size_um"], self.interval_s, "prediction",
+                              np.dtype(np.float32), models=models)
 
     # -- arrays ---------------------------------------------------------------------
 
@@ -278,7 +295,7 @@ class ZarrStore(RunStore):
         if new:
             known = attrs["channels"] = [*known, *new]
             _write_image_metadata(image, known, attrs["voxel_size_um"], self.interval_s, kind,
-                                  np.dtype(array.dtype.numpy_dtype))
+                                  np.dtype(array.dtype.numpy_dtype), models=attrs.get("models"))
         shape = [max(array.shape[0], t + 1), len(known), *array.shape[2:]]
         if shape != list(array.shape):
             array = array.resize(exclusive_max=shape, expand_only=True).result()
@@ -398,9 +415,12 @@ def image_metadata(channels: list[str], voxel_size_um: Sequence[float], interval
 
 
 def _write_image_metadata(image: Path, channels: list[str], voxel_size_um: Sequence[float], interval_s: float,
-                          kind: str, dtype: np.dtype) -> None:
+                          kind: str, dtype: np.dtype, models: list[dict[str, Any]] | None = None) -> None:
     """Replace the group metadata atomically (temporary file, fsync, rename)."""
-    body = json.dumps(image_metadata(channels, voxel_size_um, interval_s, kind, dtype), indent=1)
+    meta = image_metadata(channels, voxel_size_um, interval_s, kind, dtype)
+    if models:
+        meta["attributes"]["livestain"]["models"] = models
+    body = json.dumps(meta, indent=1)
     partial = image / "zarr.json.partial"
     with open(partial, "w") as fh:
         fh.write(body)

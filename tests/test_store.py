@@ -257,3 +257,20 @@ def test_a_journal_with_headers_inline_from_before_still_reads(tmp_path) -> None
     with RunReader(tmp_path) as run:
         assert [e.info for e in run.stacks()] == [{"seq": 0, "old": True}, {"seq": 1, "new": True}]
         assert run.raw(0, 0)[1]["old"] is True
+
+
+def test_a_prediction_image_names_the_models_that_predicted_into_it(tmp_path) -> None:
+    """Provenance in the image: each model and the time point it took over (a swap by
+    adaptation), kept across a reopen; the metadata stays valid NGFF."""
+    pred = np.zeros((3, 4, 16, 24), np.float32)
+    store = open_store(tmp_path, "zarr", timepoints=4)
+    for t, model in ((0, "bundled@aaa"), (1, "bundled@aaa"), (2, "adapted-001@bbb")):
+        store.write_prediction(t, 0, pred, structures=STRUCTURES, voxel_size_um=VOXEL,
+                               info={"model": model, "device": "cpu", "versions": {"livestain": "0.1.0"}})
+    again = open_store(tmp_path, "zarr", timepoints=4)  # a resumed run
+    again.write_prediction(3, 0, pred, structures=STRUCTURES, voxel_size_um=VOXEL, info={"model": "adapted-001@bbb"})
+    image = tmp_path / "p000" / "prediction.ome.zarr"
+    yaozarrs.validate_zarr_store(str(image))
+    models = json.loads((image / "zarr.json").read_text())["attributes"]["livestain"]["models"]
+    assert [(m["model"], m["from_t"]) for m in models] == [("bundled@aaa", 0), ("adapted-001@bbb", 2)]
+    assert models[0]["device"] == "cpu" and models[0]["livestain"] == "0.1.0"
