@@ -33,8 +33,8 @@ from .control import RunControl
 from .journal import Journal
 from .light_dose import LightDose
 from .mda_frames import MdaFrames
-from .plan_events import (channel_presets, check_axis_order, first_incomplete_t, focus_mode, interval_s,
-                          pending_events, pending_keys, plan_for_scope, stack_key)
+from .plan_events import (channel_presets, check_axis_order, focus_mode, interval_s, pending_events,
+                          pending_keys, plan_for_scope, scan_pending, stack_key)
 from .policies import Policies
 from .predictions import PredictionTracker
 from .preflight import check_plan, check_plan_against_core
@@ -157,9 +157,9 @@ class Daemon:
         the stacks already on disk and the first time point still to take."""
         if resume:
             self.run_id, self._storage, self._done = self.folder.reopen(self.provenance)
-            self._first_t = first_incomplete_t(self.sequence, self._done)
+            self._first_t, self._offset = scan_pending(self.sequence, self._done)
             return
-        self._storage, self._done, self._first_t = self.policies.storage, set(), 0
+        self._storage, self._done, self._first_t, self._offset = self.policies.storage, set(), 0, 0.0
         self.run_id = self.folder.create(self.sequence, self.policies, self.provenance)
 
     def _closed_loop(self, core: Any, n_predicted: int) -> ClosedLoop:
@@ -182,7 +182,7 @@ class Daemon:
         elif self._first_t:
             self.report(f"resuming run {self.run_id} at time point {self._first_t + 1}/{self._n_t}")
         try:
-            self._acquire(pending_events(self.sequence, self._done))
+            self._acquire(pending_events(self.sequence, self._done, self._offset))
             self._drain_predictions()
             if (error := self.mda.error) is not None:
                 raise RunStopped(

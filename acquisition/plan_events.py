@@ -32,11 +32,29 @@ def interval_s(sequence: useq.MDASequence) -> float:
 def first_incomplete_t(sequence: useq.MDASequence, done: set[StackKey]) -> int:
     """First time point with a stack not yet on disk (for the console line); the number
     of time points when none is left."""
-    pending = (stack_key(e)[0] for e in sequence.iter_events() if stack_key(e) not in done)
-    return min(pending, default=sequence.sizes.get("t", 1) or 1)  # no list: plans are long
+    return scan_pending(sequence, done)[0]
 
 
-def pending_events(sequence: useq.MDASequence, done: set[StackKey]) -> Iterable[useq.MDAEvent]:
+def scan_pending(sequence: useq.MDASequence, done: set[StackKey]) -> tuple[int, float | None]:
+    """One pass over the plan (a three-day plan's pass takes seconds): the first time
+    point still to take (the number of time points when none is) and the clock offset
+    of the first pending event (None when nothing is pending)."""
+    first_t, offset = sequence.sizes.get("t", 1) or 1, None
+    for e in sequence.iter_events():
+        key = stack_key(e)
+        if key in done:
+            continue
+        first_t = min(first_t, key[0])
+        start = e.min_start_time or 0.0
+        offset = start if offset is None else min(offset, start)
+    return first_t, offset
+
+
+_UNSCANNED = object()
+
+
+def pending_events(sequence: useq.MDASequence, done: set[StackKey],
+                   offset: float | None | object = _UNSCANNED) -> Iterable[useq.MDAEvent]:
     """The plan less every stack already on disk, its clock shifted to now.
 
     Lazy: a three-day plan is millions of events (96 positions x 16 planes x 4,320
@@ -46,11 +64,11 @@ def pending_events(sequence: useq.MDASequence, done: set[StackKey]) -> Iterable[
     """
     if not done:
         return sequence
-    pending = (e for e in sequence.iter_events() if stack_key(e) not in done)
-    offset = min(((e.min_start_time or 0.0) for e in pending), default=None)
+    if offset is _UNSCANNED:  # ``offset`` from `scan_pending` saves this pass
+        offset = scan_pending(sequence, done)[1]
     if offset is None:
         return []
-    return PendingEvents(sequence, frozenset(done), offset, stack_key)
+    return PendingEvents(sequence, frozenset(done), float(offset), stack_key)  # type: ignore[arg-type]
 
 
 class PendingEvents:
