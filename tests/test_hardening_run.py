@@ -113,7 +113,9 @@ def test_a_channel_preset_the_microscope_lacks_is_refused_before_the_first_frame
 
 def test_a_failing_mda_is_an_error_not_a_success(tmp_path, base_port) -> None:
     core = build_simulated_core(SimulatedScope())
-    engine = core.mda.engine
+    daemon = Daemon(core, demo_sequence(3, 0.0), tmp_path / "run", wire.endpoints(base_port=base_port),
+                    Policies(drain_timeout_s=0.5), report=lambda line: None)
+    engine = core.mda.engine  # the daemon's (snap retries); the stage fails under it
     real_setup = engine.setup_event
 
     def setup_event(event):  # noqa: ANN001, ANN202
@@ -122,8 +124,6 @@ def test_a_failing_mda_is_an_error_not_a_success(tmp_path, base_port) -> None:
         return real_setup(event)
 
     engine.setup_event = setup_event
-    daemon = Daemon(core, demo_sequence(3, 0.0), tmp_path / "run", wire.endpoints(base_port=base_port),
-                    Policies(drain_timeout_s=0.5), report=lambda line: None)
     summary = daemon.run()
     assert summary.error is not None and "XY stage did not answer" in summary.error
     assert "--resume" in summary.error
@@ -200,7 +200,8 @@ def test_a_full_disk_under_the_journal_stops_the_run_with_exit_3_and_keeps_every
     daemon = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(4, 0.0), tmp_path / "run",
                     wire.endpoints(base_port=base_port), Policies(min_free_gb=0, drain_timeout_s=0.5),
                     report=lambda line: None)
-    daemon.journal.db = _FullDiskDB(daemon.journal.db, ok_writes=2)
+    # two stacks' records (a stack is two inserts, its row and its header, in one transaction)
+    daemon.journal.db = _FullDiskDB(daemon.journal.db, ok_writes=4)
     summary = daemon.run()
     assert summary.error is not None and "database or disk is full" in summary.error
     assert "--resume" in summary.error
