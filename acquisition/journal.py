@@ -101,6 +101,8 @@ class Journal:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
         self._add_missing_columns()
+        # where the headers are (fixed once the schema is): not asked again per catch-up
+        self._header_sql = header_columns(self.db)
 
     #: Columns added after the first release: a journal from before gains them on open.
     #: (The stack's and its prediction's headers, which a Zarr chunk has no description
@@ -173,7 +175,7 @@ class Journal:
 
     def info(self, seq: int, prediction: bool = False) -> dict[str, Any] | None:
         """The header recorded with a stack (or its prediction); None if none was."""
-        join, stack, pred = header_columns(self.db)
+        join, stack, pred = self._header_sql
         row = self.db.execute(f"SELECT {pred if prediction else stack} FROM stacks s {join} WHERE s.seq = ?",
                               (seq,)).fetchone()
         return json.loads(row[0]) if row and row[0] else None
