@@ -40,7 +40,7 @@ from .pairs import Pair, default_z_planes, simulate_pairs
 from .sample import STRUCTURES, SampleGeometry
 
 
-def add_simulate_parser(subparsers) -> argparse.ArgumentParser:  # noqa: ANN001
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``simulate`` to the CLI's subparsers (its handler is in ``func``)."""
     p = subparsers.add_parser(
         "simulate", help="write a paired dataset (brightfield, fluorescence, truth) from the simulator"

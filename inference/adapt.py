@@ -20,6 +20,7 @@ Measured on the simulator (dense colonies, bundled model, 2 check pairs, 60 step
 
 from __future__ import annotations
 
+import argparse
 import json
 import sqlite3
 import time
@@ -157,7 +158,8 @@ def cmd_adapt(args: Any) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``adapt`` to the main parser's subcommands."""
     p = subparsers.add_parser("adapt", help="fine-tune the run's model on its check frames (the daemon starts it)")
     p.add_argument("run", type=Path, metavar="RUN", help="the run's dataset folder")
     p.add_argument("--model", default=None, help="the model the run uses now (default: bundled)")

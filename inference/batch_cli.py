@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -367,22 +365,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, metavar="FILE", help="also write the report as JSON")
     _cluster_args(p)
     p.set_defaults(func=cmd_evaluate_run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run one of these two commands without the main CLI (tests, or before it registers them)."""
-    parser = argparse.ArgumentParser(prog="livestain")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        return args.func(args)
-    except (OSError, ValueError) as e:
-        print(f"livestain {args.command}: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -157,7 +157,7 @@ def test_local_gpu_workers_are_pinned_one_gpu_each() -> None:
 
 def test_slurm_job_script_has_the_resources_asked_for(tmp_path, capsys) -> None:
     pytest.importorskip("dask_jobqueue")
-    from livestain.inference.batch_cli import main
+    from livestain.cli import main
     from livestain.inference.cluster import slurm_settings
 
     config = tmp_path / "slurm.yaml"
@@ -330,7 +330,7 @@ def test_a_model_file_that_differs_on_the_workers_is_refused(tmp_path, model, cl
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_evaluate_run_scores_a_set_per_time_point_on_the_cluster(tmp_path, model, cluster, capsys) -> None:
-    from livestain.inference.batch_cli import main
+    from livestain.cli import main
 
     _wait_for_workers(cluster)
     address = cluster.scheduler.address
@@ -365,7 +365,7 @@ def test_evaluate_run_scores_a_set_per_time_point_on_the_cluster(tmp_path, model
 @pytest.mark.timeout(180)
 def test_predict_run_on_a_local_cluster_then_nothing_to_do(tmp_path, capsys, model, monkeypatch) -> None:
     """The CLI's own LocalCluster, end to end; the second call starts no cluster at all."""
-    from livestain.inference.batch_cli import main
+    from livestain.cli import main
 
     run = make_run(tmp_path / "run", n_t=2, n_p=2)
     os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)

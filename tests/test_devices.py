@@ -409,11 +409,11 @@ def test_focus_is_not_sequenceable_by_default() -> None:
 def test_simulate_writes_the_paired_dataset_layout(tmp_path) -> None:
     import argparse
 
-    from livestain.devices.simulate_cli import add_simulate_parser
+    from livestain.devices.simulate_cli import register
     from livestain.stackio import read_stack, voxel_size_of
 
     ap = argparse.ArgumentParser()
-    add_simulate_parser(ap.add_subparsers())
+    register(ap.add_subparsers())
     args = ap.parse_args(["simulate", "--out", str(tmp_path / "ds"), "--fields", "2",
                           "--z", "4", "--size", "96", "--seed", "7"])
     assert args.func(args) == 0

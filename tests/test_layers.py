@@ -7,7 +7,7 @@
   kernel and itself, never another part (data flows devices -> acquisition -> wire ->
   inference -> ui through processes and files, not imports), and ``inference`` never
   imports pymmcore (a worker runs on hosts without it).
-* **application** (`livestain.cli`, `.launch`, `.runconfig`, `.bundled`): wires the
+* **application** (`livestain.cli`, `.run_commands`, `.launch`, `.runconfig`, `.bundled`): wires the
   parts together; nothing below imports it.
 
 Imports inside functions count: they are imports all the same.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("devices", "acquisition", "inference", "ui")
-APPLICATION = {"cli", "launch", "runconfig", "bundled"}
+APPLICATION = {"cli", "run_commands", "launch", "runconfig", "bundled"}
 
 
 def _imports(path: Path, package: str) -> set[str]:
@@ -88,3 +88,39 @@ def test_the_checker_sees_a_shortcut_inside_a_function(tmp_path) -> None:
     assert {"livestain.inference.predict", "livestain.ui"} <= found
     assert {_layer(m) for m in found} == {"inference", "ui"}
     assert _layer("livestain.store") == "kernel" and _layer("livestain.cli") == "application"
+
+
+#: The most lines one class may take: past it, a class does several jobs (#14).
+MAX_CLASS_LINES = 300
+
+
+def _long_classes(path: Path) -> list[tuple[str, int]]:
+    tree = ast.parse(path.read_text(), str(path))
+    return [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES]
+
+
+def test_no_shipped_class_is_over_300_lines() -> None:
+    long = [f"{path.relative_to(ROOT)}: {name} is {lines} lines"
+            for path, _, _ in _modules() for name, lines in _long_classes(path)]
+    assert not long, "\n".join(long)
+
+
+def test_the_size_check_sees_a_long_class(tmp_path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("class Big:\n" + "    x = 1\n" * MAX_CLASS_LINES + "class Small:\n    pass\n")
+    assert _long_classes(probe) == [("Big", MAX_CLASS_LINES + 1)]
+
+
+def test_every_command_is_registered_one_way_with_its_handler() -> None:
+    """One CLI style: each command group's ``register`` adds subcommands whose handler is
+    their ``func`` default; `livestain.cli.main` has no table of its own to fall back on."""
+    import argparse
+
+    from livestain.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert {"demo", "run", "worker", "view", "status", "stop", "train", "predict", "evaluate",
+            "predict-run", "adapt", "simulate", "audit"} <= set(sub.choices)
+    missing = [name for name, parser in sub.choices.items() if not callable(parser.get_default("func"))]
+    assert not missing, f"commands without a handler: {missing}"

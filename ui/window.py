@@ -23,13 +23,11 @@ import numpy as np
 from PySide6 import QtCore, QtGui, QtWidgets
 
 from livestain.ui import render
-from livestain.ui.control_bar import ControlBar
 from livestain.ui.control_client import ControlClient
 from livestain.ui.frames import FrameRenderer
 from livestain.ui.history import History, Received
-from livestain.ui.focus_plot import CheckPlot, FocusPlot
-from livestain.ui.status_panel import StatusPanel
-from livestain.ui.structure_panel import StructurePanel
+from livestain.ui.navigation import NavigationBar
+from livestain.ui.run_panel import RunPanel
 from livestain.ui.subscriber import DisplaySubscriber
 from livestain.ui.views import OrthoViews
 from livestain.wire import StackHeader
@@ -66,23 +64,11 @@ class LiveWindow(QtWidgets.QMainWindow):
         self._min_draw_s = 1.0 / max_draw_hz
         self._subscriber: DisplaySubscriber | None = None
         self._control: ControlClient | None = None
-        self._p: int | None = None
-        self._t: int | None = None  # shown time point when not live
-        self._live = True
-        self._z = 0
-        self._nz = 0
-        self._mode = "plane"
-        self._cross: tuple[int, int] | None = None
-        self._shape: tuple[int, int, int] | None = None
-        self._dirty = False
-        self._last_draw = 0.0
+        self._dirty, self._last_draw = False, 0.0
         self._last_drawn_pred: dict[int, int] = {}
         self.renderer = FrameRenderer(display_max_px)
-        self._overlay = np.zeros((1, 1, 4), np.uint8)
-        self._base = np.zeros((1, 1), np.uint16)
-        self.n_stacks = 0
-        self.n_predictions = 0
-        self.n_malformed = 0
+        self._overlay, self._base = np.zeros((1, 1, 4), np.uint8), np.zeros((1, 1), np.uint16)
+        self.n_stacks = self.n_predictions = self.n_malformed = 0  # messages received
         #: Seconds the last redraw took (composite + setImage, not the paint).
         self.last_draw_s = 0.0
         self._build(opacity, confirm_stop)
@@ -99,81 +85,37 @@ class LiveWindow(QtWidgets.QMainWindow):
     def _build(self, opacity: float, confirm_stop: bool) -> None:
         self.views = OrthoViews()
         self.views.crosshair_moved.connect(self.set_crosshair)
-        self.graphics = self.views  # the widget that holds every view (tests map pixels through it)
-        self.view = self.views.xy_box
-        self.base_item = self.views.xy.base
-        self.overlay_item = self.views.xy.overlay
 
-        self.position_combo = QtWidgets.QComboBox()
-        self.position_combo.setToolTip("stage position (positions seen so far)")
-        self.position_combo.setSizeAdjustPolicy(QtWidgets.QComboBox.SizeAdjustPolicy.AdjustToContents)
-        self.position_combo.currentIndexChanged.connect(self._position_chosen)
-        self.mode_combo = QtWidgets.QComboBox()
-        self.mode_combo.addItems(list(render.MODES))
-        self.mode_combo.setToolTip("plane: the z slider's plane; focus: the sharpest plane of each "
-                                   "stack; max / mean: projections over z")
-        self.mode_combo.currentTextChanged.connect(self.set_mode)
-        self.z_slider = QtWidgets.QSlider(QtCore.Qt.Orientation.Horizontal)
-        self.z_slider.setRange(0, 0)
-        self.z_slider.valueChanged.connect(self.set_plane)
-        self.z_label = QtWidgets.QLabel("z 0/0")
-        self.time_slider = QtWidgets.QSlider(QtCore.Qt.Orientation.Horizontal)
-        self.time_slider.setRange(0, 0)
-        self.time_slider.valueChanged.connect(self._time_chosen)
-        self.time_label = QtWidgets.QLabel("t —")
-        self.live_check = QtWidgets.QCheckBox("live")
-        self.live_check.setChecked(True)
-        self.live_check.toggled.connect(self.set_live)
+        self.navigation = NavigationBar(self.history)
+        self.navigation.changed.connect(self._request_draw)
+        nav = self.navigation  # its controls, reachable from the window for scripts and tests
+        self.position_combo, self.mode_combo = nav.position_combo, nav.mode_combo
+        self.z_slider, self.z_label = nav.z_slider, nav.z_label
+        self.time_slider, self.time_label, self.live_check = nav.time_slider, nav.time_label, nav.live_check
         self.history_label = QtWidgets.QLabel(self.history.describe())
         self.history_label.setToolTip(self.history.describe())
-        for w in (self.time_slider, self.time_label):
-            w.setToolTip(f"recent time points of this position held in memory: "
-                         f"{self.history.describe()}")
         self.status = QtWidgets.QLabel("waiting for data…")
         self.status.setWordWrap(True)
 
-        row1 = QtWidgets.QHBoxLayout()
-        row1.addWidget(self.position_combo)
-        row1.addWidget(self.mode_combo)
-        row1.addWidget(self.z_label)
-        row1.addWidget(self.z_slider, 1)
-        row2 = QtWidgets.QHBoxLayout()
-        row2.addWidget(self.time_label)
-        row2.addWidget(self.time_slider, 1)
-        row2.addWidget(self.live_check)
         left = QtWidgets.QWidget()
         lay = QtWidgets.QVBoxLayout(left)
         lay.addWidget(self.views, 1)
-        lay.addLayout(row1)
-        lay.addLayout(row2)
+        lay.addWidget(self.navigation)
         lay.addWidget(self.history_label)
         lay.addWidget(self.status)
 
-        self.panel = StatusPanel()
-        self.controls = ControlBar(confirm_stop)
-        # the buttons, reachable from the window for scripts and tests
-        self.pause_button = self.controls.pause_button
-        self.resume_button = self.controls.resume_button
-        self.stop_button = self.controls.stop_button
-        self.command_label = self.controls.command_label
-        self.structures = StructurePanel(opacity)
+        self.side = RunPanel(opacity, confirm_stop)
+        self.structures = self.side.structures
         self.structures.changed.connect(self._request_draw)
-        side = QtWidgets.QWidget()
-        side.setMinimumWidth(400)
-        side.setMaximumWidth(520)
-        slay = QtWidgets.QVBoxLayout(side)
-        slay.addWidget(self.panel)
-        self.focus_plot = FocusPlot()
-        slay.addWidget(self.focus_plot)
-        self.check_plot = CheckPlot()
-        slay.addWidget(self.check_plot)
-        slay.addWidget(self.controls)
-        slay.addWidget(self.structures)
-        slay.addStretch(1)
+        # its parts and buttons, reachable from the window for scripts and tests
+        self.panel, self.controls = self.side.status, self.side.controls
+        self.focus_plot, self.check_plot = self.side.focus_plot, self.side.check_plot
+        self.pause_button, self.resume_button = self.controls.pause_button, self.controls.resume_button
+        self.stop_button, self.command_label = self.controls.stop_button, self.controls.command_label
 
         splitter = QtWidgets.QSplitter()
         splitter.addWidget(left)
-        splitter.addWidget(side)
+        splitter.addWidget(self.side)
         splitter.setStretchFactor(0, 1)
         self.setCentralWidget(splitter)
         self.resize(1300, 900)
@@ -211,11 +153,7 @@ class LiveWindow(QtWidgets.QMainWindow):
         """Show ``client``'s status replies and send the buttons' commands through it
         (the window stops it when closed)."""
         self._control = client
-        client.status.connect(self.panel.show_status)
-        client.status.connect(self.focus_plot.add_status)
-        client.status.connect(self.check_plot.add_status)
-        client.not_answering.connect(self.panel.show_not_answering)
-        self.controls.attach(client)
+        self.side.attach(client)
         client.start()
 
     def show_stack(self, header: StackHeader, array: np.ndarray) -> None:
@@ -239,23 +177,14 @@ class LiveWindow(QtWidgets.QMainWindow):
             for name in header.structures:
                 self.structures.ensure(name)
             self.panel.set_structures(len(header.structures))
-        if self.position_combo.findData(header.p) < 0:
-            pos = [self.position_combo.itemData(i) for i in range(self.position_combo.count())]
-            index = sum(1 for q in pos if q < header.p)
-            self.position_combo.insertItem(index, f"position {header.p}", header.p)
-            if self._p is None:
-                self.position_combo.setCurrentIndex(index)  # -> _position_chosen
+        self.navigation.add_position(header.p)
         self._request_draw()
         return rec
 
     def _new_run(self) -> None:
-        self.position_combo.blockSignals(True)
-        self.position_combo.clear()
-        self.position_combo.blockSignals(False)
-        self._p, self._t, self._live = None, None, True
+        self.navigation.new_run()
         self.renderer.clear()
         self._last_drawn_pred.clear()
-        self.live_check.setChecked(True)
 
     def _poll(self) -> None:
         """Drain the subscriber (all of it, newest per position kept); request one redraw."""
@@ -272,27 +201,15 @@ class LiveWindow(QtWidgets.QMainWindow):
         if dropped:
             self.status.setText(self._status_text())
 
-    # -- user controls --------------------------------------------------------------
+    # -- user controls (see `NavigationBar`) ----------------------------------------------
 
     def set_plane(self, z: int) -> None:
         """Show plane ``z`` (clamped to the stack)."""
-        z = int(np.clip(z, self.z_slider.minimum(), self.z_slider.maximum()))
-        if self.z_slider.value() != z:
-            self.z_slider.setValue(z)  # re-enters via valueChanged
-            return
-        self._z = z
-        self._request_draw()
+        self.navigation.set_plane(z)
 
     def set_mode(self, mode: str) -> None:
         """``plane``, ``focus`` (sharpest plane), ``max`` or ``mean`` projection."""
-        if mode not in render.MODES:
-            raise ValueError(f"unknown mode {mode!r}; use one of {render.MODES}")
-        if self.mode_combo.currentText() != mode:
-            self.mode_combo.setCurrentText(mode)  # re-enters via currentTextChanged
-            return
-        self._mode = mode
-        self.z_slider.setEnabled(mode == "plane")
-        self._request_draw()
+        self.navigation.set_mode(mode)
 
     def set_structure_visible(self, name: str, visible: bool) -> None:
         """Show or hide one structure's overlay (remembered for later predictions too)."""
@@ -300,56 +217,19 @@ class LiveWindow(QtWidgets.QMainWindow):
 
     def set_position(self, p: int) -> None:
         """Show stage position ``p`` (must have been received)."""
-        index = self.position_combo.findData(p)
-        if index < 0:
-            raise KeyError(f"no data received for position {p}")
-        self.position_combo.setCurrentIndex(index)
-        self._position_chosen(index)
+        self.navigation.set_position(p)
 
     def set_live(self, live: bool) -> None:
         """Follow the newest data (True) or stay on the time point chosen with the scrubber."""
-        self._live = bool(live)
-        if self.live_check.isChecked() != self._live:
-            self.live_check.blockSignals(True)
-            self.live_check.setChecked(self._live)
-            self.live_check.blockSignals(False)
-        if not self._live and self._t is None and self._p is not None:
-            times = self.history.times(self._p)
-            self._t = times[-1] if times else None
-        self._request_draw()
+        self.navigation.set_live(live)
 
     def set_time(self, t: int) -> None:
-        """Show time point ``t`` of the current position from history (leaves live mode
-        unless ``t`` is the newest time point held)."""
-        times = self.history.times(self._p) if self._p is not None else []
-        if t not in times:
-            raise KeyError(f"time point {t} is not in history (held: {times})")
-        self.time_slider.setValue(times.index(t))
-        self._time_chosen(times.index(t))
+        """Show time point ``t`` of the current position from history."""
+        self.navigation.set_time(t)
 
     def set_crosshair(self, x: int, y: int) -> None:
         """Sections through full-resolution pixel (x, y): XZ at row y, YZ at column x."""
-        if self._shape is None:
-            self._cross = (int(x), int(y))
-        else:
-            _, ny, nx = self._shape
-            self._cross = (int(np.clip(x, 0, nx - 1)), int(np.clip(y, 0, ny - 1)))
-        self._request_draw()
-
-    def _position_chosen(self, index: int) -> None:
-        p = self.position_combo.itemData(index)
-        if p is None or p == self._p:
-            return
-        self._p, self._t = p, None
-        self.set_live(True)
-
-    def _time_chosen(self, index: int) -> None:
-        times = self.history.times(self._p) if self._p is not None else []
-        if not times:
-            return
-        index = min(max(index, 0), len(times) - 1)
-        self._t = times[index]
-        self.set_live(index == len(times) - 1)
+        self.navigation.set_crosshair(x, y)
 
     # -- control socket -------------------------------------------------------------
 
@@ -401,94 +281,42 @@ class LiveWindow(QtWidgets.QMainWindow):
 
     def shown(self) -> tuple[Received | None, Received | None]:
         """The stack and prediction records the views show (or would show) now."""
-        if self._p is None:
-            return None, None
-        if not self._live and self._t is not None:
-            entry = self.history.get(self._p, self._t)
-            if entry is not None:
-                return entry.stack, entry.prediction
-            self._live = True  # evicted: back to live
-            self.live_check.setChecked(True)
-        return self.history.newest(self._p, "stack"), self.history.newest(self._p, "prediction")
+        return self.navigation.shown()
 
     def _draw(self) -> None:
         t0 = time.perf_counter()
         self._last_draw = time.monotonic()
         stack, pred = self.shown()
-        self._sync_time_slider()
+        nav = self.navigation
+        nav.sync_time_slider()
         if stack is not None or pred is not None:
-            nz, ny, nx = stack.array.shape if stack is not None else pred.array.shape[1:]
-            self._sync_geometry(nz, ny, nx)
-        frame = self.renderer.render(stack, pred, self._z, self._mode, self._cross, self.structures.styles)
+            nav.fit(*(stack.array.shape if stack is not None else pred.array.shape[1:]))
+        frame = self.renderer.render(stack, pred, nav.z, nav.mode, nav.cross, self.structures.styles)
         if frame is None:
             self.status.setText(self._status_text())
             return
         for layer, images in ((self.views.xy, frame.xy), (self.views.xz, frame.xz), (self.views.yz, frame.yz)):
             layer.show(images.base, images.levels, images.overlay, QtCore.QRectF(*images.rect))
-        cx, cy = self._cross or (frame.shape[2] // 2, frame.shape[1] // 2)
+        cx, cy = nav.cross or (frame.shape[2] // 2, frame.shape[1] // 2)
         self.views.set_crosshair(cx, cy, (frame.z + 0.5) * frame.z_scale)
         for name, (lo, hi) in frame.auto_levels.items():
             self.structures.show_levels(name, lo, hi)
-        if self._mode == "focus":  # leaving focus mode then stays on the sharpest plane
-            self._z = frame.z
-            self._show_z(frame.z)
+        nav.drawn(frame.z, frame.shape[0])
         self._base = frame.xy.base if frame.xy.base is not None else np.zeros((1, 1), np.uint16)
         self._overlay = frame.xy.overlay
         self.last_draw_s = time.perf_counter() - t0
         self._note_latency(pred)
-        suffix = "" if self._mode == "plane" else f" ({self._mode})"
-        self.z_label.setText(f"z {frame.z}/{frame.shape[0] - 1}{suffix}")
         self.history_label.setText(self.history.describe())
         self.status.setText(self._status_text())
 
-    def _sync_geometry(self, nz: int, ny: int, nx: int) -> None:
-        """Fit the z slider to a depth; jump to the middle plane (and centre the crosshair)
-        only when the shape changes, so the user's choices survive new stacks."""
-        if self._shape == (nz, ny, nx):
-            return
-        if self._nz != nz:
-            self._nz = nz
-            self.z_slider.blockSignals(True)
-            self.z_slider.setRange(0, nz - 1)
-            self.z_slider.setValue(nz // 2)
-            self.z_slider.blockSignals(False)
-            self._z = nz // 2
-        if self._shape is None and self._cross is not None:  # chosen before any data
-            self._cross = (int(np.clip(self._cross[0], 0, nx - 1)), int(np.clip(self._cross[1], 0, ny - 1)))
-        elif self._shape is None or self._shape[1:] != (ny, nx):
-            self._cross = (nx // 2, ny // 2)
-        self._shape = (nz, ny, nx)
-        self._z = min(self._z, nz - 1)
-
-    def _show_z(self, z: int) -> None:
-        self.z_slider.blockSignals(True)
-        self.z_slider.setValue(z)
-        self.z_slider.blockSignals(False)
-
-    def _sync_time_slider(self) -> None:
-        times = self.history.times(self._p) if self._p is not None else []
-        self.time_slider.blockSignals(True)
-        self.time_slider.setRange(0, max(len(times) - 1, 0))
-        if times:
-            if self._live or self._t not in times:
-                self.time_slider.setValue(len(times) - 1)
-            else:
-                self.time_slider.setValue(times.index(self._t))
-        self.time_slider.blockSignals(False)
-        if not times:
-            self.time_label.setText("t —")
-        elif self._live:
-            self.time_label.setText(f"t {times[-1]} (live; history t {times[0]}–{times[-1]})")
-        else:
-            self.time_label.setText(f"t {self._t} (history t {times[0]}–{times[-1]})")
-
     def _note_latency(self, pred: Received | None) -> None:
         """End-to-end latency of a live prediction the first time it is drawn."""
-        if pred is None or not self._live or self._p is None:
+        p = self.navigation.p
+        if pred is None or not self.navigation.live or p is None:
             return
-        if self._last_drawn_pred.get(self._p) == pred.serial:
+        if self._last_drawn_pred.get(p) == pred.serial:
             return
-        self._last_drawn_pred[self._p] = pred.serial
+        self._last_drawn_pred[p] = pred.serial
         drawn_at = time.time()
         since = pred.header.acquired_end
         if since > 0:
