@@ -165,8 +165,32 @@ def test_a_snap_that_fails_once_is_retried_and_leaves_no_gap(tmp_path, base_port
     summary = daemon.run()
     assert summary.acquired == 2 and summary.incomplete == 0
     assert daemon.status()["snap_retries"] == 1 and daemon.status()["snap_failures"] == 0
+    # through pymmcore-plus's extension point, an MDAEngine subclass; the core is untouched
+    from pymmcore_plus.mda import MDAEngine
+
+    assert isinstance(daemon.core.mda.engine, MDAEngine) and "snapImage" not in vars(daemon.core)
     raw0, info0 = RunReader(tmp_path / "run").raw(0)
     assert info0["gaps"] == [] and raw0[5].mean() > 1000
+
+
+def test_the_retrying_engine_takes_the_runners_pause_and_cancel_signals() -> None:
+    """The MDA runner sends "pause"/"cancel" into the engine's generator while it yields
+    frames; the retrying engine must take them as pymmcore-plus's own does (it once
+    died with "'list_iterator' object has no attribute 'send'" on the first pause)."""
+    from useq import MDAEvent
+
+    from livestain.acquisition.retry import install_snap_retries
+    from livestain.devices.simulated import build_simulated_core
+
+    core = build_simulated_core(SimulatedScope(failing_snaps={0}))
+    counts = install_snap_retries(core, retries=2, report=lambda _: None, pause_s=0)
+    for signal in ("pause", "cancel"):
+        frames = core.mda.engine.exec_single_event(MDAEvent(exposure=5))
+        first = next(frames)
+        assert first.image.mean() > 100  # the frame, after a retry for the first one
+        with pytest.raises(StopIteration):
+            frames.send(signal)  # one camera: no more frames, and no AttributeError
+    assert counts() == {"snap_retries": 1, "snap_failures": 0}
 
 
 def test_a_failed_snap_is_a_gap_and_later_frames_stay_in_place(tmp_path, base_port) -> None:
