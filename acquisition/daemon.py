@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from .audit import planned_keys
 from .checks import CheckScore
 from .closed_loop import ClosedLoop, LoopHost
 from .control import RunControl
+from .daemon_hooks import DaemonHooks
 from .journal import Journal
 from .light_dose import LightDose
 from .mda_frames import MdaFrames
@@ -44,7 +44,7 @@ from .run_folder import RunFolder
 from .run_report import write_summary
 from .run_summary import RunStopped, RunSummary, stop_on_journal_error
 from .stack_state import StackRecord
-from .stack_writer import StackWriter, disk_free_bytes
+from .stack_writer import StackWriter
 from .stacks import LostStackTracker, Stack, StackAssembler
 from .streaming import DaemonSockets
 from .trust import TrustLedger
@@ -52,23 +52,6 @@ from .trust import TrustLedger
 __all__ = ["Daemon", "DaemonHooks", "RunStopped", "RunSummary"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DaemonHooks:
-    """How the daemon reaches what runs beside it (the worker supervisor, a viewer, a
-    test): all optional, so a daemon with remote workers needs none of them."""
-
-    #: called every turn of the loop (worker supervision, reaping a closed viewer)
-    on_tick: Callable[[], None] = lambda: None
-    #: called with the workers holding stacks that got no answer within resend_after_s
-    on_hung_worker: Callable[[list[str]], None] = lambda holders: None
-    #: more fields for the status reply (worker health; `RunStatus` declares them)
-    extra_status: Callable[[], dict[str, Any]] = dict
-    #: moves the workers to another model (adaptation); None: no local workers
-    swap_model: Callable[[str | None], None] | None = None
-    #: free bytes on a path's disk (a test fills the disk up)
-    free_space: Callable[[Path], int] = disk_free_bytes
 
 
 class Daemon:

@@ -79,6 +79,77 @@ def test_a_stack_of_zeros_is_still_on_disk(tmp_path) -> None:
     assert ref_exists(ref) and ref_file(ref).stat().st_size == 4 * 16 * 24 * 2
 
 
+def test_chunks_lie_side_by_side_and_runs_with_nested_chunks_still_read(tmp_path) -> None:
+    """A stack is one file in the array's own folder (no folder per time point: four
+    mkdirs per stack cost a third of small-stack write speed); arrays written before,
+    with the spec's default nested keys, are still found by `ref_file` / `ref_exists`."""
+    import shutil
+
+    store = open_store(tmp_path / "new", "zarr")
+    stack = np.arange(4 * 16 * 24, dtype=np.uint16).reshape(4, 16, 24)
+    ref = store.write_raw(3, 0, "Brightfield", stack, voxel_size_um=VOXEL, info={})
+    array = tmp_path / "new" / "p000" / "raw.ome.zarr" / "0"
+    assert ref_file(ref) == array / "c.3.0.0.0.0" and ref_exists(ref)
+    assert sorted(p.name for p in array.iterdir() if p.is_dir()) == []
+    # the same image as an earlier livestain wrote it: "/" keys, c/3/0/0/0/0
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "new", old)
+    meta = json.loads((old / "p000" / "raw.ome.zarr" / "0" / "zarr.json").read_text())
+    meta["chunk_key_encoding"] = {"name": "default", "configuration": {"separator": "/"}}
+    (old / "p000" / "raw.ome.zarr" / "0" / "zarr.json").write_text(json.dumps(meta))
+    nested = old / "p000" / "raw.ome.zarr" / "0" / "c" / "3" / "0" / "0" / "0"
+    nested.mkdir(parents=True)
+    (old / "p000" / "raw.ome.zarr" / "0" / "c.3.0.0.0.0").rename(nested / "0")
+    old_ref = str(ref).replace(str(tmp_path / "new"), str(old))
+    assert ref_file(old_ref) == nested / "0" and ref_exists(old_ref)
+    back, _ = read_ref(old_ref)
+    np.testing.assert_array_equal(back, stack)
+
+
+def test_a_full_disk_mid_chunk_leaves_the_chunk_before_and_no_partial(tmp_path, monkeypatch) -> None:
+    """A stack is written plane by plane to ``.partial`` and renamed: a full disk halfway
+    leaves the earlier stack as it was, no stray file, and says so as an OSError."""
+    import builtins
+    import errno
+
+    store = open_store(tmp_path, "zarr", timepoints=2)
+    first = np.full((4, 16, 24), 7, np.uint16)
+    ref0 = store.write_raw(0, 0, "Brightfield", first, voxel_size_um=VOXEL, info={})
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, fh):  # noqa: ANN001
+            self.fh, self.n = fh, 0
+
+        def write(self, data):  # noqa: ANN001, ANN202
+            self.n += 1
+            if self.n == 3:  # the third plane finds the disk full
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.fh.write(data)
+
+        def __getattr__(self, name):  # noqa: ANN001, ANN204
+            return getattr(self.fh, name)
+
+        def __enter__(self):  # noqa: ANN204
+            return self
+
+        def __exit__(self, *exc):  # noqa: ANN002, ANN204
+            return self.fh.__exit__(*exc)
+
+    def opening(path, mode="r", *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        fh = real_open(path, mode, *args, **kwargs)
+        return FullDisk(fh) if str(path).endswith(".partial") else fh
+
+    monkeypatch.setattr(builtins, "open", opening)
+    with pytest.raises(OSError, match="No space left"):
+        store.write_raw(1, 0, "Brightfield", np.ones((4, 16, 24), np.uint16), voxel_size_um=VOXEL, info={})
+    monkeypatch.undo()
+    array = tmp_path / "p000" / "raw.ome.zarr" / "0"
+    assert sorted(p.name for p in array.iterdir()) == ["c.0.0.0.0.0", "zarr.json"]
+    np.testing.assert_array_equal(read_ref(ref0)[0], first)
+    assert not ref_exists(store.raw_ref(1, 0, "Brightfield"))
+
+
 def test_a_stack_that_does_not_fit_the_run_is_refused_with_the_fix(tmp_path) -> None:
     store = open_store(tmp_path, "zarr")
     store.write_raw(0, 0, "Brightfield", _stack(0), voxel_size_um=VOXEL, info={})
