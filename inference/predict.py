@@ -182,14 +182,14 @@ class Predictor:
         t0 = time.perf_counter()
         meta = self.model.meta
         dz = zwindow.z_step_of(voxel_size_um, meta.voxel_size_um)
-        focus = estimate_focus(stack, dz)
+        focus = zwindow.locate_cells(stack, dz)
         self.last_focus = focus
         window = zwindow.plan_window(stack, dz, zwindow.training_extent_um(meta.extra, meta.voxel_size_um[0]),
                                      focus, float(meta.extra.get("train_focus_offset_um", 0.0)))
         if window is None:
             return None
         t1 = time.perf_counter()
-        part = self.predict(stack[window.indices], voxel_size_um, tile, tta, overlap,
+        part = self.predict(zwindow.window_planes(stack, window, dz), voxel_size_um, tile, tta, overlap,
                             on_tile=on_tile, focus_window=False)
         full = zwindow.place(part, window, stack.shape[0])
         self.last_focus = focus

@@ -7,12 +7,14 @@ bench/robustness.py: DNA r 0.97 at its 16 um stack, 0.26 at 32 um, ~0 at 8 um of
 
 So before predicting, the stack's focal plane is found from the brightfield itself
 (`livestain.focus.estimate_focus`), the planes spanning the model's training z extent
-around it are cut out (planes beyond the stack's ends repeat the edge plane), the model
+around it are cut out (planes beyond the stack's ends: `window_planes`), the model
 predicts that window, and the prediction is put back in place. Planes of the stack
 outside the window lie far from the cells: they get the window's own background (the
 median of its nearest edge plane, per structure), not a guess of the network on data
-it never saw. Stacks without a focus estimate (phase contrast, no cells, the cells
-outside the stack) are predicted as they are, as before.
+it never saw. Where the contrast minimum cannot be seen (the cells at the stack's end
+or just beyond it), the halos' change of sign places them (`locate_cells`); stacks
+without either (phase contrast, no cells, the cells far outside the stack) are
+predicted as they are.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from livestain.focus import FocusEstimate, estimate_focus
+from livestain.focus import FocusEstimate, estimate_focus, focus_from_halos
 
 #: z extent (um) assumed for a model whose checkpoint does not record its training
 #: stacks' (the bundled recipe's: 16 planes, 1 um apart).
@@ -65,6 +67,22 @@ class Window:
         return len(self.indices)
 
 
+def locate_cells(stack: np.ndarray, z_step_um: float) -> FocusEstimate:
+    """The cells' focal plane: the contrast minimum (`estimate_focus`), else where the
+    halos change sign, up to a few planes beyond the stack's ends (`focus_from_halos`).
+
+    The minimum needs planes on both sides of the focus, so a stack that ends at the
+    cells or just short of them got none, and was predicted as it was: DNA r ~0 at
+    8 um off the cells (bench/robustness.py). The halos' sign places the focus there
+    within about a plane on the simulator.
+    """
+    focus = estimate_focus(stack, z_step_um)
+    if focus.plane is not None:
+        return focus
+    halos = focus_from_halos(stack, z_step_um)
+    return halos if halos.plane is not None else focus
+
+
 def plan_window(stack: np.ndarray, z_step_um: float, extent_um: float,
                 focus: FocusEstimate | None = None, focus_offset_um: float = 0.0) -> Window | None:
     """The window to predict from, or None to predict the whole stack as it is (no
@@ -84,6 +102,60 @@ def plan_window(stack: np.ndarray, z_step_um: float, extent_um: float,
         return None
     indices = np.clip(np.arange(first, first + size), 0, nz - 1)
     return Window(first, indices, focus)
+
+
+#: Smoothing (pixels) that separates a plane's illumination from its halos when a plane
+#: beyond the stack is made by reflection (`window_planes`).
+ILLUMINATION_SIGMA_PX = 8.0
+
+
+#: When the focus lies beyond the stack's end, missing planes up to this far from it are
+#: made by reflection (`window_planes`); further out the weak-object picture fails
+#: (measured: reflecting every missing plane cost DNA r 0.96 -> 0.75-0.83 at 4 um off
+#: the cells; 2, 3 and 4 um gave worst DNA r 0.81, 0.81, 0.73 over +-8 um).
+REFLECT_UM = 3.0
+
+
+def window_planes(stack: np.ndarray, window: Window, z_step_um: float) -> np.ndarray:
+    """The window's planes: the stack's where it has them. Beyond its ends, the edge
+    plane repeated, except when the focus itself lies beyond the end (extrapolated by
+    `locate_cells`): then planes within `REFLECT_UM` of the focus are the plane as far
+    on the other side of it with its halos reversed, and further out the outermost
+    plane so far is repeated.
+
+    Near focus a cell's brightfield is its illumination plus halos whose sign flips at
+    the focal plane and whose size grows with the distance to it, so the plane a
+    distance d below the focus is, to first order, the illumination minus the halos of
+    the plane d above it. When the cells sit at the stack's end (8 um off them), the
+    planes next to the focus on one side are missing; repeating the edge plane there
+    put halos of the wrong sign where the model looks for the nucleus.
+    """
+    from scipy import ndimage as ndi
+
+    nz = stack.shape[0]
+    wanted = np.arange(window.first, window.first + window.size)
+    out = stack[np.clip(wanted, 0, nz - 1)].astype(np.float32)
+    focus = window.focus.plane
+    if focus is None or 0 <= focus <= nz - 1:
+        # the stack holds the focus and planes on both sides of it: the edge plane is
+        # the better stand-in (measured at 8 um off: DNA r 0.91 repeated, 0.81 reflected)
+        return out
+    reach = REFLECT_UM / float(z_step_um)
+    inside = np.flatnonzero((wanted >= 0) & (wanted < nz))
+    if inside.size == 0:
+        return out
+    # outward from the stack's ends, so "the outermost plane so far" is always filled
+    for order in (range(inside[0] - 1, -1, -1), range(inside[-1] + 1, len(wanted))):
+        previous = None
+        for i in order:
+            mirror = int(round(2 * focus - wanted[i]))
+            if abs(wanted[i] - focus) <= reach and 0 <= mirror < nz:
+                plane = stack[mirror].astype(np.float32)
+                out[i] = 2 * ndi.gaussian_filter(plane, ILLUMINATION_SIGMA_PX, truncate=3.0) - plane
+            elif previous is not None:
+                out[i] = out[previous]
+            previous = i
+    return out
 
 
 def place(window_prediction: np.ndarray, window: Window, nz: int) -> np.ndarray:
