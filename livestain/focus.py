@@ -148,14 +148,19 @@ def estimate_focus(stack: np.ndarray, z_step_um: float = 1.0,
     return FocusEstimate(plane, (plane - (nz - 1) / 2) * float(z_step_um), dip)
 
 
+#: The halo pattern must carry at least this share of the band-passed planes' variance
+#: (`halo_profile`): cells through focus 0.73-0.90 on every simulated condition, camera
+#: noise alone 0.07-0.15, whose sign "flips" anywhere.
+MIN_HALO_SHARE = 0.4
 #: How far beyond the stack's first or last plane `focus_from_halos` extrapolates the
 #: focal plane (planes): further out, too little of the cells is in the stack to say.
 MAX_EXTRAPOLATION_PLANES = 3.0
 
 
-def halo_profile(stack: np.ndarray) -> np.ndarray:
+def halo_profile(stack: np.ndarray) -> tuple[np.ndarray, float]:
     """Per plane, how much of the stack's main band-passed pattern it shows, signed,
-    scaled so the largest is +-1.
+    scaled so the largest is +-1; and the share of the band-passed variance that
+    pattern carries (near 1: one pattern through the stack; near 1/planes: noise).
 
     A weak phase object's brightfield image is, near focus, its phase's Laplacian times
     the defocus: one pattern whose sign flips at the focal plane (dark halos below,
@@ -176,7 +181,9 @@ def halo_profile(stack: np.ndarray) -> np.ndarray:
     u, s, _ = np.linalg.svd(planes, full_matrices=False)
     profile = u[:, 0] * s[0]
     peak = float(np.abs(profile).max())
-    return profile / peak if peak > 0 else profile
+    total = float(np.sum(s**2))
+    share = float(s[0] ** 2) / total if total > 0 else 0.0
+    return (profile / peak if peak > 0 else profile), share
 
 
 def focus_from_halos(stack: np.ndarray, z_step_um: float = 1.0) -> FocusEstimate:
@@ -196,7 +203,10 @@ def focus_from_halos(stack: np.ndarray, z_step_um: float = 1.0) -> FocusEstimate
     if nz < MIN_FOCUS_PLANES:
         return FocusEstimate(None, None, math.inf, f"{nz} planes: too few to find the focus "
                                                    f"(needs {MIN_FOCUS_PLANES})")
-    a = halo_profile(stack)
+    a, share = halo_profile(stack)
+    if share < MIN_HALO_SHARE:
+        return FocusEstimate(None, None, math.inf, f"no halo pattern through the stack (it carries {share:.0%} "
+                                                   f"of the detail, needs {MIN_HALO_SHARE:.0%}): no cells, or noise")
     peak = int(np.argmax(np.abs(a)))
     sign = np.sign(a[peak])
     flips = []

@@ -186,12 +186,12 @@ def test_the_retrying_engine_takes_the_runners_pause_and_cancel_signals() -> Non
 
     core = build_simulated_core(SimulatedScope(failing_snaps={0}))
     counts = install_snap_retries(core, retries=2, report=lambda _: None, pause_s=0)
-    for signal in ("pause", "cancel"):
+    for runner_signal in ("pause", "cancel"):
         frames = core.mda.engine.exec_single_event(MDAEvent(exposure=5))
         first = next(frames)
         assert first.image.mean() > 100  # the frame, after a retry for the first one
         with pytest.raises(StopIteration):
-            frames.send(signal)  # one camera: no more frames, and no AttributeError
+            frames.send(runner_signal)  # one camera: no more frames, and no AttributeError
     assert counts() == {"snap_retries": 1, "snap_failures": 0}
 
 
