@@ -27,7 +27,7 @@ from typing import Any
 
 import useq
 
-from livestain.focus import FocusEstimate, estimate_focus
+from livestain.focus import FocusEstimate, locate_cells
 
 from .adaptation import Adaptation, ModelVersion
 from .checks import CheckScore, CheckScorer, check_channel_of, doubt_checks, extra_checks_allowed
@@ -116,7 +116,7 @@ class ClosedLoop:
         if stack.gaps:
             estimate = FocusEstimate(None, None, float("inf"), "planes missing: focus not estimated")
         else:
-            estimate = estimate_focus(stack.planes, voxel_z_um)
+            estimate = locate_cells(stack.planes, voxel_z_um)  # also cells at or just beyond its end
         move = self.focus.observe(stack.t, stack.p, estimate)
         if move.moved_um:
             self.host.report(f"{self.host.where(stack.t, stack.p)} focus: cells {estimate.offset_um:+.1f} um from "

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from livestain.stackio import MIN_YX
 
-from livestain.focus import FocusEstimate, estimate_focus
+from livestain.focus import FocusEstimate, estimate_focus, locate_cells
 
 from . import zwindow
 from .checkpoint import LoadedModel, load_checkpoint
@@ -182,7 +182,7 @@ class Predictor:
         t0 = time.perf_counter()
         meta = self.model.meta
         dz = zwindow.z_step_of(voxel_size_um, meta.voxel_size_um)
-        focus = zwindow.locate_cells(stack, dz)
+        focus = locate_cells(stack, dz)
         self.last_focus = focus
         window = zwindow.plan_window(stack, dz, zwindow.training_extent_um(meta.extra, meta.voxel_size_um[0]),
                                      focus, float(meta.extra.get("train_focus_offset_um", 0.0)))

@@ -12,7 +12,7 @@ predicts that window, and the prediction is put back in place. Planes of the sta
 outside the window lie far from the cells: they get the window's own background (the
 median of its nearest edge plane, per structure), not a guess of the network on data
 it never saw. Where the contrast minimum cannot be seen (the cells at the stack's end
-or just beyond it), the halos' change of sign places them (`locate_cells`); stacks
+or just beyond it), the halos' change of sign places them (`livestain.focus.locate_cells`); stacks
 without either (phase contrast, no cells, the cells far outside the stack) are
 predicted as they are.
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from livestain.focus import FocusEstimate, estimate_focus, focus_from_halos
+from livestain.focus import FocusEstimate, estimate_focus
 
 #: z extent (um) assumed for a model whose checkpoint does not record its training
 #: stacks' (the bundled recipe's: 16 planes, 1 um apart).
@@ -67,22 +67,6 @@ class Window:
         return len(self.indices)
 
 
-def locate_cells(stack: np.ndarray, z_step_um: float) -> FocusEstimate:
-    """The cells' focal plane: the contrast minimum (`estimate_focus`), else where the
-    halos change sign, up to a few planes beyond the stack's ends (`focus_from_halos`).
-
-    The minimum needs planes on both sides of the focus, so a stack that ends at the
-    cells or just short of them got none, and was predicted as it was: DNA r ~0 at
-    8 um off the cells (bench/robustness.py). The halos' sign places the focus there
-    within about a plane on the simulator.
-    """
-    focus = estimate_focus(stack, z_step_um)
-    if focus.plane is not None:
-        return focus
-    halos = focus_from_halos(stack, z_step_um)
-    return halos if halos.plane is not None else focus
-
-
 def plan_window(stack: np.ndarray, z_step_um: float, extent_um: float,
                 focus: FocusEstimate | None = None, focus_offset_um: float = 0.0) -> Window | None:
     """The window to predict from, or None to predict the whole stack as it is (no
@@ -119,7 +103,7 @@ REFLECT_UM = 3.0
 def window_planes(stack: np.ndarray, window: Window, z_step_um: float) -> np.ndarray:
     """The window's planes: the stack's where it has them. Beyond its ends, the edge
     plane repeated, except when the focus itself lies beyond the end (extrapolated by
-    `locate_cells`): then planes within `REFLECT_UM` of the focus are the plane as far
+    `livestain.focus.locate_cells`): then planes within `REFLECT_UM` of the focus are the plane as far
     on the other side of it with its halos reversed, and further out the outermost
     plane so far is repeated.
 

@@ -246,3 +246,19 @@ def _extrapolated_flip(amount: np.ndarray, peak: int) -> float | None:
         outward = [-beyond]
     x = max(outward)  # the root nearest the stack
     return x if steep_low else (n - 1) - x
+
+
+def locate_cells(stack: np.ndarray, z_step_um: float) -> FocusEstimate:
+    """The cells' focal plane: the contrast minimum (`estimate_focus`), else where the
+    halos change sign, up to a few planes beyond the stack's ends (`focus_from_halos`).
+
+    The minimum needs planes on both sides of the focus, so a stack that ends at the
+    cells or just short of them got none: the worker predicted it as it was (DNA r ~0
+    at 8 um off the cells, bench/robustness.py) and focus tracking never moved back to
+    them. The halos' sign places the focus there within about a plane on the simulator.
+    """
+    focus = estimate_focus(stack, z_step_um)
+    if focus.plane is not None:
+        return focus
+    halos = focus_from_halos(stack, z_step_um)
+    return halos if halos.plane is not None else focus

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from livestain.devices import randomize
-from livestain.focus import estimate_focus, focus_from_halos, halo_profile
+from livestain.focus import estimate_focus, focus_from_halos, halo_profile, locate_cells
 from livestain.inference import zwindow
 
 
@@ -111,7 +111,7 @@ def test_a_focus_just_beyond_the_first_plane_is_extrapolated(seed) -> None:
     est = focus_from_halos(pair.brightfield, 1.0)
     assert est.plane is not None and est.plane < 0 and "beyond the stack" in est.reason
     assert abs(est.offset_um - truth) <= 0.6, (est.offset_um, truth)
-    located = zwindow.locate_cells(pair.brightfield, 1.0)
+    located = locate_cells(pair.brightfield, 1.0)
     assert located.plane == est.plane  # the worker's window uses it
 
 

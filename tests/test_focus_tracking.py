@@ -79,7 +79,7 @@ class _BundledWorker:
 
 def _drift_run(tmp_path: Path, base_port: int, track: bool, drift_um: float = 8.0,
                timepoints: int = 7, interval_s: float = 2.0, autofocus: bool = False,
-               ) -> tuple[list[float], list[dict], Path]:
+               plan_off_um: float = 0.0) -> tuple[list[float], list[dict], Path]:
     """DNA Pearson r of every prediction against the simulator's truth, the daemon's
     status replies as the focus record changed, and the run folder, for a sample
     drifting ``drift_um`` over the run."""
@@ -106,7 +106,11 @@ def _drift_run(tmp_path: Path, base_port: int, track: bool, drift_um: float = 8.
         if latest and (not statuses or statuses[-1]["focus"] != latest):
             statuses.append(daemon.status())
 
-    daemon = Daemon(core, demo_sequence(timepoints, interval_s), out, eps,
+    plan = demo_sequence(timepoints, interval_s)
+    if plan_off_um:  # the user centred the stack this far above the cells
+        plan = plan.model_copy(update={"stage_positions": [
+            pos.model_copy(update={"z": pos.z + plan_off_um}) for pos in plan.stage_positions]})
+    daemon = Daemon(core, plan, out, eps,
                     Policies(track_focus=track, drain_timeout_s=120.0), report=lambda line: None,
                     hooks=DaemonHooks(on_tick=on_tick))
     worker = _BundledWorker(eps)
@@ -164,6 +168,20 @@ def test_a_drifting_sample_stays_predicted_only_with_focus_tracking(tmp_path, ba
     xs, ys = plot._curves["0"][1].getData()
     assert list(xs) == list(range(1, 8)) and ys[-1] == pytest.approx(rows[-1][1], abs=0.01)
     _dispose(panel, plot)
+
+
+def test_tracking_brings_back_a_stack_set_up_8_um_off_the_cells(tmp_path, base_port) -> None:
+    """The cells at the stack's end, 8 um off: the contrast minimum sees nothing there,
+    so tracking never moved (before 2026-12-02); the halos' sign
+    (`livestain.focus.locate_cells`) says where they are, and the stack walks back to
+    them at the bounded 2 um per time point."""
+    rs, statuses, out = _drift_run(tmp_path, base_port, track=True, drift_um=0.0, plan_off_um=8.0)
+    print(f"DNA r per stack, stack set up 8 um above the cells, tracked: {[round(r, 3) for r in rs]}")
+    correction = statuses[-1]["focus"]["0"]["correction_um"]
+    assert correction == pytest.approx(-8.0, abs=1.5), correction
+    rows = Journal(out).db.execute("SELECT z_correction_um FROM stacks ORDER BY seq").fetchall()
+    assert rows[0][0] == 0 and rows[1][0] == pytest.approx(-2.0, abs=0.01)  # the first move, bounded
+    assert min(rs[-2:]) >= 0.9, rs  # centred again at the end
 
 
 def _dispose(*widgets) -> None:  # noqa: ANN002
