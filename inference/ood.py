@@ -192,8 +192,23 @@ def check_stack(
         if not dip < FOCUS_DIP_RATIO:
             report.flags.append(_flag("out_of_focus", f"brightfield contrast has no minimum inside the stack "
                                                       f"(deepest dip {min(dip, 9.99):.2f} >= {FOCUS_DIP_RATIO}): the "
-                                                      "cells' focal plane is outside it; centre the z range on the cells"))
+                                                      f"cells' focal plane is outside it; {_where_to_move(stack, voxel_size_um)}"))
     return report
+
+
+def _where_to_move(stack: np.ndarray, voxel_size_um: Sequence[float] | None) -> str:
+    """The fix for a stack off its cells, in the user's terms: how far to shift the z
+    range, when the halos place the cells at or just beyond the stack's end
+    (`livestain.focus.focus_from_halos`); else the general advice."""
+    from livestain.focus import focus_from_halos
+
+    z_step = float(voxel_size_um[0]) if voxel_size_um is not None else 1.0
+    where = focus_from_halos(stack, z_step)
+    if where.offset_um is None:
+        return "centre the z range on the cells"
+    end = "last" if where.offset_um > 0 else "first"
+    return (f"their halos place them {abs(where.offset_um):.1f} um from the stack's centre, towards its {end} "
+            f"plane: shift the z range by {where.offset_um:+.1f} um (or turn on track_focus)")
 
 
 def _check_voxel_size(report: StackReport, voxel: Sequence[float] | None, model: Sequence[float] | None) -> None:

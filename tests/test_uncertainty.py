@@ -142,6 +142,20 @@ def test_a_stack_out_of_focus_is_flagged(offset_um: float) -> None:
     assert "no minimum inside the stack" in report.flags[0].reason
 
 
+@pytest.mark.parametrize("offset_um", [-8.0, 8.0])
+def test_the_out_of_focus_flag_says_how_far_to_shift_the_z_range(offset_um: float) -> None:
+    """A stack 8 um off its cells: the reason names the shift that centres them (the
+    cells sit ~0.5 um below the training stack's centre, so the shift is about
+    -offset - 0.5), from the halos' change of sign at or just beyond the stack's end."""
+    import re
+
+    f = render_field(8443, SIZE, offset_um=offset_um)
+    report = ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL)
+    assert report.codes == ["out_of_focus"], report.stats
+    shift = float(re.search(r"shift the z range by ([+-][0-9.]+) um", report.flags[0].reason).group(1))
+    assert shift == pytest.approx(-offset_um - 0.5, abs=1.5), report.flags[0].reason
+
+
 @pytest.mark.parametrize("offset_um", [-3.0, 3.0])
 def test_a_stack_a_little_off_focus_still_holds_the_cells(offset_um: float) -> None:
     f = render_field(8443, SIZE, offset_um=offset_um)
