@@ -29,7 +29,6 @@ place), so kill -9 at any moment leaves every recorded stack readable.
 from __future__ import annotations
 
 import json
-import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ import numpy as np
 
 from livestain.colors import hex_color
 from livestain.plate import PlateLayout
-from livestain.stackio import fsync_dir, read_stack, write_stack
+from livestain.stackio import atomic_file, fsync_dir, read_stack, write_stack
 
 Storage = Literal["zarr", "tiff"]
 STORAGES: tuple[str, ...] = ("zarr", "tiff")
@@ -404,22 +403,12 @@ def _write(target: Any, data: np.ndarray, image: Path) -> None:
 
 
 def _write_whole_chunk(path: Path, data: np.ndarray) -> None:
-    """A chunk's bytes to ``path.partial``, plane by plane, fsynced, renamed into place,
-    the folder fsynced: a crash leaves the old chunk or the new one, never half of one
-    (the resume deletes a leftover ``.partial``). A full disk is the OSError it is."""
-    partial = path.with_name(path.name + ".partial")
+    """A chunk's bytes, plane by plane, written atomically (`stackio.atomic_file`). A full
+    disk is the OSError it is."""
     planes = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
-    try:
-        with open(partial, "wb") as fh:
-            for plane in planes.reshape(-1, *planes.shape[-2:]):
-                fh.write(memoryview(plane).cast("B"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_file(path) as fh:
+        for plane in planes.reshape(-1, *planes.shape[-2:]):
+            fh.write(memoryview(plane).cast("B"))
 
 
 def _plain_chunks(array: Path) -> bool:
@@ -498,14 +487,8 @@ def _write_image_metadata(image: Path, channels: list[str], voxel_size_um: Seque
     meta = image_metadata(channels, voxel_size_um, interval_s, kind, dtype)
     if models:
         meta["attributes"]["livestain"]["models"] = models
-    body = json.dumps(meta, indent=1)
-    partial = image / "zarr.json.partial"
-    with open(partial, "w") as fh:
-        fh.write(body)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(partial, image / "zarr.json")
-    fsync_dir(image)
+    with atomic_file(image / "zarr.json") as fh:
+        fh.write(json.dumps(meta, indent=1).encode())
 
 
 def open_store(out_dir: Path, storage: Storage = "zarr", *, timepoints: int = 1, interval_s: float = 0.0,
