@@ -91,6 +91,7 @@ def run(model: str | None, seeds: Sequence[int], size: int,
     predictor = Predictor(model, device, focus_window=focus_window)
     rows: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
+    models: dict[str, str] = {}
     for name, edit in conditions():
         if only and name not in only:
             continue
@@ -98,6 +99,7 @@ def run(model: str | None, seeds: Sequence[int], size: int,
         fields = render_condition(edit, seeds, size)
         res = evaluate_model(predictor, fields)
         rows[name] = {s: round(res["mean"][s]["pearson"], 4) for s in res["structures"]}
+        models[name] = predictor.model.name  # the bundled models: the one routed to (last field)
         seconds[name] = round(time.perf_counter() - t0, 1)
         print(f"  {name}: {rows[name]} ({seconds[name]} s)", flush=True)
     worst = {}
@@ -107,7 +109,9 @@ def run(model: str | None, seeds: Sequence[int], size: int,
             name = min(vals, key=vals.get)  # type: ignore[arg-type]
             worst[s] = {"condition": name, "pearson": vals[name], "target": TARGETS[s],
                         "meets": vals[name] >= TARGETS[s]}
-    return {"model": predictor.model.name, "seeds": list(seeds), "size": size, "focus_window": focus_window,
+    named = sorted(set(models.values())) or [predictor.model.name]
+    return {"model": " + ".join(named) + (" (routed by modality)" if predictor.routes_modality else ""),
+            "models": models, "seeds": list(seeds), "size": size, "focus_window": focus_window,
             "rows": rows, "worst": worst, "seconds": seconds,
             "not_simulated": ["DIC"], "targets": TARGETS}
 
@@ -144,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     result = run(a.model, seeds, size, a.only, a.device, a.focus_window)
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"model: {result['model']}")
     print(table(result))
     print(f"{len(result['rows'])} conditions x {len(seeds)} field(s) of {size} px in "
           f"{result['total_seconds']} s")

@@ -25,6 +25,8 @@ from .normalize import PercentileNorm
 META_KEY = "livestain"
 FORMAT = "livestain.checkpoint/1"
 BUNDLED_NAME = "bundled"
+#: The bundled model made for each transmitted-light modality (`livestain.modality`).
+BUNDLED_NAMES = {"brightfield": BUNDLED_NAME, "phase": "bundled-phase"}
 
 
 class CheckpointError(ValueError):
@@ -100,9 +102,13 @@ def save_checkpoint(path: str | Path, net: UNet3D, meta: ModelMeta) -> Path:
     return path
 
 
-def bundled_model_path() -> Path:
-    """The small model shipped in the package, used by ``livestain demo``."""
-    return Path(str(resources.files("livestain.inference") / "models" / f"{BUNDLED_NAME}.safetensors"))
+def bundled_model_path(modality: str = "brightfield") -> Path:
+    """The small model shipped in the package for stacks of ``modality``: ``bundled``
+    for brightfield (what ``livestain demo`` uses), ``bundled-phase`` for phase contrast
+    (`livestain.modality`; the worker picks between them per stack)."""
+    if modality not in BUNDLED_NAMES:
+        raise ValueError(f"no bundled model for {modality!r}: choose one of {', '.join(BUNDLED_NAMES)}")
+    return Path(str(resources.files("livestain.inference") / "models" / f"{BUNDLED_NAMES[modality]}.safetensors"))
 
 
 def load_checkpoint(path: str | Path | None = None, device: str = "cpu") -> LoadedModel:

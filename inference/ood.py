@@ -40,6 +40,8 @@ which the flag multiplies the stack's confidence. The checks and their threshold
     that dip inside it. Flagged when no interior plane's contrast is below
     `FOCUS_DIP_RATIO` of the highest contrast on *both* sides of it (stacks centred on
     the cells: ~0.4; 6 um off: 0.42; 10 um off: > 0.95). Needs `MIN_FOCUS_PLANES` planes.
+    A phase-contrast stack (`livestain.modality`) has no such minimum: its contrast
+    peaks at focus, and it is flagged when that peak is its first or last plane.
 ``voxel_size``
     resampling from the declared voxel size to the model's would change an axis by
     `VOXEL_RATIO_LIMIT` or more: the model then sees structures at a scale it never
@@ -190,10 +192,30 @@ def check_stack(
         dip = focus_dip(contrast)
         report.stats["focus_dip"] = min(dip, 1e9)
         if not dip < FOCUS_DIP_RATIO:
-            report.flags.append(_flag("out_of_focus", f"brightfield contrast has no minimum inside the stack "
-                                                      f"(deepest dip {min(dip, 9.99):.2f} >= {FOCUS_DIP_RATIO}): the "
-                                                      f"cells' focal plane is outside it; {_where_to_move(stack, voxel_size_um)}"))
+            _check_focus_without_dip(report, stack, contrast, dip, voxel_size_um)
     return report
+
+
+def _check_focus_without_dip(report: StackReport, stack: np.ndarray, contrast: np.ndarray, dip: float,
+                             voxel_size_um: Sequence[float] | None) -> None:
+    """No brightfield contrast minimum: out of focus, unless the stack is phase contrast
+    (`livestain.modality`), whose contrast peaks at focus instead; it is out of focus
+    when that peak is at its first or last plane."""
+    from livestain.modality import PHASE, detect_modality
+
+    modality = detect_modality(stack, float(voxel_size_um[0]) if voxel_size_um is not None else None)
+    report.stats["modality"] = modality.modality
+    if modality.modality != PHASE:
+        report.flags.append(_flag("out_of_focus", f"brightfield contrast has no minimum inside the stack "
+                                                  f"(deepest dip {min(dip, 9.99):.2f} >= {FOCUS_DIP_RATIO}): the "
+                                                  f"cells' focal plane is outside it; {_where_to_move(stack, voxel_size_um)}"))
+        return
+    peak = int(np.argmax(contrast))
+    if peak in (0, len(contrast) - 1):
+        end = "first" if peak == 0 else "last"
+        report.flags.append(_flag("out_of_focus", f"phase contrast is sharpest at the stack's {end} plane: the "
+                                                  f"cells' focal plane is at or beyond it; shift the z range "
+                                                  f"towards its {end} plane"))
 
 
 def _where_to_move(stack: np.ndarray, voxel_size_um: Sequence[float] | None) -> str:

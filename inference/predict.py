@@ -20,6 +20,7 @@ are, so the worker and the daemon handle 2.5D models unchanged.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -30,13 +31,16 @@ import torch.nn.functional as F
 from livestain.stackio import MIN_YX
 
 from livestain.focus import FocusEstimate, estimate_focus, locate_cells
+from livestain.modality import MODALITIES, ModalityEstimate, detect_modality
 
 from . import zwindow
-from .checkpoint import LoadedModel, load_checkpoint
+from .checkpoint import LoadedModel, bundled_model_path, load_checkpoint
 from .model import window_indices
 from .fast import FastNet
 from .staging import InputStaging
 from .tiling import predict_volume
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -58,6 +62,7 @@ class Predictor:
         bf16: bool | None = None,
         compile: bool = False,
         focus_window: bool = True,
+        modality: str | None = None,
     ) -> None:
         """``fast`` predicts with `FastNet` (BatchNorm folded, channels-last, bf16 where
         native unless ``bf16=False``, ``torch.compile`` if ``compile``): the live
@@ -65,8 +70,25 @@ class Predictor:
 
         ``focus_window`` (default on) predicts 3D models from the z window they were
         trained on, centred on the cells' focal plane found in the brightfield
-        (`inference.zwindow`), and 2.5D models from the window at that plane."""
+        (`inference.zwindow`), and 2.5D models from the window at that plane.
+
+        ``modality`` applies to the bundled models (``model`` None): ``"auto"`` (their
+        default) predicts each stack with the one made for what it shows, brightfield or
+        phase contrast (`livestain.modality.detect_modality`); ``"brightfield"`` or
+        ``"phase"`` pins one. A model of your own is used for every stack."""
         self.device = pick_device(device)
+        if modality not in (None, "auto", *MODALITIES):
+            raise ValueError(f"modality must be auto, {' or '.join(MODALITIES)}; got {modality!r}")
+        if model is not None and modality not in (None, "auto"):
+            raise ValueError("modality chooses between the bundled models: leave it out with a model of your own")
+        #: per stack, pick the bundled model for its modality (`_route`)
+        self.routes_modality = model is None and modality in (None, "auto")
+        self._fast = (fast, bf16, compile)
+        self._loaded: dict[str, tuple[LoadedModel, torch.nn.Module, InputStaging]] = {}
+        #: what the last `predict` took the stack for (None: not routed)
+        self.last_modality: ModalityEstimate | None = None
+        if model is None:
+            model = bundled_model_path(modality if modality in MODALITIES else "brightfield")
         self.model = model if isinstance(model, LoadedModel) else load_checkpoint(model, self.device)
         self.model.net.to(self.device).eval()
         self.net = self.model.net
@@ -79,6 +101,8 @@ class Predictor:
         self.last_focus: FocusEstimate | None = None
         if fast and not self.is_2_5d:
             self.net = FastNet(self.model.net, self.device, bf16=bf16, compile=compile)
+        self._loaded["brightfield" if modality in (None, "auto") else str(modality)] = (
+            self.model, self.net, self.staging)
 
     @property
     def structures(self) -> tuple[str, ...]:
@@ -96,6 +120,43 @@ class Predictor:
         return max(MIN_YX, 2 ** int(self.model.meta.config.depth))
 
     def predict(
+        self,
+        stack: np.ndarray,
+        voxel_size_um: Sequence[float] | None = None,
+        tile: Sequence[int] | None = None,
+        tta: bool = False,
+        overlap: Sequence[int] | int | None = None,
+        slide: bool = False,
+        z_centre: int | None = None,
+        out: np.ndarray | None = None,
+        on_tile: Callable[[int, int], None] | None = None,
+        focus_window: bool | None = None,
+    ) -> np.ndarray:
+        """Prediction in z-score units, by the model for the stack's modality when the
+        predictor routes (`_route`); see `_predict` for the arguments."""
+        if self.routes_modality and np.ndim(stack) == 3:
+            self._route(stack, voxel_size_um)
+        return self._predict(stack, voxel_size_um, tile, tta, overlap, slide, z_centre, out, on_tile,
+                             focus_window)
+
+    def _route(self, stack: np.ndarray, voxel_size_um: Sequence[float] | None) -> None:
+        """Make the bundled model for ``stack``'s modality the current one (loaded once).
+        Without its file (a trimmed install) the brightfield model stays, and says so."""
+        self.last_modality = est = detect_modality(stack, zwindow.z_step_of(voxel_size_um, self.model.meta.voxel_size_um))
+        if est.modality not in self._loaded:
+            try:
+                model = load_checkpoint(bundled_model_path(est.modality), self.device)
+            except (OSError, ValueError) as e:
+                log.warning("no bundled model for %s stacks (%s): using %s", est.modality, e, self.model.name)
+                self._loaded[est.modality] = self._loaded["brightfield"]
+            else:
+                model.net.to(self.device).eval()
+                fast, bf16, compile = self._fast
+                net = FastNet(model.net, self.device, bf16=bf16, compile=compile) if fast else model.net
+                self._loaded[est.modality] = (model, net, InputStaging(self.device, model.meta.norm))
+        self.model, self.net, self.staging = self._loaded[est.modality]
+
+    def _predict(
         self,
         stack: np.ndarray,
         voxel_size_um: Sequence[float] | None = None,
@@ -189,8 +250,8 @@ class Predictor:
         if window is None:
             return None
         t1 = time.perf_counter()
-        part = self.predict(zwindow.window_planes(stack, window, dz), voxel_size_um, tile, tta, overlap,
-                            on_tile=on_tile, focus_window=False)
+        part = self._predict(zwindow.window_planes(stack, window, dz), voxel_size_um, tile, tta, overlap,
+                             on_tile=on_tile, focus_window=False)
         full = zwindow.place(part, window, stack.shape[0])
         self.last_focus = focus
         self.last_timing["focus_s"] = t1 - t0

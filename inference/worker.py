@@ -211,6 +211,11 @@ class Worker:
             log.warning("input checks failed: %s", e)
             return {}
 
+    def _modality(self) -> dict[str, str]:
+        """What the predictor took the stack for, when it picks the bundled model by it."""
+        est = getattr(self.predictor, "last_modality", None)
+        return {"modality": est.modality, "modality_reason": est.reason} if est is not None else {}
+
     def handle(self, header: wire.StackHeader, stack) -> None:  # noqa: ANN001
         received_at = time.time()
         t0 = time.perf_counter()
@@ -257,6 +262,7 @@ class Worker:
             stack_sent_at=header.sent_at,  # with received_at: the transport time
             received_at=received_at,
             **trust,  # confidence, confidence_per_structure, flags, flag_reasons
+            **self._modality(),
             **({wire.TOKEN_FIELD: token} if (token := self.token) else {}),
         )
         if segment is not None:  # the pixels are in the daemon's segment already

@@ -153,9 +153,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("train-bundled", help="reproduce the bundled demo model from the simulator")
     p.add_argument("--out", type=Path, default=Path("inference/models/bundled.safetensors"))
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: 600; --robust 1500; --phase 1200, as shipped)")
     p.add_argument("--robust", action="store_true",
                    help="fine-tune the bundled model on randomized optics, cameras and samples instead")
+    p.add_argument("--phase", action="store_true",
+                   help="reproduce the bundled phase-contrast model (inference/models/bundled-phase.safetensors): "
+                        "the bundled model fine-tuned on randomized phase-contrast fields")
     p.set_defaults(func=cmd_train_bundled)
 
 
@@ -349,9 +353,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_train_bundled(args: argparse.Namespace) -> int:
     from livestain.bundled import train_bundled, train_robust
 
+    if args.phase:
+        out = args.out if args.out != Path("inference/models/bundled.safetensors") else \
+            Path("inference/models/bundled-phase.safetensors")
+        train_robust(out, steps=args.steps or 1200, p_phase=1.0)
+        return 0
     if args.robust:
-        train_robust(args.out, steps=args.steps)
+        train_robust(args.out, steps=args.steps or 1500)
         return 0
 
-    train_bundled(args.out, steps=args.steps)
+    train_bundled(args.out, steps=args.steps or 600)
     return 0
