@@ -42,7 +42,9 @@ def candidates(mean: np.ndarray, spread: np.ndarray) -> dict[str, np.ndarray]:
     signal = ndi.gaussian_filter(np.maximum(mean - np.median(mean), 0), 1.0)
     out = {"spread": spread, "signal": signal}
     for w in WEIGHTS:
-        out[f"spread+{w:g}*signal*mean_spread"] = spread + w * signal * spread.mean()
+        u = spread + w * signal * spread.mean()
+        out[f"spread+{w:g}*signal*mean_spread"] = u
+        out[f"  same, stack mean kept (w={w:g})"] = u * (spread.mean() / max(float(u.mean()), 1e-12))
     return out
 
 

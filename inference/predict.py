@@ -243,7 +243,7 @@ class Predictor:
         t0 = time.perf_counter()
         meta = self.model.meta
         dz = zwindow.z_step_of(voxel_size_um, meta.voxel_size_um)
-        focus = locate_cells(stack, dz)
+        focus = locate_cells(stack, dz, self.last_modality.modality if self.last_modality else None)
         self.last_focus = focus
         window = zwindow.plan_window(stack, dz, zwindow.training_extent_um(meta.extra, meta.voxel_size_um[0]),
                                      focus, float(meta.extra.get("train_focus_offset_um", 0.0)))

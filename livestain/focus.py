@@ -16,8 +16,8 @@ maxima on both sides (measured on the simulator, 0.25 um steps: the minimum lies
   a drifting sample stays in the stack.
 
 Numpy and scipy only: the daemon imports it and stays torch-free. Phase contrast shows
-a maximum at focus, not a minimum: its stacks get no estimate (None), which callers
-treat as "predict the stack as it is" and "do not move".
+a maximum at focus, not a minimum: `phase_focus` finds it, and `locate_cells` uses it
+for stacks `livestain.modality` takes for phase contrast.
 """
 
 from __future__ import annotations
@@ -248,17 +248,61 @@ def _extrapolated_flip(amount: np.ndarray, peak: int) -> float | None:
     return x if steep_low else (n - 1) - x
 
 
-def locate_cells(stack: np.ndarray, z_step_um: float) -> FocusEstimate:
+#: A phase-contrast stack's sharpest plane is its focal plane when its contrast stands
+#: this far above both end planes' (`phase_focus`).
+PHASE_PEAK_RATIO = 1.2
+
+
+def phase_focus(stack: np.ndarray, z_step_um: float = 1.0) -> FocusEstimate:
+    """The focal plane of a Zernike phase-contrast stack: its sharpest plane, refined by
+    the parabola through it and its neighbours. The ring turns the cells' phase into
+    intensity directly, so phase contrast is strongest in focus and fades on both sides,
+    the reverse of brightfield's minimum. None when the sharpest plane is an end plane
+    (the focus is there or beyond) or stands less than `PHASE_PEAK_RATIO` above them."""
+    nz = int(np.shape(stack)[0])
+    if nz < MIN_FOCUS_PLANES:
+        return FocusEstimate(None, None, math.inf, f"{nz} planes: too few to find the focus "
+                                                   f"(needs {MIN_FOCUS_PLANES})")
+    c = plane_contrast(stack)[0]
+    i = int(np.argmax(c))
+    if i in (0, nz - 1):
+        return FocusEstimate(None, None, math.inf, f"phase contrast is sharpest at the stack's "
+                                                   f"{'first' if i == 0 else 'last'} plane: the focus is there or beyond")
+    ends = max(float(c[0]), float(c[-1]))
+    if not c[i] >= PHASE_PEAK_RATIO * ends:
+        return FocusEstimate(None, None, math.inf, f"no clear sharpest plane (peak {c[i] / max(ends, 1e-12):.2f}x "
+                                                   f"the end planes, needs {PHASE_PEAK_RATIO}x)")
+    a, b, d = c[i - 1], c[i], c[i + 1]
+    curvature = a - 2 * b + d
+    shift = 0.5 * (a - d) / curvature if curvature < 0 else 0.0
+    plane = i + float(np.clip(shift, -0.5, 0.5))
+    return FocusEstimate(plane, (plane - (nz - 1) / 2) * float(z_step_um), math.inf)
+
+
+def locate_cells(stack: np.ndarray, z_step_um: float, modality: str | None = None) -> FocusEstimate:
     """The cells' focal plane: the contrast minimum (`estimate_focus`), else where the
-    halos change sign, up to a few planes beyond the stack's ends (`focus_from_halos`).
+    halos change sign, up to a few planes beyond the stack's ends (`focus_from_halos`);
+    for phase contrast, the sharpest plane (`phase_focus`).
 
     The minimum needs planes on both sides of the focus, so a stack that ends at the
     cells or just short of them got none: the worker predicted it as it was (DNA r ~0
     at 8 um off the cells, bench/robustness.py) and focus tracking never moved back to
     them. The halos' sign places the focus there within about a plane on the simulator.
+    ``modality`` (`livestain.modality`), when the caller knows it: ``"phase"`` goes
+    straight to `phase_focus`; unknown, a stack neither brightfield estimate places is
+    checked for phase contrast (so the daemon's focus tracking follows phase contrast too).
     """
+    if modality == "phase":
+        return phase_focus(stack, z_step_um)
     focus = estimate_focus(stack, z_step_um)
     if focus.plane is not None:
         return focus
     halos = focus_from_halos(stack, z_step_um)
-    return halos if halos.plane is not None else focus
+    if halos.plane is not None:
+        return halos
+    if modality is None:
+        from livestain.modality import PHASE, detect_modality  # it builds on this module
+
+        if detect_modality(stack, z_step_um).modality == PHASE:
+            return phase_focus(stack, z_step_um)
+    return focus

@@ -23,10 +23,11 @@ from livestain.acquisition.policies import Policies
 from livestain.devices.sample import CellPopulation
 from livestain.devices.simulated import SimulatedScope, build_simulated_core
 from livestain.launch import demo_sequence
+from livestain.run_commands import NOVEL_POPULATION
 
-#: The novel-cells scenario's colony: the bundled model scores DNA r ~0.5 on it.
-DENSE = CellPopulation(n_cells=(22, 30), body_xy_um=(6.0, 10.0), body_z_um=(2.5, 4.5), max_overlap=0.35,
-                       attempts_per_cell=10)
+#: The novel-cells scenario's colony (`livestain.run_commands.NOVEL_POPULATION`): large
+#: flat cells with big nuclei and faint contrast, which the bundled model never saw.
+DENSE = CellPopulation(**NOVEL_POPULATION)
 from livestain.run_reader import RunReader
 
 
@@ -92,7 +93,7 @@ def test_novel_cells_live_r_rises_after_adaptation_with_nothing_lost(tmp_path, b
         worker.predictor = Predictor(path, "cpu")
 
     policies = Policies(checks=CheckPolicy(every=1, dose_budget=0.34), adapt=True, adapt_after_checks=2,
-                        adapt_steps=40, drain_timeout_s=120.0)
+                        adapt_steps=60, drain_timeout_s=120.0)  # the policy's default steps
     out = tmp_path / "run"
     lines: list[str] = []
     daemon = Daemon(core, demo_sequence(timepoints, interval), out, eps, policies, report=lines.append,
