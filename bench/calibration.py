@@ -23,21 +23,23 @@ the measurement that chose the method and the per-structure error scale:
     .venv/bin/python bench/calibration.py [--model PATH] [--quick] [--methods tta,perturb]
         [--figure docs/calibration.png] [--json OUT]
 
-Measured (bundled model, 3 seeds x 9 conditions, default method ``tta``, spread
-smoothed and scaled as `inference.uncertainty` does; dna / membrane / mitochondria):
+Measured 2026-12-02 (bundled model of that day, 3 seeds x 9 conditions, default method
+``tta``, spread smoothed, placed by the signal and scaled as `inference.uncertainty`
+does; dna / membrane / mitochondria; in brackets the earlier bundled model, spread alone):
 
-=============================================  ==================
-per voxel, training acquisition                0.57 / 0.59 / 0.16
-per voxel, all conditions                      0.67 / 0.61 / 0.40
-per stack, mean uncertainty vs mean |error|    0.97 / 0.62 / 0.81
-per stack, 1 - confidence vs mean |error|      0.97 / 0.83 / 0.72
-per stack, 1 - confidence vs 1 - Pearson r     0.93 / 0.77 / 0.91
-median |error| / median uncertainty (focus)    0.97 / 0.96 / 1.00
-=============================================  ==================
+=============================================  ==================  ====================
+per voxel, training acquisition                0.61 / 0.48 / 0.64  (0.57 / 0.59 / 0.16)
+per voxel, all conditions                      0.39 / 0.57 / 0.59  (0.67 / 0.61 / 0.40)
+per stack, mean uncertainty vs mean |error|    0.59 / 0.48 / 0.88  (0.97 / 0.62 / 0.81)
+per stack, 1 - confidence vs mean |error|      0.83 / 0.91 / 0.41  (0.97 / 0.83 / 0.72)
+per stack, 1 - confidence vs 1 - Pearson r     0.62 / 0.43 / 0.46  (0.93 / 0.77 / 0.91)
+median |error| / median uncertainty (focus)    1.00 / 1.00 / 1.00
+=============================================  ==================  ====================
 
-The target (0.5) is met everywhere but per voxel for mitochondria: the model misses
-thin tubules outright, and all its transformed copies miss them alike. The magnitude
-baseline: -0.30 / 0.39 / -0.20 per voxel in focus. The per-method comparison that
+The signal placement (`uncertainty.place_by_signal`) lifted mitochondria per voxel
+(0.16 -> 0.64); the newer model, right more often away from focus, leaves the spread
+less to rank across conditions. The magnitude baseline: 0.02 / 0.12 / 0.05 per voxel in
+focus. The per-method comparison that
 chose ``tta`` is in `inference.uncertainty`'s docstring. ``docs/calibration.png`` is
 this run's reliability figure.
 

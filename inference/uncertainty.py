@@ -74,7 +74,9 @@ NOISE_FRACTION = 0.03
 #: median absolute error over the median spread of held-out in-focus voxels (the
 #: spread underestimates the error several-fold: copies of one model share its biases).
 ERROR_PER_STD: dict[str, dict[str, float]] = {
-    "tta": {"dna": 3.95, "membrane": 8.35, "mitochondria": 4.47},
+    # bundled model of 2026-12-02, the signal placement included (bench/calibration.py)
+    "tta": {"dna": 5.09, "membrane": 37.1, "mitochondria": 10.0},
+    # measured on the earlier bundled model, spread alone: re-measure before relying on them
     "perturb": {"dna": 4.17, "membrane": 7.95, "mitochondria": 4.90},
     "combined": {"dna": 4.23, "membrane": 7.87, "mitochondria": 4.72},
 }
@@ -84,6 +86,29 @@ ERROR_PER_STD: dict[str, dict[str, float]] = {
 #: at sigma 1; sigma 2 and 3 less). Not for mitochondria: thin tubules, whose spread
 #: smoothing averages away (0.13 -> 0.09).
 SMOOTH_SIGMA: dict[str, float] = {"dna": 1.0, "membrane": 1.0}
+#: Weight of the predicted signal in the per-voxel uncertainty (`place_by_signal`), per
+#: structure. Chosen on seeds 7331 and 8443 x bench/calibration.py's 9 conditions
+#: (bench/uncertainty_candidates.py, bundled model of 2026-12-02), Spearman per voxel in
+#: focus, spread alone -> with the signal: dna 0.46 -> 0.61 (w 30), membrane 0.37 ->
+#: 0.46, mitochondria 0.43 -> 0.62 (w 100); per stack unchanged by construction.
+SIGNAL_WEIGHT: dict[str, float] = {"dna": 30.0, "membrane": 100.0, "mitochondria": 100.0}
+
+
+def place_by_signal(mean: np.ndarray, spread: np.ndarray, weight: float) -> np.ndarray:
+    """One structure's per-voxel uncertainty: the spread says how wrong the stack is,
+    the predicted signal says where.
+
+    The copies of one model miss the same thin tubules, so the spread is near zero where
+    the largest errors are; and errors are largest where the structure is (its
+    brightness is what can be wrong). So the spread plus ``weight`` times the smoothed
+    signal above the stack's median (in units of the stack's mean spread), rescaled to
+    keep the spread's own mean: the per-stack figures and the confidence stay those of
+    the spread, the voxels are ranked by both.
+    """
+    signal = ndi.gaussian_filter(np.maximum(mean - np.float32(np.median(mean)), 0), 1.0)
+    level = float(spread.mean())
+    u = spread + np.float32(weight * level) * signal
+    return (u * np.float32(level / max(float(u.mean()), 1e-12))).astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)
@@ -164,7 +189,8 @@ def predict_with_uncertainty(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mean, uncertainty), both float32 ``(s, z, y, x)`` like ``predictor.predict``'s
     result: the mean of ``passes`` predictions of transformed copies of ``stack``
-    (mapped back), and their standard deviation, smoothed per `SMOOTH_SIGMA` and times
+    (mapped back), and their standard deviation, smoothed per `SMOOTH_SIGMA`, placed by
+    the predicted signal (`place_by_signal`, `SIGNAL_WEIGHT`) and times
     ``ERROR_PER_STD[method]``.
 
     The mean and spread are accumulated with Welford's update, so memory stays at two
@@ -202,5 +228,7 @@ def predict_with_uncertainty(
     for i, s in enumerate(tuple(getattr(predictor, "structures", ()))[: std.shape[0]]):
         if SMOOTH_SIGMA.get(s):
             std[i] = ndi.gaussian_filter(std[i], SMOOTH_SIGMA[s])
+        if SIGNAL_WEIGHT.get(s):
+            std[i] = place_by_signal(mean[i], std[i], SIGNAL_WEIGHT[s])
         std[i] *= np.float32(scale.get(s, 1.0))
     return mean, std
