@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from livestain.stackio import MIN_YX
 
-from livestain.focus import FocusEstimate, estimate_focus, locate_cells
+from livestain.focus import FocusEstimate, estimate_focus, locate_cells, plane_contrast
 from livestain.modality import MODALITIES, ModalityEstimate, detect_modality
 
 from . import zwindow
@@ -134,15 +134,17 @@ class Predictor:
     ) -> np.ndarray:
         """Prediction in z-score units, by the model for the stack's modality when the
         predictor routes (`_route`); see `_predict` for the arguments."""
-        if self.routes_modality and np.ndim(stack) == 3:
-            self._route(stack, voxel_size_um)
+        contrast = self._route(stack, voxel_size_um) if self.routes_modality and np.ndim(stack) == 3 else None
         return self._predict(stack, voxel_size_um, tile, tta, overlap, slide, z_centre, out, on_tile,
-                             focus_window)
+                             focus_window, contrast)
 
-    def _route(self, stack: np.ndarray, voxel_size_um: Sequence[float] | None) -> None:
-        """Make the bundled model for ``stack``'s modality the current one (loaded once).
-        Without its file (a trimmed install) the brightfield model stays, and says so."""
-        self.last_modality = est = detect_modality(stack, zwindow.z_step_of(voxel_size_um, self.model.meta.voxel_size_um))
+    def _route(self, stack: np.ndarray, voxel_size_um: Sequence[float] | None) -> np.ndarray:
+        """Make the bundled model for ``stack``'s modality the current one (loaded once),
+        and return the planes' contrast, which the z window reuses. Without the model's
+        file (a trimmed install) the brightfield model stays, and says so."""
+        contrast = plane_contrast(stack)[0]
+        dz = zwindow.z_step_of(voxel_size_um, self.model.meta.voxel_size_um)
+        self.last_modality = est = detect_modality(stack, dz, contrast)
         if est.modality not in self._loaded:
             try:
                 model = load_checkpoint(bundled_model_path(est.modality), self.device)
@@ -155,6 +157,7 @@ class Predictor:
                 net = FastNet(model.net, self.device, bf16=bf16, compile=compile) if fast else model.net
                 self._loaded[est.modality] = (model, net, InputStaging(self.device, model.meta.norm))
         self.model, self.net, self.staging = self._loaded[est.modality]
+        return contrast
 
     def _predict(
         self,
@@ -168,6 +171,7 @@ class Predictor:
         out: np.ndarray | None = None,
         on_tile: Callable[[int, int], None] | None = None,
         focus_window: bool | None = None,
+        contrast: np.ndarray | None = None,
     ) -> np.ndarray:
         """Prediction in z-score units, float32, shape ``(len(structures), *stack.shape)``
         (2.5D: ``(len(structures), 1, y, x)`` unless ``slide``); written into ``out``
@@ -182,7 +186,8 @@ class Predictor:
         ``on_tile(done, total)`` reports the progress of a tiled prediction, after each
         tile (2.5D with ``slide``: tiles of all planes together); one-pass predictions
         do not call it. ``focus_window`` overrides the predictor's own setting for
-        this call.
+        this call; ``contrast`` is the stack's `plane_contrast` when the caller has it
+        (`predict` computed it to route), so the z window does not recompute it.
         """
         if stack.ndim != 3:
             raise ValueError(
@@ -206,7 +211,7 @@ class Predictor:
                     if self.last_focus.plane is not None:
                         z_centre = int(round(self.last_focus.plane))
             else:
-                windowed = self._predict_window(stack, voxel_size_um, tile, tta, overlap, out, on_tile)
+                windowed = self._predict_window(stack, voxel_size_um, tile, tta, overlap, out, on_tile, contrast)
                 if windowed is not None:
                     return windowed
         t = self.staging(stack)  # normalised, on the device; reused by the next call
@@ -237,13 +242,13 @@ class Predictor:
     def _predict_window(self, stack: np.ndarray, voxel_size_um: Sequence[float] | None,
                         tile: Sequence[int] | None, tta: bool, overlap: Sequence[int] | int | None,
                         out: np.ndarray | None, on_tile: Callable[[int, int], None] | None,
-                        ) -> np.ndarray | None:
+                        contrast: np.ndarray | None = None) -> np.ndarray | None:
         """A 3D model's prediction from its training z window centred on the cells, or
         None when the whole stack is what it should see (`zwindow.plan_window`)."""
         t0 = time.perf_counter()
         meta = self.model.meta
         dz = zwindow.z_step_of(voxel_size_um, meta.voxel_size_um)
-        focus = locate_cells(stack, dz, self.last_modality.modality if self.last_modality else None)
+        focus = locate_cells(stack, dz, self.last_modality.modality if self.last_modality else None, contrast)
         self.last_focus = focus
         window = zwindow.plan_window(stack, dz, zwindow.training_extent_um(meta.extra, meta.voxel_size_um[0]),
                                      focus, float(meta.extra.get("train_focus_offset_um", 0.0)))

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from livestain.focus import MIN_FOCUS_PLANES, MIN_HALO_SHARE, _crops, halo_profile
+from livestain.focus import (FOCUS_DIP_RATIO, MIN_FOCUS_PLANES, MIN_HALO_SHARE, _crops, focus_dip, halo_profile,
+                             plane_contrast)
 
 BRIGHTFIELD = "brightfield"
 PHASE = "phase"
@@ -92,10 +93,17 @@ def _skewness(plane: np.ndarray) -> float:
     return float((x**3).mean() / sd**3) if sd > 0 else 0.0
 
 
-def detect_modality(stack: np.ndarray, z_step_um: float | None = None) -> ModalityEstimate:
+def detect_modality(stack: np.ndarray, z_step_um: float | None = None,
+                    contrast: np.ndarray | None = None) -> ModalityEstimate:
     """Brightfield or phase contrast, for a (z, y, x) transmitted-light stack with planes
     ``z_step_um`` apart (None: unknown, taken as 1 um; see the module docstring).
-    Brightfield when in doubt."""
+    Brightfield when in doubt.
+
+    A contrast minimum inside the stack (`livestain.focus.estimate_focus`'s dip) is
+    brightfield at once: none of 80 randomized phase-contrast fields had one, and the
+    worker needs ``contrast`` (`plane_contrast`) for its z window anyway, so an in-focus
+    brightfield stack costs the routing nothing more (the halo pattern: ~60 ms per
+    16 x 256 x 256 stack on 2 CPU cores)."""
     stack = np.asarray(stack)
     if stack.ndim != 3 or stack.shape[0] < MIN_FOCUS_PLANES:
         return ModalityEstimate(BRIGHTFIELD, 0.0, 0.0, 0.0,
@@ -106,6 +114,10 @@ def detect_modality(stack: np.ndarray, z_step_um: float | None = None) -> Modali
         return ModalityEstimate(BRIGHTFIELD, 0.0, 0.0, 0.0,
                                 f"the stack spans {span:.1f} um, too little defocus to tell (needs "
                                 f"{MIN_SPAN_UM:g} um); taken as brightfield")
+    dip = focus_dip(plane_contrast(stack)[0] if contrast is None else contrast)
+    if dip < FOCUS_DIP_RATIO:
+        return ModalityEstimate(BRIGHTFIELD, 1.0, 0.0, 0.0,
+                                f"the contrast dips at focus inside the stack ({dip:.2f}): brightfield")
     profile, share = halo_profile(stack)
     if share < MIN_HALO_SHARE:
         return ModalityEstimate(BRIGHTFIELD, 0.0, 0.0, share,
