@@ -163,6 +163,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dense", action="store_true",
                    help="fine-tune on the bundled model's training fields plus dense colonies: the second step of "
                         "the shipped bundled model's recipe")
+    p.add_argument("--canonical", action="store_true",
+                   help="with --phase: fine-tune the phase model at the bundled acquisition (sparse and dense "
+                        "samples): the second step of the shipped phase model's recipe")
+    p.add_argument("--edge", action="store_true",
+                   help="with --dense: add windows of stacks that end near the cells (focus drift), made as the "
+                        "worker makes them: the third step of the shipped bundled model's recipe")
     p.add_argument("--init", type=Path, default=None,
                    help="--phase/--robust/--dense: the model to start from (default: the shipped bundled model; "
                         "the shipped models started from plain `livestain train-bundled`'s output)")
@@ -360,18 +366,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_train_bundled(args: argparse.Namespace) -> int:
-    from livestain.bundled import train_bundled, train_dense_mix, train_robust
+    from livestain.bundled import train_bundled, train_dense_mix, train_phase_mix, train_robust
 
     if args.phase:
         out = args.out if args.out != Path("inference/models/bundled.safetensors") else \
             Path("inference/models/bundled-phase.safetensors")
-        train_robust(out, steps=args.steps or 1200, p_phase=1.0, init=args.init)
+        if args.canonical:
+            train_phase_mix(out, steps=args.steps or 1200, init=args.init)
+        else:
+            train_robust(out, steps=args.steps or 1200, p_phase=1.0, init=args.init)
         return 0
     if args.robust:
         train_robust(args.out, steps=args.steps or 1500, init=args.init)
         return 0
     if args.dense:
-        train_dense_mix(args.out, steps=args.steps or 1200, init=args.init)
+        train_dense_mix(args.out, steps=args.steps or 1200, init=args.init, edge_fields=12 if args.edge else 0)
         return 0
 
     train_bundled(args.out, steps=args.steps or 600)

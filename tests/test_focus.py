@@ -166,3 +166,33 @@ def test_stacks_8_um_off_the_cells_are_predicted_from_a_window_on_them() -> None
         whole = predictor.predict(pair.brightfield, pair.voxel_size_um, focus_window=False)
         r_window, r_whole = pearson(windowed[dna], pair.targets[dna]), pearson(whole[dna], pair.targets[dna])
         assert r_window >= 0.6 and r_window - r_whole >= 0.3, (offset, r_window, r_whole)
+
+
+def test_edge_training_pairs_are_the_workers_window_with_the_truth_of_its_planes() -> None:
+    """The bundled recipe's pairs for stacks that end near the cells (`bundled.edge_pairs`):
+    each input is what the worker would feed the model for a stack 3-10 um off the cells,
+    and each target the true fluorescence of the planes that window stands for, so the
+    DNA sits mid-window whichever way the stack was off."""
+    from livestain.bundled import EDGE_TALL_PLANES, edge_pairs
+    from livestain.devices.sample import STRUCTURES
+
+    rng = np.random.default_rng(3)
+    pairs = edge_pairs(2, 6200, rng, size=64, per_field=2)
+    assert len(pairs) == 4
+    p = randomize.training_default()
+    p.update(n_planes=EDGE_TALL_PLANES, z_range_um=EDGE_TALL_PLANES - 1.0)
+    dna = STRUCTURES.index("dna")
+    for window, truth in pairs:
+        assert window.shape == (16, 64, 64) and truth.shape == (len(STRUCTURES), 16, 64, 64)
+        profile = truth[dna].reshape(16, -1).mean(axis=1)
+        assert 4 <= int(np.argmax(profile)) <= 11, profile  # the cells mid-window, as the worker centres them
+    # the same windows, cut as the worker cuts them, from the stack drawn for the first pair
+    again = edge_pairs(2, 6200, np.random.default_rng(3), size=64, per_field=2)
+    np.testing.assert_array_equal(again[0][0], pairs[0][0])
+    tall, _ = randomize.render(p, 6200, (0, 0), 64)
+    offset = -int(np.random.default_rng(3).integers(3, 11))
+    first = (EDGE_TALL_PLANES - 16) // 2 + offset
+    stack = tall.brightfield[first:first + 16]
+    # below the stack's top plane the window holds the stack's own planes, unchanged
+    matches = [any(np.array_equal(w, s) for s in stack) for w in pairs[0][0]]
+    assert sum(matches) >= 16 - 10 and not all(matches)  # some planes are made beyond the stack's end
