@@ -166,6 +166,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--canonical", action="store_true",
                    help="with --phase: fine-tune the phase model at the bundled acquisition (sparse and dense "
                         "samples): the second step of the shipped phase model's recipe")
+    p.add_argument("--shading", action="store_true",
+                   help="with --dense: add a copy of every field under uneven illumination (lamp tilt, vignette, "
+                        "dust)")
     p.add_argument("--edge", action="store_true",
                    help="with --dense: add windows of stacks that end near the cells (focus drift), made as the "
                         "worker makes them: the third step of the shipped bundled model's recipe")
@@ -380,7 +383,8 @@ def cmd_train_bundled(args: argparse.Namespace) -> int:
         train_robust(args.out, steps=args.steps or 1500, init=args.init)
         return 0
     if args.dense:
-        train_dense_mix(args.out, steps=args.steps or 1200, init=args.init, edge_fields=12 if args.edge else 0)
+        train_dense_mix(args.out, steps=args.steps or 1200, init=args.init, edge_fields=12 if args.edge else 0,
+                        shading=args.shading)
         return 0
 
     train_bundled(args.out, steps=args.steps or 600)
