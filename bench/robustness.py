@@ -68,7 +68,21 @@ def conditions() -> list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]]
         "kind": "dense", "density_per_1e4um2": 25.0, "body_xy_um": [6.0, 10.0],
         "body_z_um": [2.5, 4.5], "max_overlap": 0.35, "attempts_per_cell": 10}))]
     out += [("phase contrast", _with(modality="phase", phase_ring_amplitude=0.5))]
+    # optics and samples the grid above holds fixed (the issue's grid stops at phase
+    # contrast; these are what a different microscope or sample brings)
+    out += [(f"NA {na} (condenser {c})", _with(na_objective=na, na_condenser=c))
+            for na, c in ((0.3, 0.2), (0.8, 0.5), (1.2, 0.55))]
+    out += [("uneven illumination (5% tilt, 15% vignette)",
+             _with(illumination_tilt=0.05, illumination_angle_rad=1.0, illumination_vignette=0.15))]
+    out += [("dust (2 shadows)", _with(dust=[[0.3, 0.4, 10.0, 0.2], [0.7, 0.6, 6.0, 0.15]]))]
+    out += [("rounded cells", _with(population={
+        "kind": "rounded", "density_per_1e4um2": 3.0, "body_xy_um": [5.0, 8.0], "body_z_um": [4.5, 7.5],
+        "nucleus_frac": [0.45, 0.55], "ri_scale": 0.85, "empty_fraction": 0.0}))]
     return out
+
+
+#: The issue's grid (the rows before the optics and samples added after it).
+ISSUE_GRID_ROWS = 16
 
 
 def render_condition(edit: Callable[[dict[str, Any]], dict[str, Any]], seeds: Sequence[int],
@@ -102,6 +116,17 @@ def run(model: str | None, seeds: Sequence[int], size: int,
         models[name] = predictor.model.name  # the bundled models: the one routed to (last field)
         seconds[name] = round(time.perf_counter() - t0, 1)
         print(f"  {name}: {rows[name]} ({seconds[name]} s)", flush=True)
+    issue_grid = [name for name, _ in conditions()[:ISSUE_GRID_ROWS]]
+    named = sorted(set(models.values())) or [predictor.model.name]
+    return {"model": " + ".join(named) + (" (routed by modality)" if predictor.routes_modality else ""),
+            "models": models, "seeds": list(seeds), "size": size, "focus_window": focus_window,
+            "rows": rows, "worst": _worst(rows),
+            "worst_issue_grid": _worst({n: r for n, r in rows.items() if n in issue_grid}),
+            "seconds": seconds, "not_simulated": ["DIC"], "targets": TARGETS}
+
+
+def _worst(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """Per structure: the condition with the lowest r, and whether it meets `TARGETS`."""
     worst = {}
     for s in STRUCTURES:
         vals = {n: r[s] for n, r in rows.items() if s in r}
@@ -109,11 +134,7 @@ def run(model: str | None, seeds: Sequence[int], size: int,
             name = min(vals, key=vals.get)  # type: ignore[arg-type]
             worst[s] = {"condition": name, "pearson": vals[name], "target": TARGETS[s],
                         "meets": vals[name] >= TARGETS[s]}
-    named = sorted(set(models.values())) or [predictor.model.name]
-    return {"model": " + ".join(named) + (" (routed by modality)" if predictor.routes_modality else ""),
-            "models": models, "seeds": list(seeds), "size": size, "focus_window": focus_window,
-            "rows": rows, "worst": worst, "seconds": seconds,
-            "not_simulated": ["DIC"], "targets": TARGETS}
+    return worst
 
 
 def table(result: dict[str, Any]) -> str:
@@ -124,10 +145,12 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{r.get(s, float('nan')):.3f}" for s in STRUCTURES) + " |")
     lines.append("| DIC | " + " | ".join("not simulated" for _ in STRUCTURES) + " |")
     lines.append("")
-    for s, w in result["worst"].items():
-        verdict = "meets" if w["meets"] else "MISSES"
-        lines.append(f"worst {s}: r = {w['pearson']:.3f} at '{w['condition']}' "
-                     f"({verdict} the target >= {w['target']})")
+    for title, key in (("the issue's grid", "worst_issue_grid"), ("every condition", "worst")):
+        lines.append(f"{title}:")
+        for s, w in result.get(key, {}).items():
+            verdict = "meets" if w["meets"] else "MISSES"
+            lines.append(f"  worst {s}: r = {w['pearson']:.3f} at '{w['condition']}' "
+                         f"({verdict} the target >= {w['target']})")
     return "\n".join(lines)
 
 

@@ -187,7 +187,11 @@ def test_robustness_conditions_cover_the_issue_grid():
                  "exposure 0.25x", "exposure 4x", "dense colony", "phase contrast"):
         assert want in names
     assert not set(bench.HELD_OUT_SEEDS) & set(bench.TRAINING_SEEDS)
+    # the issue's grid first, then optics and samples it holds fixed
+    assert names[bench.ISSUE_GRID_ROWS - 1] == "phase contrast"
+    assert {"NA 0.3 (condenser 0.2)", "dust (2 shadows)", "rounded cells"} <= set(names[bench.ISSUE_GRID_ROWS:])
     edits = dict(bench.conditions())
+    assert edits["NA 1.2 (condenser 0.55)"](R.training_default())["na_objective"] == 1.2
     p = edits["z step 2.0 um (16 planes)"](R.training_default())
     assert p["n_planes"] == 16 and p["z_range_um"] == 30.0
     assert R.training_default()["z_step_um"] == 1.0  # edits copy
@@ -199,10 +203,13 @@ def test_robustness_runs_on_a_tiny_grid(tmp_path):
         bench.run(None, [101], 48, only=["default"], device="cpu")
     json_out = tmp_path / "r.json"
     assert bench.main(["--seeds", "7331", "--size", "48", "--only", "default", "focus +4 um",
-                       "--device", "cpu", "--json", str(json_out)]) == 0
+                       "dust (2 shadows)", "--device", "cpu", "--json", str(json_out)]) == 0
     result = json.loads(json_out.read_text())
-    assert set(result["rows"]) == {"default", "focus +4 um"}
+    assert set(result["rows"]) == {"default", "focus +4 um", "dust (2 shadows)"}
     assert set(result["worst"]) == {"dna", "membrane", "mitochondria"}
+    for s, w in result["worst_issue_grid"].items():  # the dust row is not the issue's
+        assert w["condition"] in {"default", "focus +4 um"}
+        assert w["pearson"] == min(result["rows"][n][s] for n in ("default", "focus +4 um"))
     for w in result["worst"].values():
         assert w["meets"] == (w["pearson"] >= w["target"])
     text = bench.table(result)
