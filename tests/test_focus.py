@@ -153,7 +153,8 @@ def test_planes_beyond_the_stack_are_reflected_only_when_the_focus_is_beyond_it_
 
 def test_stacks_8_um_off_the_cells_are_predicted_from_a_window_on_them() -> None:
     """The bundled model at 8 um off, either way (measured on main before: DNA r -0.02 and
-    0.02 over 3 fields, bench/robustness.py; now 0.86 and 0.82)."""
+    0.02 over 3 fields, bench/robustness.py; 0.86 and 0.82 with the window alone, more
+    since the bundled model trained on such windows)."""
     from livestain.inference.evaluate import pearson
     from livestain.inference.predict import Predictor
 

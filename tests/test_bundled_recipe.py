@@ -1,0 +1,35 @@
+"""The bundled model's training copies (`livestain.bundled`): uneven illumination and
+shorter exposures made from rendered fields, so the model learns them without a new
+rendering. Each must be the physics it stands for, or the model learns the wrong thing."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from livestain.bundled import DIM_RANGE, SHADING_TILT, dimmed, shaded
+
+
+def test_a_dimmed_copy_has_the_shot_noise_of_the_shorter_exposure_at_the_same_brightness() -> None:
+    rng = np.random.default_rng(0)
+    offset, mean_electrons = 100.0, 400.0
+    stack = offset + rng.poisson(mean_electrons, size=(2, 256, 256)).astype(np.float32)
+    for keep in (0.25, 0.5):
+        out = dimmed(stack, np.random.default_rng(1), offset, keep)
+        assert abs(out.mean() - stack.mean()) < 1.0  # brightness kept
+        # a Poisson count thinned to `keep` and scaled back: variance mean / keep
+        np.testing.assert_allclose(out.var(), mean_electrons / keep, rtol=0.03)
+    assert 0 < DIM_RANGE[0] < DIM_RANGE[1] <= 1.0
+
+
+def test_a_shaded_copy_scales_the_light_above_the_offset_by_a_smooth_field() -> None:
+    offset = 100.0
+    stack = np.full((3, 96, 96), offset + 1000.0, np.float32)
+    stack[:, 40:50, 40:50] += 200.0  # a cell: its contrast is shaded with the light
+    out = shaded(stack, np.random.default_rng(5), offset)
+    field = (out - offset) / (stack - offset)
+    np.testing.assert_allclose(field[0], field[2], rtol=1e-5)  # the same at every focus
+    assert field.max() <= 1.0 + SHADING_TILT[1] / 2 + 1e-5 and field.min() > 0.3
+    assert field.std() > 1e-3  # uneven: not the identity
+    # a dark frame at the offset stays at the offset: no light, nothing to shade
+    dark = shaded(np.full((1, 32, 32), offset, np.float32), np.random.default_rng(5), offset)
+    np.testing.assert_allclose(dark, offset)
