@@ -77,10 +77,10 @@ NOISE_FRACTION = 0.03
 #: median absolute error over the median spread of held-out in-focus voxels (the
 #: spread underestimates the error several-fold: copies of one model share its biases).
 ERROR_PER_STD: dict[str, dict[str, float]] = {
-    # bundled model of 2026-12-02 (the shading fine-tune), the signal placement included
-    # (bench/calibration.py: the earlier model's 5.09 / 37.1 / 10.0 read 1.47 / 2.22 /
-    # 1.50x below its error, rescaled by those)
-    "tta": {"dna": 7.48, "membrane": 82.4, "mitochondria": 15.0},
+    # bundled model of 2026-12-02 (the NA fine-tune), the signal placement included
+    # (bench/calibration.py: the shading model's 7.48 / 82.4 / 15.0 read 0.80 / 0.94 /
+    # 1.00x its error on it, rescaled by those)
+    "tta": {"dna": 5.98, "membrane": 77.5, "mitochondria": 15.0},
     # measured on the earlier bundled model, spread alone: re-measure before relying on them
     "perturb": {"dna": 4.17, "membrane": 7.95, "mitochondria": 4.90},
     "combined": {"dna": 4.23, "membrane": 7.87, "mitochondria": 4.72},

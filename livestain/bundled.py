@@ -218,9 +218,32 @@ def dimmed(stack, rng, offset_adu: float, keep: float):
     return (offset_adu + rng.binomial(electrons, keep) / keep).astype(np.float32)
 
 
+#: Objective NA of `other_na`'s fields, and their condenser NA as a fraction of it.
+NA_RANGE = (0.3, 1.2)
+CONDENSER_FRACTION = (0.4, 0.75)
+
+
+def other_na(n: int, first_seed: int, rng, size: int = 192) -> list:
+    """Fields of the bundled acquisition through other objectives (NA drawn from
+    `NA_RANGE`, condenser a `CONDENSER_FRACTION` of it, at most 0.9): trained at NA 0.5
+    only, the model read NA 0.3 / 0.8 / 1.2 at DNA r 0.79 / 0.92 / 0.85, mitochondria
+    0.37-0.56 (bench/robustness.py)."""
+    from livestain.devices import randomize
+
+    pairs = []
+    for i in range(n):
+        p = randomize.training_default()
+        na = float(rng.uniform(*NA_RANGE))
+        p["na_objective"] = round(na, 3)
+        p["na_condenser"] = round(min(0.9, na * float(rng.uniform(*CONDENSER_FRACTION))), 3)
+        pair, _ = randomize.render(p, first_seed + i, (0, 0), size)
+        pairs.append((pair.brightfield, pair.targets))
+    return pairs
+
+
 def train_dense_mix(out: Path, steps: int = 1200, dense_fields: int = 12, seed: int = 0, size: int = 192,
                     lr: float = 5e-4, init: Path | None = None, edge_fields: int = 0,
-                    shading: bool = False) -> dict:
+                    shading: bool = False, na_fields: int = 0) -> dict:
     """Fine-tune the bundled model on its own training fields plus dense colonies (cells
     touching, 18-30 per 10^4 um^2), same optics and geometry: the dense colony is the
     bundled model's worst brightfield condition (DNA r 0.74), and the randomized
@@ -256,6 +279,10 @@ def train_dense_mix(out: Path, steps: int = 1200, dense_fields: int = 12, seed: 
         print(f"simulating {edge_fields} + 3 tall fields for stacks that end near the cells ...")
         train_pairs += edge_pairs(edge_fields, 6200, rng, size, extent_um=extent[0], focus_offset_um=extent[1])
         val_pairs += edge_pairs(3, 6300, rng, size, extent_um=extent[0], focus_offset_um=extent[1])
+    if na_fields:
+        print(f"simulating {na_fields} + 3 fields through objectives of NA {NA_RANGE[0]}-{NA_RANGE[1]} ...")
+        train_pairs += other_na(na_fields, 7100, rng, size)
+        val_pairs += other_na(3, 7200, rng, size)
     if shading:  # every field once more under uneven illumination (`shaded`)
         from livestain.devices.optics import OpticsConfig
 
@@ -276,7 +303,8 @@ def train_dense_mix(out: Path, steps: int = 1200, dense_fields: int = 12, seed: 
     meta = ModelMeta(config=base.meta.config, norm=PercentileNorm(), voxel_size_um=base.meta.voxel_size_um,
                      extra={**base.meta.extra,
                             "recipe": "livestain train-bundled --dense" + (" --edge" if edge_fields else "")
-                            + (" --shading" if shading else ""), "shading": shading,
+                            + (" --shading" if shading else "") + (" --other-na" if na_fields else ""),
+                            "shading": shading, "na_fields": na_fields,
                             "init": base.name, "settings": {**settings.__dict__, "patch": list(settings.patch)},
                             "dense_fields": dense_fields, "edge_fields": edge_fields, "size": size, "val_pearson": metrics,
                             "train_seconds": round(result.seconds, 1), "best_step": result.best_step,

@@ -169,6 +169,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shading", action="store_true",
                    help="with --dense: add a copy of every field under uneven illumination (lamp tilt, vignette, "
                         "dust)")
+    p.add_argument("--other-na", action="store_true",
+                   help="with --dense: add fields through objectives of NA 0.3-1.2")
     p.add_argument("--edge", action="store_true",
                    help="with --dense: add windows of stacks that end near the cells (focus drift), made as the "
                         "worker makes them: the third step of the shipped bundled model's recipe")
@@ -384,7 +386,7 @@ def cmd_train_bundled(args: argparse.Namespace) -> int:
         return 0
     if args.dense:
         train_dense_mix(args.out, steps=args.steps or 1200, init=args.init, edge_fields=12 if args.edge else 0,
-                        shading=args.shading)
+                        shading=args.shading, na_fields=12 if args.other_na else 0)
         return 0
 
     train_bundled(args.out, steps=args.steps or 600)

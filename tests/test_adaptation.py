@@ -145,9 +145,9 @@ def test_novel_cells_live_r_rises_after_adaptation_with_nothing_lost(tmp_path, b
     print({t: (m, round(r, 3)) for t, (m, r) in live.items()})
     assert after, "no prediction by an adapted model"
     assert after[0][0] <= 10  # within 10 check frames (one per time point)
-    # the bundled model of 2026-12-02 (shading fine-tune) reads these cells at r ~0.69 (the
-    # dense-mix model: 0.61); adapted, both reach ~0.82: the rise is what adaptation adds
-    assert np.mean([r for _, r in after]) >= 0.8
+    # the bundled model of 2026-12-02 (NA fine-tune) reads these cells at r ~0.68 (the
+    # dense-mix model: 0.61); adapted, both reach 0.81-0.82: the rise is what adaptation adds
+    assert np.mean([r for _, r in after]) >= 0.78
     assert np.mean([r for _, r in after]) - np.mean(before) >= 0.1
     run = json.loads((out / "run.json").read_text())
     assert run["model_changes"][0]["why"].startswith("adapted")

@@ -33,3 +33,27 @@ def test_a_shaded_copy_scales_the_light_above_the_offset_by_a_smooth_field() -> 
     # a dark frame at the offset stays at the offset: no light, nothing to shade
     dark = shaded(np.full((1, 32, 32), offset, np.float32), np.random.default_rng(5), offset)
     np.testing.assert_allclose(dark, offset)
+
+
+def test_other_na_fields_are_the_bundled_acquisition_through_other_objectives(monkeypatch) -> None:
+    from livestain import bundled
+    from livestain.devices import randomize
+
+    drawn = []
+    real_render = randomize.render
+
+    def render(params, seed, tile=(0, 0), size=256, **kw):
+        drawn.append(dict(params))
+        return real_render(params, seed, tile, size, **kw)
+
+    monkeypatch.setattr(randomize, "render", render)
+    pairs = bundled.other_na(6, 7100, np.random.default_rng(2), size=32)
+    assert len(pairs) == 6 and pairs[0][0].shape == (16, 32, 32)
+    base = randomize.training_default()
+    nas = [p["na_objective"] for p in drawn]
+    assert all(bundled.NA_RANGE[0] <= na <= bundled.NA_RANGE[1] for na in nas) and max(nas) - min(nas) > 0.2
+    for p in drawn:
+        assert p["na_condenser"] <= min(0.9, p["na_objective"] * bundled.CONDENSER_FRACTION[1]) + 1e-3
+        # only the optics change: the geometry is the bundled acquisition's
+        assert {k: p[k] for k in ("n_planes", "z_step_um", "pixel_um", "modality")} == \
+            {k: base[k] for k in ("n_planes", "z_step_um", "pixel_um", "modality")}
