@@ -23,26 +23,25 @@ the measurement that chose the method and the per-structure error scale:
     .venv/bin/python bench/calibration.py [--model PATH] [--quick] [--methods tta,perturb]
         [--figure docs/calibration.png] [--json OUT]
 
-Measured 2026-12-02 (bundled model of that day, the shading fine-tune, 3 seeds x 9
+Measured 2026-12-02 (bundled model of that day, the NA fine-tune, 3 seeds x 9
 conditions, 114 s, default method ``tta``, spread smoothed, placed by the signal and
 scaled as `inference.uncertainty` does; dna / membrane / mitochondria; in brackets the
 dense-mix model of the same morning, same method):
 
 =============================================  ==================  ====================
-per voxel, training acquisition                0.61 / 0.49 / 0.60  (0.61 / 0.48 / 0.64)
-per voxel, all conditions                      0.50 / 0.58 / 0.58  (0.39 / 0.57 / 0.59)
-per stack, mean uncertainty vs mean |error|    0.65 / 0.85 / 0.79  (0.59 / 0.48 / 0.88)
-per stack, 1 - confidence vs mean |error|      0.95 / 0.78 / 0.38  (0.83 / 0.91 / 0.41)
-per stack, 1 - confidence vs 1 - Pearson r    -0.07 / 0.32 / -0.24 (0.62 / 0.43 / 0.46)
+per voxel, training acquisition                0.58 / 0.42 / 0.62  (0.61 / 0.48 / 0.64)
+per voxel, all conditions                      0.45 / 0.53 / 0.54  (0.39 / 0.57 / 0.59)
+per stack, mean uncertainty vs mean |error|    0.47 / 0.76 / 0.84  (0.59 / 0.48 / 0.88)
+per stack, 1 - confidence vs mean |error|      0.88 / 0.85 / 0.17  (0.83 / 0.91 / 0.41)
+per stack, 1 - confidence vs 1 - Pearson r    -0.14 / 0.48 / -0.22 (0.62 / 0.43 / 0.46)
 median |error| / median uncertainty (focus)    1.00 / 1.00 / 1.00  (1.00 / 1.00 / 1.00)
 =============================================  ==================  ====================
 
 The scales (`uncertainty.ERROR_PER_STD`) and the confidence's halving points
-(`ood.U_HALF`) were re-set on this model (its spread read 1.5-2.2x below its error at
-the dense-mix model's scales). Ranking whole stacks by how wrong their pattern is (1 - r)
-is what the confidence does worst: the stacks the new model gets least right (far off
-focus) are the ones the input checks already flag, and among the rest its spread does
-not follow r.
+(`ood.U_HALF`) are re-set for each shipped model. Ranking whole stacks by how wrong
+their pattern is (1 - r) is what the confidence does worst: the stacks the model gets
+least right (far off focus) are the ones the input checks already flag, and among the
+rest its spread does not follow r.
 The signal placement (`uncertainty.place_by_signal`) lifted mitochondria per voxel
 (0.16 -> 0.64); the newer model, right more often away from focus, leaves the spread
 less to rank across conditions. The magnitude baseline: 0.02 / 0.12 / 0.05 per voxel in
