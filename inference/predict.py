@@ -250,8 +250,8 @@ class Predictor:
         dz = zwindow.z_step_of(voxel_size_um, meta.voxel_size_um)
         focus = locate_cells(stack, dz, self.last_modality.modality if self.last_modality else None, contrast)
         self.last_focus = focus
-        window = zwindow.plan_window(stack, dz, zwindow.training_extent_um(meta.extra, meta.voxel_size_um[0]),
-                                     focus, float(meta.extra.get("train_focus_offset_um", 0.0)))
+        extent_um, focus_offset_um = zwindow.model_window_um(meta)
+        window = zwindow.plan_window(stack, dz, extent_um, focus, focus_offset_um)
         if window is None:
             return None
         t1 = time.perf_counter()

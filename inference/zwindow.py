@@ -53,6 +53,14 @@ def training_extent_um(meta_extra: dict, voxel_z_um: float) -> float:
     return DEFAULT_EXTENT_UM
 
 
+def model_window_um(meta) -> tuple[float, float]:
+    """(z extent, focus offset from the centre) in um of the window a model was trained
+    on, from its checkpoint's ``meta`` (`training_extent_um`, ``train_focus_offset_um``):
+    what `plan_window` needs to cut that window again."""
+    return (training_extent_um(meta.extra, meta.voxel_size_um[0]),
+            float(meta.extra.get("train_focus_offset_um", 0.0)))
+
+
 @dataclass(frozen=True)
 class Window:
     """Planes ``indices`` of the stack (clipped: repeats at the ends) make the window;

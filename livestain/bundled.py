@@ -121,6 +121,35 @@ def train_robust(out: Path, steps: int = 1500, fields: int = 32, val_fields: int
     return metrics
 
 
+def dense_colony(rng) -> dict:
+    """A dense colony's population parameters (`devices.randomize`): cells touching,
+    18-30 per 10^4 um^2, the bundled model's worst brightfield condition before it
+    trained on them."""
+    return {"kind": "dense", "density_per_1e4um2": float(rng.uniform(18.0, 30.0)), "body_xy_um": [6.0, 10.0],
+            "body_z_um": [2.5, 4.5], "max_overlap": 0.35, "attempts_per_cell": 10}
+
+
+def _fine_tune(out: Path, base, train_pairs: list, val_pairs: list, steps: int, seed: int, lr: float,
+               extra: dict) -> dict:
+    """Fine-tune ``base`` (a loaded checkpoint) on the pairs, keep the weights that
+    validate best, and save them to ``out`` with ``base``'s provenance updated by
+    ``extra``: the common tail of `train_dense_mix` and `train_phase_mix`."""
+    torch.manual_seed(seed)
+    settings = TrainSettings(steps=steps, seed=seed, lr=lr)
+    result = train(train_pairs, val_pairs, base.meta.config, settings, PercentileNorm(),
+                   on_step=Progress(steps), val_every=max(50, steps // 10), init=base.net, keep_best=True)
+    metrics = {s: round(float(v), 4) for s, v in zip(base.meta.config.structures,
+                                                      evaluate(result.net, val_pairs, PercentileNorm()))}
+    meta = ModelMeta(config=base.meta.config, norm=PercentileNorm(), voxel_size_um=base.meta.voxel_size_um,
+                     extra={**base.meta.extra, **extra, "init": base.name,
+                            "settings": {**settings.__dict__, "patch": list(settings.patch)},
+                            "val_pearson": metrics, "train_seconds": round(result.seconds, 1),
+                            "best_step": result.best_step, "history": result.history})
+    path = save_checkpoint(out, result.net, meta)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); validation Pearson r: {metrics}")
+    return metrics
+
+
 #: Planes of the tall stacks edge windows are cut from (`edge_pairs`): room for a 16-plane
 #: stack up to `EDGE_OFFSETS_UM`'s far end off the cells, and for the window around them.
 EDGE_TALL_PLANES = 40
@@ -196,7 +225,8 @@ def shaded(stack, rng, offset_adu: float):
               "illumination_vignette": float(rng.uniform(*SHADING_VIGNETTE)),
               "dust": [[float(rng.uniform()), float(rng.uniform()), float(rng.uniform(3, 15)),
                         float(rng.uniform(0.05, 0.3))] for _ in range(int(rng.integers(0, 3)))]}
-    field = randomize.illumination(params, size, 0.325)[: stack.shape[-2], :size]
+    pixel_um = float(randomize.training_default()["pixel_um"])  # the recipe's fields' (dust sizes in um)
+    field = randomize.illumination(params, size, pixel_um)[: stack.shape[-2], :size]
     out = offset_adu + (stack.astype(np.float32) - offset_adu) * field[None]
     return out.astype(np.float32)
 
@@ -261,9 +291,7 @@ def train_dense_mix(out: Path, steps: int = 1200, dense_fields: int = 12, seed: 
         pairs = []
         for i in range(n):
             p = randomize.training_default()
-            p["population"] = {"kind": "dense", "density_per_1e4um2": float(rng.uniform(18.0, 30.0)),
-                               "body_xy_um": [6.0, 10.0], "body_z_um": [2.5, 4.5], "max_overlap": 0.35,
-                               "attempts_per_cell": 10}
+            p["population"] = dense_colony(rng)
             pair, _ = randomize.render(p, first_seed + i, (0, 0), size)
             pairs.append((pair.brightfield, pair.targets))
         return pairs
@@ -275,10 +303,13 @@ def train_dense_mix(out: Path, steps: int = 1200, dense_fields: int = 12, seed: 
     val_pairs = val_canonical + dense(3, 6100)
     base = load_checkpoint(init, "cpu")
     if edge_fields:
-        extent = zwindow_extent(base)
+        from livestain.inference.zwindow import model_window_um
+
+        extent_um, focus_offset_um = model_window_um(base.meta)
         print(f"simulating {edge_fields} + 3 tall fields for stacks that end near the cells ...")
-        train_pairs += edge_pairs(edge_fields, 6200, rng, size, extent_um=extent[0], focus_offset_um=extent[1])
-        val_pairs += edge_pairs(3, 6300, rng, size, extent_um=extent[0], focus_offset_um=extent[1])
+        window = {"extent_um": extent_um, "focus_offset_um": focus_offset_um}
+        train_pairs += edge_pairs(edge_fields, 6200, rng, size, **window)
+        val_pairs += edge_pairs(3, 6300, rng, size, **window)
     if na_fields:
         print(f"simulating {na_fields} + 3 fields through objectives of NA {NA_RANGE[0]}-{NA_RANGE[1]} ...")
         train_pairs += other_na(na_fields, 7100, rng, size)
@@ -288,39 +319,18 @@ def train_dense_mix(out: Path, steps: int = 1200, dense_fields: int = 12, seed: 
 
         offset = OpticsConfig().offset_adu
         print("adding a copy of every field under uneven illumination (half of them dimmed) ...")
-        def copy(b):
+
+        def shaded_copy(b):
             b = shaded(b, rng, offset)
             return dimmed(b, rng, offset, float(rng.uniform(*DIM_RANGE))) if rng.uniform() < 0.5 else b
 
-        train_pairs += [(copy(b), t) for b, t in list(train_pairs)]
-        val_pairs += [(copy(b), t) for b, t in list(val_pairs)]
-    torch.manual_seed(seed)
-    settings = TrainSettings(steps=steps, seed=seed, lr=lr)
-    result = train(train_pairs, val_pairs, base.meta.config, settings, PercentileNorm(),
-                   on_step=Progress(steps), val_every=max(50, steps // 10), init=base.net, keep_best=True)
-    metrics = {s: round(float(v), 4) for s, v in zip(base.meta.config.structures,
-                                                      evaluate(result.net, val_pairs, PercentileNorm()))}
-    meta = ModelMeta(config=base.meta.config, norm=PercentileNorm(), voxel_size_um=base.meta.voxel_size_um,
-                     extra={**base.meta.extra,
-                            "recipe": "livestain train-bundled --dense" + (" --edge" if edge_fields else "")
-                            + (" --shading" if shading else "") + (" --other-na" if na_fields else ""),
-                            "shading": shading, "na_fields": na_fields,
-                            "init": base.name, "settings": {**settings.__dict__, "patch": list(settings.patch)},
-                            "dense_fields": dense_fields, "edge_fields": edge_fields, "size": size, "val_pearson": metrics,
-                            "train_seconds": round(result.seconds, 1), "best_step": result.best_step,
-                            "history": result.history})
-    path = save_checkpoint(out, result.net, meta)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); validation Pearson r: {metrics}")
-    return metrics
-
-
-def zwindow_extent(model) -> tuple[float, float]:
-    """(z extent, focus offset) in um of ``model``'s window (`inference.zwindow`)."""
-    from livestain.inference import zwindow
-
-    meta = model.meta
-    return (zwindow.training_extent_um(meta.extra, meta.voxel_size_um[0]),
-            float(meta.extra.get("train_focus_offset_um", 0.0)))
+        train_pairs += [(shaded_copy(b), t) for b, t in list(train_pairs)]
+        val_pairs += [(shaded_copy(b), t) for b, t in list(val_pairs)]
+    recipe = "livestain train-bundled --dense" + " --edge" * bool(edge_fields) + " --shading" * shading \
+        + " --other-na" * bool(na_fields)
+    return _fine_tune(out, base, train_pairs, val_pairs, steps, seed, lr,
+                      {"recipe": recipe, "dense_fields": dense_fields, "edge_fields": edge_fields,
+                       "shading": shading, "na_fields": na_fields, "size": size})
 
 
 def train_phase_mix(out: Path, steps: int = 1200, fields: int = 16, dense_fields: int = 6, seed: int = 0,
@@ -348,9 +358,7 @@ def train_phase_mix(out: Path, steps: int = 1200, fields: int = 16, dense_fields
             p["modality"] = "phase"
             p["phase_ring_amplitude"] = round(float(rng.uniform(0.3, 0.7)), 4)
             if dense:
-                p["population"] = {"kind": "dense", "density_per_1e4um2": float(rng.uniform(18.0, 30.0)),
-                                   "body_xy_um": [6.0, 10.0], "body_z_um": [2.5, 4.5], "max_overlap": 0.35,
-                                   "attempts_per_cell": 10}
+                p["population"] = dense_colony(rng)
             pair, _ = randomize.render(p, first_seed + i, (0, 0), size)
             pairs.append((pair.brightfield, pair.targets))
         return pairs
@@ -365,18 +373,6 @@ def train_phase_mix(out: Path, steps: int = 1200, fields: int = 16, dense_fields
                 pair, _ = randomize.render(randomize.draw(rng, robust_ranges(1.0)), first + i, (0, 0), size)
                 into.append((pair.brightfield, pair.targets))
     base = load_checkpoint(init or bundled_model_path("phase"), "cpu")
-    torch.manual_seed(seed)
-    settings = TrainSettings(steps=steps, seed=seed, lr=lr)
-    result = train(train_pairs, val_pairs, base.meta.config, settings, PercentileNorm(),
-                   on_step=Progress(steps), val_every=max(50, steps // 10), init=base.net, keep_best=True)
-    metrics = {s: round(float(v), 4) for s, v in zip(base.meta.config.structures,
-                                                      evaluate(result.net, val_pairs, PercentileNorm()))}
-    meta = ModelMeta(config=base.meta.config, norm=PercentileNorm(), voxel_size_um=base.meta.voxel_size_um,
-                     extra={**base.meta.extra, "recipe": "livestain train-bundled --phase --canonical",
-                            "init": base.name, "settings": {**settings.__dict__, "patch": list(settings.patch)},
-                            "fields": fields, "dense_fields": dense_fields, "random_fields": random_fields,
-                            "size": size, "val_pearson": metrics, "train_seconds": round(result.seconds, 1),
-                            "best_step": result.best_step, "history": result.history})
-    path = save_checkpoint(out, result.net, meta)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB); validation Pearson r: {metrics}")
-    return metrics
+    return _fine_tune(out, base, train_pairs, val_pairs, steps, seed, lr,
+                      {"recipe": "livestain train-bundled --phase --canonical", "fields": fields,
+                       "dense_fields": dense_fields, "random_fields": random_fields, "size": size})
