@@ -373,6 +373,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_train_bundled(args: argparse.Namespace) -> int:
     from livestain.bundled import train_bundled, train_dense_mix, train_phase_mix, train_robust
 
+    # modifiers of one recipe, which the others would silently ignore
+    needs = {"--canonical": ("phase", args.canonical), "--edge": ("dense", args.edge),
+             "--shading": ("dense", args.shading), "--other-na": ("dense", args.other_na)}
+    for flag, (base, given) in needs.items():
+        if given and not getattr(args, base):
+            print(f"livestain train-bundled: {flag} changes the --{base} recipe; add --{base} "
+                  f"(e.g. `livestain train-bundled --{base} {flag}`)", file=sys.stderr)
+            return 2
+
     if args.phase:
         out = args.out if args.out != Path("inference/models/bundled.safetensors") else \
             Path("inference/models/bundled-phase.safetensors")

@@ -57,3 +57,17 @@ def test_other_na_fields_are_the_bundled_acquisition_through_other_objectives(mo
         # only the optics change: the geometry is the bundled acquisition's
         assert {k: p[k] for k in ("n_planes", "z_step_um", "pixel_um", "modality")} == \
             {k: base[k] for k in ("n_planes", "z_step_um", "pixel_um", "modality")}
+
+
+def test_a_recipe_modifier_without_its_recipe_is_refused_with_the_fix(capsys, tmp_path) -> None:
+    """``--shading`` alone would train plain `train_bundled` and drop the shading: a user
+    waits minutes for a model they did not ask for."""
+    from livestain.cli import main
+
+    out = tmp_path / "m.safetensors"
+    for flag, base in (("--shading", "--dense"), ("--edge", "--dense"), ("--other-na", "--dense"),
+                       ("--canonical", "--phase")):
+        assert main(["train-bundled", flag, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} changes the {base} recipe; add {base}" in err
+    assert not out.exists()
