@@ -130,12 +130,12 @@ def dense_colony(rng) -> dict:
 
 
 def _fine_tune(out: Path, base, train_pairs: list, val_pairs: list, steps: int, seed: int, lr: float,
-               extra: dict) -> dict:
+               extra: dict, structure_weights: tuple[float, ...] = ()) -> dict:
     """Fine-tune ``base`` (a loaded checkpoint) on the pairs, keep the weights that
     validate best, and save them to ``out`` with ``base``'s provenance updated by
     ``extra``: the common tail of `train_dense_mix` and `train_phase_mix`."""
     torch.manual_seed(seed)
-    settings = TrainSettings(steps=steps, seed=seed, lr=lr)
+    settings = TrainSettings(steps=steps, seed=seed, lr=lr, structure_weights=tuple(structure_weights))
     result = train(train_pairs, val_pairs, base.meta.config, settings, PercentileNorm(),
                    on_step=Progress(steps), val_every=max(50, steps // 10), init=base.net, keep_best=True)
     metrics = {s: round(float(v), 4) for s, v in zip(base.meta.config.structures,
@@ -273,7 +273,8 @@ def other_na(n: int, first_seed: int, rng, size: int = 192) -> list:
 
 def train_dense_mix(out: Path, steps: int = 1200, dense_fields: int = 12, seed: int = 0, size: int = 192,
                     lr: float = 5e-4, init: Path | None = None, edge_fields: int = 0,
-                    shading: bool = False, na_fields: int = 0) -> dict:
+                    shading: bool = False, na_fields: int = 0,
+                    structure_weights: tuple[float, ...] = ()) -> dict:
     """Fine-tune the bundled model on its own training fields plus dense colonies (cells
     touching, 18-30 per 10^4 um^2), same optics and geometry: the dense colony is the
     bundled model's worst brightfield condition (DNA r 0.74), and the randomized
@@ -330,11 +331,12 @@ def train_dense_mix(out: Path, steps: int = 1200, dense_fields: int = 12, seed: 
         + " --other-na" * bool(na_fields)
     return _fine_tune(out, base, train_pairs, val_pairs, steps, seed, lr,
                       {"recipe": recipe, "dense_fields": dense_fields, "edge_fields": edge_fields,
-                       "shading": shading, "na_fields": na_fields, "size": size})
+                       "shading": shading, "na_fields": na_fields, "size": size}, structure_weights)
 
 
 def train_phase_mix(out: Path, steps: int = 1200, fields: int = 16, dense_fields: int = 6, seed: int = 0,
-                    size: int = 192, lr: float = 5e-4, init: Path | None = None, random_fields: int = 16) -> dict:
+                    size: int = 192, lr: float = 5e-4, init: Path | None = None, random_fields: int = 16,
+                    structure_weights: tuple[float, ...] = ()) -> dict:
     """Fine-tune the phase-contrast model at the bundled acquisition (16 planes 1 um
     apart on the cells, NA 0.5, 0.325 um pixels), ring amplitude 0.3-0.7, sparse and
     dense samples: what `train_dense_mix` did for brightfield. The randomized recipe
@@ -375,4 +377,5 @@ def train_phase_mix(out: Path, steps: int = 1200, fields: int = 16, dense_fields
     base = load_checkpoint(init or bundled_model_path("phase"), "cpu")
     return _fine_tune(out, base, train_pairs, val_pairs, steps, seed, lr,
                       {"recipe": "livestain train-bundled --phase --canonical", "fields": fields,
-                       "dense_fields": dense_fields, "random_fields": random_fields, "size": size})
+                       "dense_fields": dense_fields, "random_fields": random_fields, "size": size},
+                      structure_weights)

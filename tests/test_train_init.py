@@ -444,3 +444,36 @@ def test_the_robust_recipe_fine_tunes_the_bundled_model_on_random_fields(tmp_pat
     assert model.meta.extra["init"].startswith("bundled@")
     assert model.meta.extra["train_extent_um"] == 16.0  # the z window the worker predicts from
     assert set(metrics) == {"dna", "membrane", "mitochondria"}
+
+
+# ------------------------------------------------------------------ per-structure loss weights
+
+
+def test_structure_loss_weights_each_structures_squared_error() -> None:
+    out = torch.zeros(2, 3, 2, 4, 4)
+    target = torch.zeros_like(out)
+    target[:, 0] = 1.0  # squared error 1 in dna, 4 in membrane, 0 in mitochondria
+    target[:, 1] = 2.0
+    assert float(train_mod.structure_loss(out, target)) == pytest.approx(5 / 3)
+    assert float(train_mod.structure_loss(out, target, (1, 1, 1))) == pytest.approx(5 / 3)
+    assert float(train_mod.structure_loss(out, target, (0, 1, 0))) == pytest.approx(4.0)
+    assert float(train_mod.structure_loss(out, target, (1, 0, 3))) == pytest.approx(1 / 4)
+    for bad in [(1, 1), (1, -1, 1), (0, 0, 0)]:
+        with pytest.raises(ValueError, match="one per structure"):
+            train_mod.structure_loss(out, target, bad)
+
+
+def test_a_structure_weighted_zero_leaves_its_head_row_untouched(fields) -> None:
+    """The weights reach the optimiser: with membrane weighted 0, Adam gets no gradient
+    for membrane's row of the output head, so it keeps its initial values while dna's
+    row moves; recorded in the settings, and left out of them when equal."""
+    pairs = [f.as_pair() for f in fields]
+    torch.manual_seed(0)
+    init = UNet3D(tiny_cfg())
+    before = init.head.weight.detach().clone()
+    result = train(pairs[:2], [], tiny_cfg(), small_settings(6, structure_weights=(1.0, 0.0)), init=init)
+    after = result.net.head.weight.detach()
+    assert torch.equal(after[1], before[1])
+    assert not torch.allclose(after[0], before[0])
+    assert small_settings(1, structure_weights=(1.0, 0.0)).to_dict()["structure_weights"] == [1.0, 0.0]
+    assert "structure_weights" not in small_settings(1).to_dict()
