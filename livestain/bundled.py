@@ -129,6 +129,30 @@ def dense_colony(rng) -> dict:
             "body_z_um": [2.5, 4.5], "max_overlap": 0.35, "attempts_per_cell": 10}
 
 
+def load_base(init: Path | None, widen_to: int | None = None, modality: str = "brightfield"):
+    """The model a recipe fine-tunes (``init``, default the shipped one of ``modality``),
+    widened to ``widen_to`` base channels first when given (`inference.widen`: the same
+    predictions, room for more): how the shipped models grew past 8 base channels
+    without re-running their whole recipe chain."""
+    from dataclasses import replace as replace_meta
+
+    from livestain.inference.checkpoint import LoadedModel, bundled_model_path, load_checkpoint
+    from livestain.inference.widen import widen
+
+    base = load_checkpoint(init or bundled_model_path(modality), "cpu")
+    if widen_to is None or widen_to == base.meta.config.base_channels:
+        return base
+    net = widen(base.net, widen_to, noise=WIDEN_NOISE)
+    meta = replace_meta(base.meta, config=net.config,
+                        extra={**base.meta.extra, "widened_from": base.meta.config.base_channels})
+    return LoadedModel(net=net, meta=meta, path=base.path, fingerprint=base.fingerprint)
+
+
+#: `inference.widen`'s noise for the recipes: enough for the copied channels to drift
+#: apart, small against the prediction (max |change| ~0.04 on the shipped model's output).
+WIDEN_NOISE = 0.005
+
+
 def _fine_tune(out: Path, base, train_pairs: list, val_pairs: list, steps: int, seed: int, lr: float,
                extra: dict, structure_weights: tuple[float, ...] = ()) -> dict:
     """Fine-tune ``base`` (a loaded checkpoint) on the pairs, keep the weights that
@@ -274,7 +298,7 @@ def other_na(n: int, first_seed: int, rng, size: int = 192) -> list:
 def train_dense_mix(out: Path, steps: int = 1200, dense_fields: int = 12, seed: int = 0, size: int = 192,
                     lr: float = 5e-4, init: Path | None = None, edge_fields: int = 0,
                     shading: bool = False, na_fields: int = 0,
-                    structure_weights: tuple[float, ...] = ()) -> dict:
+                    structure_weights: tuple[float, ...] = (), widen_to: int | None = None) -> dict:
     """Fine-tune the bundled model on its own training fields plus dense colonies (cells
     touching, 18-30 per 10^4 um^2), same optics and geometry: the dense colony is the
     bundled model's worst brightfield condition (DNA r 0.74), and the randomized
@@ -284,7 +308,6 @@ def train_dense_mix(out: Path, steps: int = 1200, dense_fields: int = 12, seed: 
     import numpy as np
 
     from livestain.devices import randomize
-    from livestain.inference.checkpoint import load_checkpoint
 
     rng = np.random.default_rng(seed)
 
@@ -302,7 +325,7 @@ def train_dense_mix(out: Path, steps: int = 1200, dense_fields: int = 12, seed: 
     val_canonical = [(p.brightfield, p.targets) for p in simulate_pairs(VAL_TILES, seed=202)]
     train_pairs = canonical + dense(dense_fields, 6000)
     val_pairs = val_canonical + dense(3, 6100)
-    base = load_checkpoint(init, "cpu")
+    base = load_base(init, widen_to)
     if edge_fields:
         from livestain.inference.zwindow import model_window_um
 
@@ -336,7 +359,7 @@ def train_dense_mix(out: Path, steps: int = 1200, dense_fields: int = 12, seed: 
 
 def train_phase_mix(out: Path, steps: int = 1200, fields: int = 16, dense_fields: int = 6, seed: int = 0,
                     size: int = 192, lr: float = 5e-4, init: Path | None = None, random_fields: int = 16,
-                    structure_weights: tuple[float, ...] = ()) -> dict:
+                    structure_weights: tuple[float, ...] = (), widen_to: int | None = None) -> dict:
     """Fine-tune the phase-contrast model at the bundled acquisition (16 planes 1 um
     apart on the cells, NA 0.5, 0.325 um pixels), ring amplitude 0.3-0.7, sparse and
     dense samples: what `train_dense_mix` did for brightfield. The randomized recipe
@@ -349,7 +372,6 @@ def train_phase_mix(out: Path, steps: int = 1200, fields: int = 16, dense_fields
     import numpy as np
 
     from livestain.devices import randomize
-    from livestain.inference.checkpoint import bundled_model_path, load_checkpoint
 
     rng = np.random.default_rng(seed)
 
@@ -374,7 +396,7 @@ def train_phase_mix(out: Path, steps: int = 1200, fields: int = 16, dense_fields
             for i in range(n):
                 pair, _ = randomize.render(randomize.draw(rng, robust_ranges(1.0)), first + i, (0, 0), size)
                 into.append((pair.brightfield, pair.targets))
-    base = load_checkpoint(init or bundled_model_path("phase"), "cpu")
+    base = load_base(init, widen_to, "phase")
     return _fine_tune(out, base, train_pairs, val_pairs, steps, seed, lr,
                       {"recipe": "livestain train-bundled --phase --canonical", "fields": fields,
                        "dense_fields": dense_fields, "random_fields": random_fields, "size": size},

@@ -177,6 +177,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", type=Path, default=None,
                    help="--phase/--robust/--dense: the model to start from (default: the shipped bundled model; "
                         "the shipped models started from plain `livestain train-bundled`'s output)")
+    p.add_argument("--widen", type=int, default=None, metavar="N",
+                   help="with --dense or --phase --canonical: widen the --init model to N base channels first "
+                        "(same predictions, more capacity; the shipped models' last step)")
+    p.add_argument("--weight", action="append", default=[], metavar="STRUCTURE=W",
+                   help="with --dense or --phase --canonical: weight of a structure's error in the loss "
+                        "(repeatable; default 1 each), e.g. --weight mitochondria=3")
     p.set_defaults(func=cmd_train_bundled)
 
 
@@ -370,6 +376,30 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0 if ready else 1
 
 
+def structure_weights(given: list[str]) -> tuple[float, ...]:
+    """``--weight STRUCTURE=W`` options as the bundled structures' loss weights (empty:
+    all 1); the names take the usual aliases (dapi, hoechst, ...)."""
+    from livestain.inference.model import UNetConfig
+    from livestain.inference.structures import canonical
+
+    names = UNetConfig().structures
+    weights = dict.fromkeys(names, 1.0)
+    for item in given:
+        name, sep, value = item.partition("=")
+        structure = canonical(name.strip()) if sep else None
+        if structure not in weights:
+            raise ValueError(f"--weight {item!r}: give STRUCTURE=W with STRUCTURE one of {', '.join(names)}")
+        try:
+            weights[structure] = float(value)
+        except ValueError:
+            raise ValueError(f"--weight {item!r}: {value!r} is not a number") from None
+        if not weights[structure] >= 0:
+            raise ValueError(f"--weight {item!r}: a weight is 0 or more")
+    if given and not any(weights.values()):
+        raise ValueError("--weight: every structure weighted 0 leaves nothing to learn")
+    return tuple(weights.values()) if given else ()
+
+
 def cmd_train_bundled(args: argparse.Namespace) -> int:
     from livestain.bundled import train_bundled, train_dense_mix, train_phase_mix, train_robust
 
@@ -382,11 +412,22 @@ def cmd_train_bundled(args: argparse.Namespace) -> int:
                   f"(e.g. `livestain train-bundled --{base} {flag}`)", file=sys.stderr)
             return 2
 
+    if (args.widen is not None or args.weight) and not (args.dense or (args.phase and args.canonical)):
+        print("livestain train-bundled: --widen and --weight change the fine-tunes; add --dense "
+              "(or --phase --canonical)", file=sys.stderr)
+        return 2
+    try:
+        weights = structure_weights(args.weight)
+    except ValueError as exc:
+        print(f"livestain train-bundled: {exc}", file=sys.stderr)
+        return 2
+    tuning = {"widen_to": args.widen, "structure_weights": weights}
+
     if args.phase:
         out = args.out if args.out != Path("inference/models/bundled.safetensors") else \
             Path("inference/models/bundled-phase.safetensors")
         if args.canonical:
-            train_phase_mix(out, steps=args.steps or 1200, init=args.init)
+            train_phase_mix(out, steps=args.steps or 1200, init=args.init, **tuning)
         else:
             train_robust(out, steps=args.steps or 1200, p_phase=1.0, init=args.init)
         return 0
@@ -395,7 +436,7 @@ def cmd_train_bundled(args: argparse.Namespace) -> int:
         return 0
     if args.dense:
         train_dense_mix(args.out, steps=args.steps or 1200, init=args.init, edge_fields=12 if args.edge else 0,
-                        shading=args.shading, na_fields=12 if args.other_na else 0)
+                        shading=args.shading, na_fields=12 if args.other_na else 0, **tuning)
         return 0
 
     train_bundled(args.out, steps=args.steps or 600)

@@ -1,10 +1,12 @@
-"""The bundled model's training copies (`livestain.bundled`): uneven illumination and
+"""The bundled model's recipe: its training copies (`livestain.bundled`): uneven illumination and
 shorter exposures made from rendered fields, so the model learns them without a new
 rendering. Each must be the physics it stands for, or the model learns the wrong thing."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
 
 from livestain.bundled import DIM_RANGE, SHADING_TILT, dimmed, shaded
 
@@ -71,3 +73,40 @@ def test_a_recipe_modifier_without_its_recipe_is_refused_with_the_fix(capsys, tm
         err = capsys.readouterr().err
         assert f"{flag} changes the {base} recipe; add {base}" in err
     assert not out.exists()
+
+
+def test_widen_and_weight_need_a_fine_tune_and_bad_weights_are_named(capsys, tmp_path) -> None:
+    from livestain.cli import main
+    from livestain.run_commands import structure_weights
+
+    out = tmp_path / "m.safetensors"
+    assert main(["train-bundled", "--widen", "12", "--out", str(out)]) == 2
+    assert "add --dense" in capsys.readouterr().err
+    assert main(["train-bundled", "--phase", "--weight", "mito=3", "--out", str(out)]) == 2
+    assert "(or --phase --canonical)" in capsys.readouterr().err
+    assert main(["train-bundled", "--dense", "--weight", "golgi=3", "--out", str(out)]) == 2
+    assert "STRUCTURE one of dna, membrane, mitochondria" in capsys.readouterr().err
+    assert not out.exists()
+    # aliases name the bundled structures; unnamed ones keep weight 1
+    assert structure_weights(["mito=3"]) == (1.0, 1.0, 3.0)
+    assert structure_weights(["DAPI=0.5", "mitochondria=2"]) == (0.5, 1.0, 2.0)
+    assert structure_weights([]) == ()
+    for bad, why in ((["dna=x"], "not a number"), (["dna=-1"], "0 or more"),
+                     (["dna=0", "membrane=0", "mito=0"], "nothing to learn")):
+        with pytest.raises(ValueError, match=why):
+            structure_weights(bad)
+
+
+def test_load_base_widens_the_initial_model_without_changing_its_prediction() -> None:
+    from livestain.bundled import load_base
+    from livestain.inference.checkpoint import bundled_model_path
+
+    plain = load_base(bundled_model_path())
+    channels = plain.meta.config.base_channels
+    wide = load_base(bundled_model_path(), widen_to=channels + 2)
+    assert wide.meta.config.base_channels == channels + 2 and wide.meta.extra["widened_from"] == channels
+    assert wide.meta.config.structures == plain.meta.config.structures
+    x = torch.randn(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        a, b = plain.net.eval()(x), wide.net.eval()(x)
+    assert float((a - b).abs().max()) < 0.1 * float(a.abs().max())
