@@ -23,28 +23,28 @@ the measurement that chose the method and the per-structure error scale:
     .venv/bin/python bench/calibration.py [--model PATH] [--quick] [--methods tta,perturb]
         [--figure docs/calibration.png] [--json OUT]
 
-Measured 2026-12-02 (bundled model of that day, the NA fine-tune, 3 seeds x 9
-conditions, 114 s, default method ``tta``, spread smoothed, placed by the signal and
-scaled as `inference.uncertainty` does; dna / membrane / mitochondria; in brackets the
-dense-mix model of the same morning, same method):
+Measured 2026-12-02 evening (bundled model of that day widened to 16 base channels, 3
+seeds x 9 conditions, 98 s, default method ``tta``, spread smoothed, placed by the
+signal and scaled as `inference.uncertainty` does; dna / membrane / mitochondria; in
+brackets the 8-channel NA fine-tune of that afternoon, same method):
 
 =============================================  ==================  ====================
-per voxel, training acquisition                0.58 / 0.42 / 0.62  (0.61 / 0.48 / 0.64)
-per voxel, all conditions                      0.45 / 0.53 / 0.54  (0.39 / 0.57 / 0.59)
-per stack, mean uncertainty vs mean |error|    0.47 / 0.76 / 0.84  (0.59 / 0.48 / 0.88)
-per stack, 1 - confidence vs mean |error|      0.88 / 0.85 / 0.17  (0.83 / 0.91 / 0.41)
-per stack, 1 - confidence vs 1 - Pearson r    -0.14 / 0.48 / -0.22 (0.62 / 0.43 / 0.46)
+per voxel, training acquisition                0.73 / 0.44 / 0.62  (0.58 / 0.42 / 0.62)
+per voxel, all conditions                      0.55 / 0.53 / 0.55  (0.45 / 0.53 / 0.54)
+per stack, mean uncertainty vs mean |error|    0.64 / 0.89 / 0.61  (0.47 / 0.76 / 0.84)
+per stack, 1 - confidence vs mean |error|      0.92 / 0.63 / 0.63  (0.88 / 0.85 / 0.17)
+per stack, 1 - confidence vs 1 - Pearson r     0.22 / 0.72 / 0.76  (-0.14 / 0.48 / -0.22)
 median |error| / median uncertainty (focus)    1.00 / 1.00 / 1.00  (1.00 / 1.00 / 1.00)
 =============================================  ==================  ====================
 
 The scales (`uncertainty.ERROR_PER_STD`) and the confidence's halving points
 (`ood.U_HALF`) are re-set for each shipped model. Ranking whole stacks by how wrong
-their pattern is (1 - r) is what the confidence does worst: the stacks the model gets
-least right (far off focus) are the ones the input checks already flag, and among the
-rest its spread does not follow r.
+their pattern is (1 - r) is what the confidence does worst for DNA (0.22): the stacks
+the model gets least right (far off focus) are the ones the input checks already flag,
+and among the rest its spread barely follows r; the 16-channel model's confidence
+follows it for membrane and mitochondria (0.72 / 0.76, from 0.48 / -0.22).
 The signal placement (`uncertainty.place_by_signal`) lifted mitochondria per voxel
-(0.16 -> 0.64); the newer model, right more often away from focus, leaves the spread
-less to rank across conditions. The magnitude baseline: 0.02 / 0.12 / 0.05 per voxel in
+(0.16 -> 0.64). The magnitude baseline: 0.02 / 0.12 / 0.05 per voxel in
 focus. The per-method comparison that
 chose ``tta`` is in `inference.uncertainty`'s docstring. ``docs/calibration.png`` is
 this run's reliability figure.

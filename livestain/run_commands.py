@@ -177,6 +177,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", type=Path, default=None,
                    help="--phase/--robust/--dense: the model to start from (default: the shipped bundled model; "
                         "the shipped models started from plain `livestain train-bundled`'s output)")
+    p.add_argument("--edge-fields", type=int, default=12, metavar="N",
+                   help="with --edge: tall fields the edge windows are cut from, 2 windows each (default: "
+                        "%(default)s; the shipped model's last step used 24)")
     p.add_argument("--widen", type=int, default=None, metavar="N",
                    help="with --dense or --phase --canonical: widen the --init model to N base channels first "
                         "(same predictions, more capacity; the shipped models' last step)")
@@ -405,6 +408,7 @@ def cmd_train_bundled(args: argparse.Namespace) -> int:
 
     # modifiers of one recipe, which the others would silently ignore
     needs = {"--canonical": ("phase", args.canonical), "--edge": ("dense", args.edge),
+             "--edge-fields": ("edge", args.edge_fields != 12),
              "--shading": ("dense", args.shading), "--other-na": ("dense", args.other_na)}
     for flag, (base, given) in needs.items():
         if given and not getattr(args, base):
@@ -435,7 +439,8 @@ def cmd_train_bundled(args: argparse.Namespace) -> int:
         train_robust(args.out, steps=args.steps or 1500, init=args.init)
         return 0
     if args.dense:
-        train_dense_mix(args.out, steps=args.steps or 1200, init=args.init, edge_fields=12 if args.edge else 0,
+        train_dense_mix(args.out, steps=args.steps or 1200, init=args.init,
+                        edge_fields=args.edge_fields if args.edge else 0,
                         shading=args.shading, na_fields=12 if args.other_na else 0, **tuning)
         return 0
 

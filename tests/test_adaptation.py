@@ -145,10 +145,12 @@ def test_novel_cells_live_r_rises_after_adaptation_with_nothing_lost(tmp_path, b
     print({t: (m, round(r, 3)) for t, (m, r) in live.items()})
     assert after, "no prediction by an adapted model"
     assert after[0][0] <= 10  # within 10 check frames (one per time point)
-    # the bundled model of 2026-12-02 (NA fine-tune) reads these cells at r ~0.68 (the
-    # dense-mix model: 0.61); adapted, both reach 0.81-0.82: the rise is what adaptation adds
-    assert np.mean([r for _, r in after]) >= 0.78
-    assert np.mean([r for _, r in after]) - np.mean(before) >= 0.1
+    # the bundled model of 2026-12-02 evening (16 channels) reads these cells at r ~0.75
+    # (the afternoon's 8-channel model 0.68, the dense-mix model 0.61); adapted, each
+    # reaches 0.81-0.82: the rise is what adaptation adds (the same model before and
+    # after would differ by the time points' spread, about +-0.02)
+    assert np.mean([r for _, r in after]) >= 0.8
+    assert np.mean([r for _, r in after]) - np.mean(before) >= 0.05
     run = json.loads((out / "run.json").read_text())
     assert run["model_changes"][0]["why"].startswith("adapted")
     report = json.loads((out / "summary.json").read_text())
