@@ -47,7 +47,7 @@ from _harness import simulated_run
 from livestain import wire
 from livestain.acquisition.policies import Policies
 from livestain.launch import demo_sequence
-from livestain.stackio import read_stack
+from livestain.run_reader import RunReader
 
 STAGES = ("write raw", "queue", "transport", "preprocess", "network", "postprocess", "inference",
           "return", "write pred", "written", "display", "drawn")
@@ -146,10 +146,10 @@ def measure(timepoints: int = 12, interval: float = 1.0, port: int = 5720, viewe
     db = sqlite3.connect(out / "journal.sqlite")
     predicted_at = dict(db.execute("SELECT seq, predicted_at FROM stacks WHERE predicted_at IS NOT NULL"))
     db.close()
-    infos = []
-    for path in sorted(out.glob("p*/t*_prediction.ome.tif")):
-        _, info = read_stack(path)
-        infos.append(info)
+    # the predictions' headers, wherever the run's store keeps them (OME-Zarr since the
+    # store redesign: globbing for per-stack TIFFs found none, and every figure read "-")
+    with RunReader(out) as reader:
+        infos = [e.prediction_info for e in reader.stacks() if e.prediction_ref is not None]
     live = [i for i in infos if not i.get("caught_up_from_disk") and i["source_seq"] in predicted_at]
     # the worker's start-up: everything acquired before its first prediction came back
     first_back = min((i["prediction_received_at"] for i in live), default=0.0)
