@@ -180,6 +180,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--edge-fields", type=int, default=12, metavar="N",
                    help="with --edge: tall fields the edge windows are cut from, 2 windows each (default: "
                         "%(default)s; the shipped model's last step used 24)")
+    p.add_argument("--na-fields", type=int, default=12, metavar="N",
+                   help="with --other-na: fields through other objectives (default: %(default)s)")
     p.add_argument("--widen", type=int, default=None, metavar="N",
                    help="with --dense or --phase --canonical: widen the --init model to N base channels first "
                         "(same predictions, more capacity; the shipped models' last step)")
@@ -409,11 +411,16 @@ def cmd_train_bundled(args: argparse.Namespace) -> int:
     # modifiers of one recipe, which the others would silently ignore
     needs = {"--canonical": ("phase", args.canonical), "--edge": ("dense", args.edge),
              "--edge-fields": ("edge", args.edge_fields != 12),
+             "--na-fields": ("other_na", args.na_fields != 12),
              "--shading": ("dense", args.shading), "--other-na": ("dense", args.other_na)}
     for flag, (base, given) in needs.items():
         if given and not getattr(args, base):
-            print(f"livestain train-bundled: {flag} changes the --{base} recipe; add --{base} "
-                  f"(e.g. `livestain train-bundled --{base} {flag}`)", file=sys.stderr)
+            option = "--" + base.replace("_", "-")
+            print(f"livestain train-bundled: {flag} changes the {option} recipe; add {option} "
+                  f"(e.g. `livestain train-bundled --dense {option} {flag}{' N' * flag.endswith('-fields')}`)"
+                  if base in ("edge", "other_na") else
+                  f"livestain train-bundled: {flag} changes the {option} recipe; add {option} "
+                  f"(e.g. `livestain train-bundled {option} {flag}`)", file=sys.stderr)
             return 2
 
     if (args.widen is not None or args.weight) and not (args.dense or (args.phase and args.canonical)):
@@ -441,7 +448,7 @@ def cmd_train_bundled(args: argparse.Namespace) -> int:
     if args.dense:
         train_dense_mix(args.out, steps=args.steps or 1200, init=args.init,
                         edge_fields=args.edge_fields if args.edge else 0,
-                        shading=args.shading, na_fields=12 if args.other_na else 0, **tuning)
+                        shading=args.shading, na_fields=args.na_fields if args.other_na else 0, **tuning)
         return 0
 
     train_bundled(args.out, steps=args.steps or 600)

@@ -110,3 +110,15 @@ def test_load_base_widens_the_initial_model_without_changing_its_prediction() ->
     with torch.no_grad():
         a, b = plain.net.eval()(x), wide.net.eval()(x)
     assert float((a - b).abs().max()) < 0.1 * float(a.abs().max())
+
+
+def test_a_field_count_without_its_recipe_is_refused_with_the_flag_spelled_as_typed(capsys, tmp_path) -> None:
+    from livestain.cli import main
+
+    out = tmp_path / "m.safetensors"
+    for flag, base in (("--na-fields", "--other-na"), ("--edge-fields", "--edge")):
+        assert main(["train-bundled", "--dense", flag, "24", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} changes the {base} recipe; add {base}" in err
+        assert f"`livestain train-bundled --dense {base} {flag} N`" in err
+    assert not out.exists()
