@@ -148,6 +148,16 @@ def load_base(init: Path | None, widen_to: int | None = None, modality: str = "b
     return LoadedModel(net=net, meta=meta, path=base.path, fingerprint=base.fingerprint)
 
 
+def tuning_flags(structures, structure_weights: tuple[float, ...], widen_to: int | None) -> str:
+    """The ``--widen`` and ``--weight`` options of a fine-tune, as the recipe recorded in
+    the checkpoint's provenance spells them (weights of 1 left out)."""
+    flags = f" --widen {widen_to}" if widen_to else ""
+    for name, weight in zip(structures, structure_weights):
+        if weight != 1:
+            flags += f" --weight {name}={weight:g}"
+    return flags
+
+
 #: `inference.widen`'s noise for the recipes: enough for the copied channels to drift
 #: apart, small against the prediction (max |change| ~0.04 on the shipped model's output).
 WIDEN_NOISE = 0.005
@@ -351,7 +361,9 @@ def train_dense_mix(out: Path, steps: int = 1200, dense_fields: int = 12, seed: 
         train_pairs += [(shaded_copy(b), t) for b, t in list(train_pairs)]
         val_pairs += [(shaded_copy(b), t) for b, t in list(val_pairs)]
     recipe = "livestain train-bundled --dense" + " --edge" * bool(edge_fields) + " --shading" * shading \
-        + " --other-na" * bool(na_fields)
+        + " --other-na" * bool(na_fields) + f" --edge-fields {edge_fields}" * (edge_fields not in (0, 12)) \
+        + f" --na-fields {na_fields}" * (na_fields not in (0, 12)) \
+        + tuning_flags(base.meta.config.structures, structure_weights, widen_to)
     return _fine_tune(out, base, train_pairs, val_pairs, steps, seed, lr,
                       {"recipe": recipe, "dense_fields": dense_fields, "edge_fields": edge_fields,
                        "shading": shading, "na_fields": na_fields, "size": size}, structure_weights)
@@ -398,6 +410,7 @@ def train_phase_mix(out: Path, steps: int = 1200, fields: int = 16, dense_fields
                 into.append((pair.brightfield, pair.targets))
     base = load_base(init, widen_to, "phase")
     return _fine_tune(out, base, train_pairs, val_pairs, steps, seed, lr,
-                      {"recipe": "livestain train-bundled --phase --canonical", "fields": fields,
+                      {"recipe": "livestain train-bundled --phase --canonical"
+                       + tuning_flags(base.meta.config.structures, structure_weights, widen_to), "fields": fields,
                        "dense_fields": dense_fields, "random_fields": random_fields, "size": size},
                       structure_weights)

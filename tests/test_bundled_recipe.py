@@ -122,3 +122,12 @@ def test_a_field_count_without_its_recipe_is_refused_with_the_flag_spelled_as_ty
         assert f"{flag} changes the {base} recipe; add {base}" in err
         assert f"`livestain train-bundled --dense {base} {flag} N`" in err
     assert not out.exists()
+
+
+def test_the_recorded_recipe_spells_the_tuning_options() -> None:
+    from livestain.bundled import tuning_flags
+
+    names = ("dna", "membrane", "mitochondria")
+    assert tuning_flags(names, (2.0, 1.0, 3.0), 16) == " --widen 16 --weight dna=2 --weight mitochondria=3"
+    assert tuning_flags(names, (), None) == ""
+    assert tuning_flags(names, (1.0, 0.5, 1.0), None) == " --weight membrane=0.5"
