@@ -177,11 +177,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", type=Path, default=None,
                    help="--phase/--robust/--dense: the model to start from (default: the shipped bundled model; "
                         "the shipped models started from plain `livestain train-bundled`'s output)")
-    p.add_argument("--edge-fields", type=int, default=12, metavar="N",
+    p.add_argument("--edge-fields", type=int, default=None, metavar="N",
                    help="with --edge: tall fields the edge windows are cut from, 2 windows each (default: "
-                        "%(default)s; the shipped model's last step used 24)")
-    p.add_argument("--na-fields", type=int, default=12, metavar="N",
-                   help="with --other-na: fields through other objectives (default: %(default)s)")
+                        f"{DEFAULT_RECIPE_FIELDS}; the shipped model's last step used 24)")
+    p.add_argument("--na-fields", type=int, default=None, metavar="N",
+                   help=f"with --other-na: fields through other objectives (default: {DEFAULT_RECIPE_FIELDS})")
     p.add_argument("--widen", type=int, default=None, metavar="N",
                    help="with --dense or --phase --canonical: widen the --init model to N base channels first "
                         "(same predictions, more capacity; the shipped models' last step)")
@@ -381,6 +381,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0 if ready else 1
 
 
+#: Edge and other-objective fields of `bundled.train_dense_mix` when --edge-fields /
+#: --na-fields are not given.
+DEFAULT_RECIPE_FIELDS = 12
+
+
 def structure_weights(given: list[str]) -> tuple[float, ...]:
     """``--weight STRUCTURE=W`` options as the bundled structures' loss weights (empty:
     all 1); the names take the usual aliases (dapi, hoechst, ...)."""
@@ -410,17 +415,16 @@ def cmd_train_bundled(args: argparse.Namespace) -> int:
 
     # modifiers of one recipe, which the others would silently ignore
     needs = {"--canonical": ("phase", args.canonical), "--edge": ("dense", args.edge),
-             "--edge-fields": ("edge", args.edge_fields != 12),
-             "--na-fields": ("other_na", args.na_fields != 12),
+             "--edge-fields": ("edge", args.edge_fields is not None),
+             "--na-fields": ("other_na", args.na_fields is not None),
              "--shading": ("dense", args.shading), "--other-na": ("dense", args.other_na)}
     for flag, (base, given) in needs.items():
         if given and not getattr(args, base):
             option = "--" + base.replace("_", "-")
+            example = ("--dense " if base in ("edge", "other_na") else "") + f"{option} {flag}" \
+                + " N" * flag.endswith("-fields")
             print(f"livestain train-bundled: {flag} changes the {option} recipe; add {option} "
-                  f"(e.g. `livestain train-bundled --dense {option} {flag}{' N' * flag.endswith('-fields')}`)"
-                  if base in ("edge", "other_na") else
-                  f"livestain train-bundled: {flag} changes the {option} recipe; add {option} "
-                  f"(e.g. `livestain train-bundled {option} {flag}`)", file=sys.stderr)
+                  f"(e.g. `livestain train-bundled {example}`)", file=sys.stderr)
             return 2
 
     if (args.widen is not None or args.weight) and not (args.dense or (args.phase and args.canonical)):
@@ -447,8 +451,9 @@ def cmd_train_bundled(args: argparse.Namespace) -> int:
         return 0
     if args.dense:
         train_dense_mix(args.out, steps=args.steps or 1200, init=args.init,
-                        edge_fields=args.edge_fields if args.edge else 0,
-                        shading=args.shading, na_fields=args.na_fields if args.other_na else 0, **tuning)
+                        edge_fields=(DEFAULT_RECIPE_FIELDS if args.edge_fields is None else args.edge_fields) if args.edge else 0,
+                        shading=args.shading,
+                        na_fields=(DEFAULT_RECIPE_FIELDS if args.na_fields is None else args.na_fields) if args.other_na else 0, **tuning)
         return 0
 
     train_bundled(args.out, steps=args.steps or 600)
