@@ -70,10 +70,11 @@ import torch
 import real_experiments as ex
 from livestain.inference.checkpoint import LoadedModel, ModelMeta, load_checkpoint
 from livestain.inference.evaluate import evaluate_model
+from livestain.inference.flatten import flatten_to_2_5d
 from livestain.inference.model import UNet3D, UNetConfig
 from livestain.inference.normalize import PercentileNorm, zscore
 from livestain.inference.predict import Predictor
-from livestain.inference.train import TrainSettings, pearson, prepare_targets, train, transfer_weights
+from livestain.inference.train import TrainSettings, pearson, train
 
 #: Defocus of the sephace planes from the in-focus pair (um): stage z of Set1 and Set2
 #: (PROVENANCE.txt) minus the mean of their planes 2 and 3, averaged over both sets.
@@ -84,10 +85,10 @@ SEPHACE_IN_FOCUS = (2, 3)
 SIM_SEED = 4242
 #: Stage z (um) of the simulated cells' middle (`devices.pairs.default_z_planes`).
 SIM_FOCUS_UM = 4.0
-#: The table's cell for the bundled fine-tune (`bundled_finetune_reason` gives the library's words).
-NA_SHORT = "n/a: the bundled model is 3D, one-plane truth needs a 2.5D model, a fine-tune keeps its architecture"
-ARMS = ("zero-shot (bundled 3D)", "fine-tuned from bundled", "scratch (2.5D)",
-        "sim-pretrained 2.5D", "fine-tuned (sim 2.5D)")
+ARMS = ("zero-shot (bundled 3D)", "bundled, flattened to 2.5D", "fine-tuned from bundled (flattened)",
+        "scratch (2.5D)", "scratch (2.5D, the bundled's size)", "sim-pretrained 2.5D", "fine-tuned (sim 2.5D)")
+#: Arms that train on real fields, once per training seed.
+TRAINED = ARMS[2:5] + ARMS[6:]
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class Plan:
     """Sizes and steps of one run (printed at its start and stored in the JSON)."""
 
     steps: int = 400
-    finetune_steps: int = 150
+    finetune_steps: int = 400
     pretrain_steps: int = 600
     lr: float = 2e-3
     patch: int = 96
@@ -105,17 +106,17 @@ class Plan:
     sim_fields: int = 16
     sim_size: int = 256
     precision: str = "auto"
-    seed: int = 0
+    seeds: int = 3
     quick: bool = False
 
     @classmethod
     def quick_plan(cls) -> Plan:
         return cls(steps=3, finetune_steps=2, pretrain_steps=3, patch=16, batch=2, depth=1, base_channels=4,
-                   sim_fields=2, sim_size=64, precision="fp32", quick=True)
+                   sim_fields=2, sim_size=64, precision="fp32", seeds=2, quick=True)
 
-    def settings(self, steps: int, z: int, lr: float | None = None) -> TrainSettings:
+    def settings(self, steps: int, z: int, lr: float | None = None, seed: int = 0) -> TrainSettings:
         # the augmentation of `real_experiments` (real data vary in exposure and contrast)
-        return TrainSettings(steps=steps, patch=(z, self.patch, self.patch), batch=self.batch, seed=self.seed,
+        return TrainSettings(steps=steps, patch=(z, self.patch, self.patch), batch=self.batch, seed=seed,
                              lr=self.lr if lr is None else lr, intensity=0.1, gamma=0.2, noise=0.03,
                              precision=self.precision)
 
@@ -231,13 +232,14 @@ def fit(fields: Sequence[ex.RealField], config: UNetConfig, settings: TrainSetti
         if step % every == 0 or step == settings.steps:
             log(f"    step {step}/{settings.steps} loss {loss:.4f}")
 
+    torch.manual_seed(settings.seed)  # the fresh network's (and a fresh head row's) initialisation
     res = train([f.as_pair() for f in fields], [], config, settings, PercentileNorm(), on_step=on_step, init=init)
     return _in_memory(res.net, config, fields[0].voxel_size_um, name), float(res.seconds)
 
 
 def score_2_5d(model: LoadedModel, test: Sequence[ex.RealField]) -> dict[str, float]:
-    """Pearson r per test crop, through the `Predictor` (native resolution, resampled to
-    the model's voxel size and back) as ``livestain evaluate`` scores."""
+    """Pearson r of DNA per test crop, through the `Predictor` (native resolution,
+    resampled to the model's voxel size and back) as ``livestain evaluate`` scores."""
     report = evaluate_model(Predictor(model, "cpu"), test)
     return {name: float(m["dna"]["pearson"]) for name, m in report["fields"].items()}
 
@@ -255,24 +257,6 @@ def zero_shot(split: Split, bundled: LoadedModel) -> tuple[dict[str, float], dic
     return at_focus, projected
 
 
-def bundled_finetune_reason(split: Split, config: UNetConfig, bundled: LoadedModel) -> str:
-    """Why the bundled model cannot be fine-tuned on this task, in the library's own words."""
-    reasons = []
-    f = split.train[0]
-    try:  # the bundled (3D) architecture on this truth
-        prepare_targets(f.targets, replace(bundled.meta.config, structures=("dna",)), f.brightfield.shape)
-    except ValueError as e:
-        reasons.append(f"a 3D model on this truth: {e}")
-    try:  # the 2.5D task's architecture from the bundled weights
-        transfer_weights(UNet3D(config), bundled.net)
-    except ValueError as e:
-        reasons.append(f"fine-tuning a 2.5D model from it: {str(e).split(':')[0]}")
-    if not reasons:
-        return ""
-    return "n/a: the bundled model is 3D (a 16-plane stack in, a stack out), the truth here one plane; " + \
-        "; ".join(reasons)
-
-
 def plane_baseline(split: Split) -> dict[str, Any]:
     """Context: the best sign-corrected r of one normalised brightfield plane with the
     stain, mean over the test crops (chosen on the test crops: optimistic)."""
@@ -280,14 +264,21 @@ def plane_baseline(split: Split) -> dict[str, Any]:
     return {"best_plane": b["best_plane"], "best_abs_r": round(b["best_abs_r"], 4)}
 
 
-def _row(dataset: str, arm: str, fields: str, n: int, per_crop: dict[str, float] | None, seconds: float | None,
-         note: str = "", **extra: Any) -> dict[str, Any]:
+def _row(dataset: str, arm: str, fields: str, n: int, per_crop: dict[str, float] | list[dict[str, float]] | None,
+         seconds: float | None, note: str = "", **extra: Any) -> dict[str, Any]:
+    """One table row. ``per_crop``: r per test crop, or a list of them, one per training
+    seed: then the mean is over seeds and crops, the worst the worst crop of any seed,
+    and ``r_mean_per_seed`` says how much the seed moves it."""
     row: dict[str, Any] = {"dataset": dataset, "arm": arm, "fields": fields, "n_fields": n,
                            "train_seconds": None if seconds is None else round(seconds, 1), "note": note}
-    if per_crop:
-        worst = min(per_crop, key=per_crop.get)
-        row.update(r_mean=round(float(np.mean(list(per_crop.values()))), 4), r_worst=round(per_crop[worst], 4),
-                   worst_crop=worst, r_per_crop={k: round(v, 4) for k, v in per_crop.items()})
+    runs = per_crop if isinstance(per_crop, list) else [per_crop] if per_crop else []
+    if runs:
+        means = [float(np.mean(list(r.values()))) for r in runs]
+        crop, worst = min(((c, v) for r in runs for c, v in r.items()), key=lambda cv: cv[1])
+        row.update(r_mean=round(float(np.mean(means)), 4), r_worst=round(worst, 4), worst_crop=crop,
+                   r_per_crop={c: round(float(np.mean([r[c] for r in runs])), 4) for c in runs[0]})
+        if len(runs) > 1:
+            row.update(r_mean_per_seed=[round(m, 4) for m in means])
     else:
         row.update(r_mean=None, r_worst=None, worst_crop=None, r_per_crop={})
     row.update(extra)
@@ -300,32 +291,52 @@ def run_dataset(split: Split, plan: Plan, bundled: LoadedModel, log: Callable[[s
     name = split.dataset
     cfg = UNetConfig(structures=("dna",), depth=plan.depth, base_channels=plan.base_channels, mode="2.5d",
                      z_window=split.z_window)
-    log(f"[{name}] {split.description}; {len(split.train)} training fields, {len(split.test)} test crops")
+    b = bundled.meta.config
+    # the bundled network as `livestain train --init bundled` starts it on one-plane truth
+    flat_cfg = replace(b, mode="2.5d", z_window=split.z_window, structures=("dna",))
+    seeds = range(plan.seeds)
+    log(f"[{name}] {split.description}; {len(split.train)} training fields, {len(split.test)} test crops; "
+        f"training seeds {list(seeds)}")
     rows: list[dict[str, Any]] = []
+
+    def report(row: dict[str, Any]) -> None:
+        rows.append(row)
+        spread = f" (per seed {row['r_mean_per_seed']})" if "r_mean_per_seed" in row else ""
+        log(f"    r mean {row['r_mean']:.3f}{spread}, worst {row['r_worst']:.3f} ({row['worst_crop']})")
 
     log(f"[{name}] zero-shot: bundled model, voxel size {split.zero_shot_voxel_um} um")
     t0 = time.perf_counter()
     at_focus, projected = zero_shot(split, bundled)
-    rows.append(_row(name, ARMS[0], "0", 0, at_focus, 0.0,
-                     note=f"DNA at the in-focus plane{'s' if len(split.in_focus) > 1 else ''} "
-                          f"{','.join(map(str, split.in_focus))}; z-max projection r mean "
-                          f"{np.mean(list(projected.values())):.3f}",
-                     r_per_crop_zmax={k: round(v, 4) for k, v in projected.items()},
-                     predict_seconds=round(time.perf_counter() - t0, 1)))
-    log(f"    r mean {rows[-1]['r_mean']:.3f}, worst {rows[-1]['r_worst']:.3f} ({rows[-1]['worst_crop']})")
+    report(_row(name, ARMS[0], "0", 0, at_focus, 0.0,
+                note=f"DNA at the in-focus plane{'s' if len(split.in_focus) > 1 else ''} "
+                     f"{','.join(map(str, split.in_focus))}; z-max projection r mean "
+                     f"{np.mean(list(projected.values())):.3f}",
+                r_per_crop_zmax={k: round(v, 4) for k, v in projected.items()},
+                predict_seconds=round(time.perf_counter() - t0, 1)))
 
-    reason = bundled_finetune_reason(split, cfg, bundled)
-    for label, n in split.field_counts():
-        rows.append(_row(name, ARMS[1], label, n, None, None, note=reason))
-    log(f"[{name}] fine-tuned from bundled: {reason}")
+    def flat_bundled() -> UNet3D:
+        return flatten_to_2_5d(bundled.net, split.z_window)
 
-    for label, n in split.field_counts():
-        log(f"[{name}] scratch, {label} training field(s): {plan.steps} steps")
-        model, sec = fit(split.train[:n], cfg, plan.settings(plan.steps, split.z_window), f"{name}-scratch-{n}",
-                         log=log)
-        rows.append(_row(name, ARMS[2], label, n, score_2_5d(model, split.test), sec,
-                         train_fields=[f.name for f in split.train[:n]]))
-        log(f"    {sec:.0f} s; r mean {rows[-1]['r_mean']:.3f}, worst {rows[-1]['r_worst']:.3f}")
+    log(f"[{name}] the bundled model flattened to 2.5D ({split.z_window}-plane window), untrained on real fields")
+    report(_row(name, ARMS[1], "0", 0,
+                score_2_5d(_in_memory(flat_bundled(), replace(flat_cfg, structures=b.structures),
+                                      split.train[0].voxel_size_um, f"{name}-flat"), split.test), 0.0))
+
+    def trained(arm: str, config: UNetConfig, steps: int, lr: float, init: Callable[[], UNet3D] | None) -> None:
+        for label, n in split.field_counts():
+            log(f"[{name}] {arm}, {label} training field(s): {steps} steps, lr {lr:g}, seeds {list(seeds)}")
+            per_seed, seconds = [], 0.0
+            for seed in seeds:
+                model, sec = fit(split.train[:n], config, plan.settings(steps, split.z_window, lr, seed),
+                                 f"{name}-{arm}-{n}-{seed}", init=init() if init else None, log=lambda s: None)
+                per_seed.append(score_2_5d(model, split.test))
+                seconds += sec
+            report(_row(name, arm, label, n, per_seed, seconds / len(per_seed),
+                        train_fields=[f.name for f in split.train[:n]]))
+
+    trained(ARMS[2], flat_cfg, plan.steps, plan.lr, flat_bundled)
+    trained(ARMS[3], cfg, plan.steps, plan.lr, None)
+    trained(ARMS[4], replace(flat_cfg), plan.steps, plan.lr, None)
 
     log(f"[{name}] simulating {plan.sim_fields} fields of {plan.sim_size} px "
         f"(offsets {split.sim_offsets_um} um, focus +/-{split.sim_focus_jitter_um} um, binning {split.sim_binning})")
@@ -335,18 +346,16 @@ def run_dataset(split: Split, plan: Plan, bundled: LoadedModel, log: Callable[[s
     log(f"[{name}] pretraining on the simulated fields: {plan.pretrain_steps} steps")
     pre, pre_sec = fit(sim, cfg, plan.settings(plan.pretrain_steps, split.z_window), f"{name}-sim", log=log)
     pre = _in_memory(pre.net, cfg, split.train[0].voxel_size_um, f"{name}-sim")  # applied at the data's voxel
-    rows.append(_row(name, ARMS[3], "0", 0, score_2_5d(pre, split.test), pre_sec + sim_seconds,
-                     note=f"{plan.sim_fields} simulated fields, {sim_seconds:.0f} s to simulate"))
-    log(f"    {pre_sec:.0f} s; r mean {rows[-1]['r_mean']:.3f}, worst {rows[-1]['r_worst']:.3f}")
+    report(_row(name, ARMS[5], "0", 0, score_2_5d(pre, split.test), pre_sec + sim_seconds,
+                note=f"{plan.sim_fields} simulated fields, {sim_seconds:.0f} s to simulate"))
+    pre_weights = {k: v.clone() for k, v in pre.net.state_dict().items()}
 
-    for label, n in split.field_counts():
-        log(f"[{name}] fine-tune from the simulated 2.5D model, {label} training field(s): "
-            f"{plan.finetune_steps} steps, lr {plan.lr / 4:g}")
-        model, sec = fit(split.train[:n], cfg, plan.settings(plan.finetune_steps, split.z_window, plan.lr / 4),
-                         f"{name}-ft-{n}", init=pre.net, log=log)
-        rows.append(_row(name, ARMS[4], label, n, score_2_5d(model, split.test), sec,
-                         note="+ pretraining time above", train_fields=[f.name for f in split.train[:n]]))
-        log(f"    {sec:.0f} s; r mean {rows[-1]['r_mean']:.3f}, worst {rows[-1]['r_worst']:.3f}")
+    def sim_pretrained() -> UNet3D:
+        net = UNet3D(cfg)
+        net.load_state_dict(pre_weights)
+        return net
+
+    trained(ARMS[6], cfg, plan.finetune_steps, plan.lr / 4, sim_pretrained)
 
     return {"split": split.description, "train_fields": [f.name for f in split.train],
             "test_crops": [f.name for f in split.test], "baseline_best_plane": plane_baseline(split),
@@ -361,16 +370,15 @@ def _fmt(v: float | None) -> str:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| dataset | arm | training fields | Pearson r mean | Pearson r worst (crop) | training s |",
-             "|---|---|---|---:|---:|---:|"]
+    lines = ["| dataset | arm | training fields | Pearson r mean | per training seed | Pearson r worst (crop) "
+             "| training s |", "|---|---|---|---:|---|---:|---:|"]
     for ds in results["datasets"].values():
         for r in ds["rows"]:
             worst = _fmt(r["r_worst"]) + (f" ({r['worst_crop']})" if r["worst_crop"] else "")
             sec = "" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
-            if r["r_mean"] is None:  # n/a: the short reason (the full one is in the JSON's note)
-                lines.append(f"| {r['dataset']} | {r['arm']} | {r['fields']} | n/a | {NA_SHORT} | |")
-            else:
-                lines.append(f"| {r['dataset']} | {r['arm']} | {r['fields']} | {_fmt(r['r_mean'])} | {worst} | {sec} |")
+            per_seed = " / ".join(f"{v:.3f}" for v in r.get("r_mean_per_seed", []))
+            lines.append(f"| {r['dataset']} | {r['arm']} | {r['fields']} | {_fmt(r['r_mean'])} | {per_seed} | {worst} "
+                         f"| {sec} |")
     return "\n".join(lines)
 
 
@@ -387,7 +395,10 @@ def run(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--only", choices=("sephace", "ndev"), default=None)
     ap.add_argument("--steps", type=int, default=None, help="steps of a training from scratch (default 400)")
-    ap.add_argument("--finetune-steps", type=int, default=None, help="steps of a fine-tune (default 150)")
+    ap.add_argument("--finetune-steps", type=int, default=None, help="steps of a fine-tune from the simulated model (default 400, as from scratch)")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="training seeds per arm (default 3): each trained arm's mean is over them, its worst "
+                         "crop the worst of any")
     ap.add_argument("--pretrain-steps", type=int, default=None,
                     help="steps of the simulated-data pretraining (default 600)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
@@ -395,9 +406,9 @@ def run(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -
     a = ap.parse_args(argv)
     plan = Plan.quick_plan() if a.quick else Plan()
     changes = {k: v for k, v in (("steps", a.steps), ("finetune_steps", a.finetune_steps),
-                                 ("pretrain_steps", a.pretrain_steps), ("precision", a.precision)) if v is not None}
+                                 ("pretrain_steps", a.pretrain_steps), ("precision", a.precision),
+                                 ("seeds", a.seeds)) if v is not None}
     plan = replace(plan, **changes)
-    torch.manual_seed(plan.seed)
     threads = torch.get_num_threads()
     if plan.quick:  # tiny tensors: threading costs more than it gains (8x slower on a busy 2-core CPU)
         torch.set_num_threads(1)

@@ -146,15 +146,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     if lr is not None and not lr >= 0 or patience is not None and patience < 0:
         raise ValueError("--lr and --patience must not be negative (--patience 0: no early stopping)")
     init = load_init(args.init) if getattr(args, "init", None) else None
+    init_net = init.net if init is not None else None
+    depth = init.meta.config.depth if init is not None else args.depth
+    fields = load_fields(args.data, args.structures, args.voxel_size, min_yx=max(MIN_YX, 2**depth))
+    _check_voxel_sizes(fields)
+    flattened = False
+    if init is not None and init.meta.config.mode == "3d" and (
+            any(f.planar for f in fields) or chose("mode") and args.mode == "2.5d"):
+        # single-plane truth needs a 2.5D network: start one from the 3D model's kernels
+        # summed over z (inference.flatten), with the window the user chose
+        from .flatten import flatten_to_2_5d
+
+        window = args.z_window if args.z_window is not None else min(f.brightfield.shape[0] for f in fields)
+        init_net = flatten_to_2_5d(init.net, window, args.target_2d)
+        flattened = True
+        why = "this truth is single planes" if any(f.planar for f in fields) else "--mode 2.5d asks for a 2.5D one"
+        source = "--z-window" if args.z_window is not None else "the planes of the smallest stack; --z-window to choose"
+        print(f"note: --init {init.name} is a 3D model and {why}: starting a 2.5D network of its depth and "
+              f"width, {window}-plane window ({source}), from its 3D kernels summed over z, trained at the "
+              "from-scratch rate and length (a starting point for features, not a model to stay close to)")
     if patience is None:
         # Early stopping by default only for a fine-tune: it starts near a good solution,
         # and on a few fields its validation r typically peaks early and then slides as it
         # overfits. From scratch the cosine schedule's low-rate second half is where r
         # still climbs (the bundled recipe's rose at every validation to the end), and a
-        # plateau in the high-rate first half is no reason to stop.
-        patience = 5 if init is not None else 0
+        # plateau in the high-rate first half is no reason to stop; a flattened 3D model
+        # starts far from any solution, as from scratch.
+        patience = 5 if init is not None and not flattened else 0
     if init is not None:
-        c0 = init.meta.config  # a fine-tune keeps the architecture its weights belong to
+        c0 = init_net.config  # a fine-tune keeps the architecture its weights belong to
         mode, depth, base_channels, z_window, target_2d = c0.mode, c0.depth, c0.base_channels, c0.z_window, c0.target_2d
         ignored = [f"--{dest.replace('_', '-')} {mine}" for dest, mine, theirs in (
             ("mode", args.mode, mode), ("depth", args.depth, depth), ("base_channels", args.base_channels, base_channels),
@@ -170,13 +190,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("--z-window is for --mode 2.5d; a 3D model takes the whole stack")
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
-    fields = load_fields(args.data, args.structures, args.voxel_size, min_yx=max(MIN_YX, 2**depth))
-    _check_voxel_sizes(fields)
     if mode == "3d" and any(f.planar for f in fields):
         raise ValueError(
             f"the structures in {args.data} are single planes (YX) beside brightfield stacks: "
-            + ("train a 2.5D model on them (--mode 2.5d --z-window N)" if init is None else
-               f"--init {init.name} is a 3D model; fine-tune a 2.5D one, or train one from scratch (--mode 2.5d)")
+            "train a 2.5D model on them (--mode 2.5d --z-window N)"
         )
     trn, val, note = split_for_validation(fields, args.val_fields, args.val_fraction, args.seed,
                                           min_yx=max(MIN_YX, 2**depth))
@@ -197,14 +214,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         max_projection = mode == "2.5d" and target_2d == "max"
         voxels = sum(f.targets[0][0].size if max_projection and not f.planar else f.targets[0].size for f in trn)
-        steps, why = data_steps(voxels, args.batch, patch, mode, finetune=init is not None)
+        steps, why = data_steps(voxels, args.batch, patch, mode, finetune=init is not None and not flattened)
         print(f"steps {steps}: {why} (--steps to choose)")
     if lr is None:
         # A fine-tune's default is a quarter of the from-scratch rate: Adam's first steps
         # move every weight by about lr whatever the gradient, and at the full rate those
         # first steps on a few fields would undo much of what the initial model learnt.
-        lr = TrainSettings.lr / 4 if init is not None else TrainSettings.lr
-        if init is not None:
+        lr = TrainSettings.lr / 4 if init is not None and not flattened else TrainSettings.lr
+        if init is not None and not flattened:
             print(f"lr {lr:g}: a fine-tune, a quarter of the {TrainSettings.lr:g} used from scratch (--lr to choose)")
     cfg = UNetConfig(structures=tuple(args.structures), depth=depth, base_channels=base_channels,
                      mode=mode, z_window=z_window, target_2d=target_2d)
@@ -216,7 +233,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if init is not None:
         with torch.device("meta"):  # the names and shapes alone, nothing allocated
             shapes = {k: v.shape for k, v in UNet3D(cfg).state_dict().items()}
-        plan = plan_transfer(shapes, {k: v.shape for k, v in init.net.state_dict().items()},
+        plan = plan_transfer(shapes, {k: v.shape for k, v in init_net.state_dict().items()},
                              cfg.structures, c0.structures)
         print(f"fine-tuning {init.name} ({', '.join(c0.structures)}): {plan.describe()}")
         if not np.allclose(fields[0].voxel_size_um, init.meta.voxel_size_um, rtol=0.02):
@@ -259,7 +276,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         state_path=state_path,
         save_every=args.save_every,
         resume=args.resume,
-        init=init.net if init is not None else None,
+        init=init_net,
         keep_best=True,
         patience=patience,
     )
@@ -273,7 +290,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     val_pearson = result.best_val_pearson  # the saved weights' own scores
     extra: dict[str, Any] = {}
     if init is not None:
-        extra["init"] = {"model": init.name, "path": str(init.path.resolve()),
+        extra["init"] = {"model": init.name, "path": str(init.path.resolve()), "flattened_from_3d": flattened,
                          **(result.transfer.to_dict() if result.transfer else {})}
         before = next((h["val_pearson"] for h in result.history if h["step"] == 0), None)
         if before:
@@ -620,7 +637,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--init", default=None, metavar="MODEL0",
                    help="fine-tune from this model (.safetensors, or 'bundled' for the bundled model): its "
                         "architecture and weights are the start; structures it lacks get a fresh output head "
-                        "row (default: train from scratch)")
+                        "row; a 3D model on single-plane truth (or with --mode 2.5d) starts a 2.5D network from "
+                        "its kernels summed over z (default: train from scratch)")
     p.add_argument("--steps", type=int, default=600, action=_Given,
                    help="optimiser steps (default: from the data, ~16 passes over the training voxels within "
                         "300-3000; with --init ~4 passes within 100-750)")

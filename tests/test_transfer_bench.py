@@ -41,12 +41,16 @@ def test_transfer_bench_quick(tmp_path) -> None:
         assert counts == [1, 2, n_train]
         assert {r["arm"] for r in rows} == set(bench.ARMS)
         for r in rows:
-            if r["arm"] == "fine-tuned from bundled":  # a 3D model cannot learn one-plane truth
-                assert r["r_mean"] is None and "2.5D" in r["note"]
-                continue
             values = [r["r_mean"], r["r_worst"], *r["r_per_crop"].values()]
             assert all(math.isfinite(v) and -1 <= v <= 1 for v in values), (name, r)
             assert set(r["r_per_crop"]) == set(ds["test_crops"])
-            assert r["r_worst"] == min(r["r_per_crop"].values()) <= r["r_mean"]
+            # the worst crop of any seed: at most the seed-averaged crops' minimum
+            assert r["r_worst"] <= min(r["r_per_crop"].values()) + 1e-4 and r["r_worst"] <= r["r_mean"]
             assert r["train_seconds"] is not None and r["train_seconds"] >= 0
+            if r["arm"] in bench.TRAINED:  # once per training seed, and the mean is theirs
+                assert len(r["r_mean_per_seed"]) == 2
+                assert abs(r["r_mean"] - sum(r["r_mean_per_seed"]) / 2) < 1e-3
+        # the bundled model's fine-tune is a 2.5D network of the bundled model's depth and width
+        flat = [r for r in rows if r["arm"] == "fine-tuned from bundled (flattened)"]
+        assert [r["n_fields"] for r in flat] == [1, 2, n_train]
         assert f"| {name} | zero-shot (bundled 3D) | 0 |" in results["table"]
