@@ -23,17 +23,18 @@ the measurement that chose the method and the per-structure error scale:
     .venv/bin/python bench/calibration.py [--model PATH] [--quick] [--methods tta,perturb]
         [--figure docs/calibration.png] [--json OUT]
 
-Measured 2026-12-02 evening (bundled model of that day widened to 16 base channels, 3
-seeds x 9 conditions, 98 s, default method ``tta``, spread smoothed, placed by the
-signal and scaled as `inference.uncertainty` does; dna / membrane / mitochondria; in
-brackets the 8-channel NA fine-tune of that afternoon, same method):
+Measured 2026-12-03 (bundled model of 2026-12-02 evening, widened to 16 base channels, 3
+seeds x 9 conditions, 79 s, default method ``tta``, spread smoothed, placed by the
+signal (membrane by its whole signal, `uncertainty.SIGNAL_WHOLE`) and scaled as
+`inference.uncertainty` does; dna / membrane / mitochondria; in brackets the same model
+with membrane clipped at the median, as shipped until then):
 
 =============================================  ==================  ====================
-per voxel, training acquisition                0.73 / 0.44 / 0.62  (0.58 / 0.42 / 0.62)
-per voxel, all conditions                      0.55 / 0.53 / 0.55  (0.45 / 0.53 / 0.54)
-per stack, mean uncertainty vs mean |error|    0.64 / 0.89 / 0.61  (0.47 / 0.76 / 0.84)
-per stack, 1 - confidence vs mean |error|      0.92 / 0.63 / 0.63  (0.88 / 0.85 / 0.17)
-per stack, 1 - confidence vs 1 - Pearson r     0.22 / 0.72 / 0.76  (-0.14 / 0.48 / -0.22)
+per voxel, training acquisition                0.73 / 0.57 / 0.62  (0.73 / 0.44 / 0.62)
+per voxel, all conditions                      0.55 / 0.57 / 0.55  (0.55 / 0.53 / 0.55)
+per stack, mean uncertainty vs mean |error|    0.64 / 0.89 / 0.61  (0.64 / 0.89 / 0.61)
+per stack, 1 - confidence vs mean |error|      0.92 / 0.63 / 0.63  (0.92 / 0.63 / 0.63)
+per stack, 1 - confidence vs 1 - Pearson r     0.22 / 0.71 / 0.76  (0.22 / 0.72 / 0.76)
 median |error| / median uncertainty (focus)    1.00 / 1.00 / 1.00  (1.00 / 1.00 / 1.00)
 =============================================  ==================  ====================
 

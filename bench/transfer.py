@@ -2,7 +2,7 @@
 1, 2 and all training fields (issue 11, item 3).
 
     .venv/bin/python bench/transfer.py [--quick] [--json OUT] [--only sephace|ndev]
-        [--steps 400] [--finetune-steps 150] [--pretrain-steps 600] [--precision auto]
+        [--steps 400] [--finetune-steps 400] [--pretrain-steps 600] [--seeds 3] [--precision auto]
 
 Datasets (each skipped, with a line saying so, when absent):
 
@@ -29,13 +29,15 @@ every test crop (mean and worst):
   pixel size is not recorded), its ``dna`` channel compared with the stain at the
   in-focus planes (sephace: the mean of the two in-focus planes; ndev: the one plane).
   The JSON also has the maximum projection over z.
-* ``fine-tuned from bundled``: not possible, and the table says why (the reason is
-  the library's own error): the bundled model is 3D (a stack in, a stack out) and this
-  truth is a single plane, which needs a 2.5D model; a fine-tune keeps its initial
-  network's architecture.
+* ``bundled, flattened to 2.5D``: the bundled network turned into a 2.5D one of its
+  depth and width (`livestain.inference.flatten`), untrained on real fields; then
+  ``fine-tuned from bundled (flattened)`` on 1, 2 or all training fields, as ``livestain
+  train --init bundled`` does on one-plane truth (``--steps`` steps at the from-scratch
+  rate).
 * ``scratch (2.5D)``: the 2.5D model `real_experiments` trains (depth 3, 16
   channels; sephace a 6-plane window, ndev a 1-plane one) on the first 1, 2 or all
-  training fields, ``--steps`` steps.
+  training fields, ``--steps`` steps; ``scratch (2.5D, the bundled's size)`` the same
+  at the bundled model's depth and width (the control for the bundled fine-tune).
 * ``sim-pretrained 2.5D``, with 0 fields: the same architecture trained only on
   simulated fields rendered with the dataset's geometry (sephace: the same 6 defocus
   offsets; ndev: one brightfield plane within +/-3 um of focus, 2 x 2 binned to
@@ -45,7 +47,9 @@ every test crop (mean and worst):
 
 Every arm trains with fixed steps and keeps its last weights (no validation: the only
 held-out data are the test crops, and selecting weights on them would bias the scores).
-Seeds are fixed (training seed 0, simulation seed 4242). Models are kept in memory,
+Each arm that trains on real fields runs once per training seed (``--seeds``, default
+3: seeds 0, 1, 2); its row's mean is over the seeds, its worst the worst crop of any.
+The simulation seed is 4242. Results: docs/transfer.md. Models are kept in memory,
 nothing is written except ``--json``. ``--quick`` is a smoke run on tiny crops and a
 tiny network (seconds; its numbers mean nothing).
 """
@@ -395,7 +399,8 @@ def run(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--only", choices=("sephace", "ndev"), default=None)
     ap.add_argument("--steps", type=int, default=None, help="steps of a training from scratch (default 400)")
-    ap.add_argument("--finetune-steps", type=int, default=None, help="steps of a fine-tune from the simulated model (default 400, as from scratch)")
+    ap.add_argument("--finetune-steps", type=int, default=None,
+                    help="steps of a fine-tune from the simulated model (default 400, as from scratch)")
     ap.add_argument("--seeds", type=int, default=None,
                     help="training seeds per arm (default 3): each trained arm's mean is over them, its worst "
                          "crop the worst of any")
