@@ -25,18 +25,24 @@ the measurement that chose the method and the per-structure error scale:
 
 Measured 2026-12-03 (bundled model of 2026-12-02 evening, widened to 16 base channels, 3
 seeds x 9 conditions, 79 s, default method ``tta``, spread smoothed, placed by the
-signal (membrane by its whole signal, `uncertainty.SIGNAL_WHOLE`) and scaled as
-`inference.uncertainty` does; dna / membrane / mitochondria; in brackets the same model
-with membrane clipped at the median, as shipped until then):
+signal (membrane by its whole signal, `uncertainty.SIGNAL_WHOLE`), scaled and put through
+`uncertainty.ERROR_CURVE` as `inference.uncertainty` does; dna / membrane /
+mitochondria; in brackets the same model with membrane clipped at the median and no
+curve, as shipped until then):
 
 =============================================  ==================  ====================
 per voxel, training acquisition                0.73 / 0.57 / 0.62  (0.73 / 0.44 / 0.62)
 per voxel, all conditions                      0.55 / 0.57 / 0.55  (0.55 / 0.53 / 0.55)
-per stack, mean uncertainty vs mean |error|    0.64 / 0.89 / 0.61  (0.64 / 0.89 / 0.61)
-per stack, 1 - confidence vs mean |error|      0.92 / 0.63 / 0.63  (0.92 / 0.63 / 0.63)
-per stack, 1 - confidence vs 1 - Pearson r     0.22 / 0.71 / 0.76  (0.22 / 0.72 / 0.76)
-median |error| / median uncertainty (focus)    1.00 / 1.00 / 1.00  (1.00 / 1.00 / 1.00)
+per stack, mean uncertainty vs mean |error|    0.63 / 0.90 / 0.82  (0.64 / 0.89 / 0.61)
+per stack, 1 - confidence vs mean |error|      0.92 / 0.65 / 0.64  (0.92 / 0.63 / 0.63)
+per stack, 1 - confidence vs 1 - Pearson r     0.25 / 0.72 / 0.76  (0.22 / 0.72 / 0.76)
+reliability gap (12 bins, all conditions)      0.22 / 0.28 / 0.22  (0.81 / 1.12 / 1.26)
 =============================================  ==================  ====================
+
+The reliability gap is the mean over 12 quantile bins of the uncertainty of |mean
+uncertainty - mean error| / mean error (0: the figure's points on its diagonal). The
+curve is monotone, so it leaves every per-voxel rank figure as it was; the per-stack
+ones move because a stack's mean goes through it.
 
 The scales (`uncertainty.ERROR_PER_STD`) and the confidence's halving points
 (`ood.U_HALF`) are re-set for each shipped model. Ranking whole stacks by how wrong
@@ -186,9 +192,26 @@ def summarise(records: dict[str, dict[str, Any]], names: Sequence[str]) -> dict[
                 "error_per_u": float(np.median(e_in) / max(float(np.median(u_in)), 1e-9)),
                 "mean_u_in_focus": float(np.mean([st["u"][i] for st in rec["stacks"]
                                                   if st["condition"] == "in focus"])),
+                # reliability: how far each quantile bin's mean |error| is from its mean
+                # uncertainty, relative to the error (0: the figure's points on the diagonal)
+                "bin_gap_all": reliability_gap(u_all, e_all),
             }
         out[m] = per
     return out
+
+
+def reliability_bins(u: np.ndarray, e: np.ndarray, bins: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """(mean uncertainty, mean |error|) of each quantile bin of the uncertainty."""
+    edges = np.quantile(u, np.linspace(0, 1, bins + 1))
+    which = np.clip(np.searchsorted(edges, u, side="right") - 1, 0, bins - 1)
+    full = [b for b in range(bins) if np.any(which == b)]
+    return np.array([u[which == b].mean() for b in full]), np.array([e[which == b].mean() for b in full])
+
+
+def reliability_gap(u: np.ndarray, e: np.ndarray, bins: int = 12) -> float:
+    """Mean over quantile bins of |mean uncertainty - mean error| / mean error."""
+    mu, me = reliability_bins(u, e, bins)
+    return float(np.mean(np.abs(mu - me) / np.maximum(me, 1e-9)))
 
 
 def reliability_figure(result: dict[str, Any], method: str, path: Path, bins: int = 12) -> Path:
@@ -208,10 +231,7 @@ def reliability_figure(result: dict[str, Any], method: str, path: Path, bins: in
             vs = [v for v in rec["voxels"] if cond is None or v["condition"] == cond]
             u = np.concatenate([v["u"][i] for v in vs]) * scale
             e = np.concatenate([v["e"][i] for v in vs])
-            edges = np.quantile(u, np.linspace(0, 1, bins + 1))
-            which = np.clip(np.searchsorted(edges, u, side="right") - 1, 0, bins - 1)
-            mu = [u[which == b].mean() for b in range(bins) if np.any(which == b)]
-            me = [e[which == b].mean() for b in range(bins) if np.any(which == b)]
+            mu, me = reliability_bins(u, e, bins)
             key = "voxel_in_focus" if cond else "voxel_all"
             ax.plot(mu, me, style, ms=4, label=f"{cond or 'all conditions'} (rho {summ[s][key]:.2f})")
         top = ax.get_xlim()[1]
@@ -246,15 +266,16 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{time.perf_counter() - t0:.0f} s")
     print("Spearman rho of uncertainty with |error| per voxel (in focus; all conditions) and per stack "
           "(mean uncertainty, 1 - confidence) with the stack's mean |error| and with 1 - Pearson r; "
-          "err/u: median |error| / median uncertainty in focus (1: calibrated)")
+          "err/u: median |error| / median uncertainty in focus; gap: mean over 12 quantile bins of all "
+          "conditions of |mean uncertainty - mean error| / mean error (0: the reliability figure's diagonal)")
     print(f"{'method':<10}{'structure':<14}{'vox(focus)':>11}{'vox(all)':>9}{'stk u:mae':>10}{'stk c:mae':>10}"
-          f"{'stk u:1-r':>10}{'stk c:1-r':>10}{'err/u':>7}{'u(focus)':>9}")
+          f"{'stk u:1-r':>10}{'stk c:1-r':>10}{'err/u':>7}{'u(focus)':>9}{'gap':>6}")
     for m, per in result["summary"].items():
         for s, r in per.items():
             print(f"{m:<10}{s:<14}{r['voxel_in_focus']:>11.3f}{r['voxel_all']:>9.3f}{r['stack_mean_u']:>10.3f}"
                   f"{r['stack_1_minus_confidence']:>10.3f}{r['stack_mean_u_vs_1_minus_r']:>10.3f}"
                   f"{r['stack_1_minus_confidence_vs_1_minus_r']:>10.3f}{r['error_per_u']:>7.2f}"
-                  f"{r['mean_u_in_focus']:>9.3f}")
+                  f"{r['mean_u_in_focus']:>9.3f}{r['bin_gap_all']:>6.2f}")
     if args.figure:
         print(f"wrote {reliability_figure(result, methods[0], args.figure)}")
     if args.json:

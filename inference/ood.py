@@ -93,10 +93,11 @@ FLAG_FACTORS: dict[str, float] = {
 U_HALF: dict[str, dict[str, float]] = {
     # bundled model of 2026-12-02 evening (widened to 16 base channels): 2.35x its mean
     # in-focus uncertainty, as the earlier models' were of their own
-    # (membrane 12.7 -> 1.76 with its error scale, 2026-12-03: the same confidences)
-    "tta": {"dna": 0.905, "membrane": 1.76, "mitochondria": 1.67},
+    # (membrane 12.7 -> 1.76 with its error scale, 2026-12-03; then all three 2.35x the mean
+    # in-focus uncertainty through `uncertainty.ERROR_CURVE`: 0.131 / 0.217 / 0.116)
+    "tta": {"dna": 0.308, "membrane": 0.510, "mitochondria": 0.273},
     "perturb": {"dna": 0.86, "membrane": 2.23, "mitochondria": 0.76},  # the earlier model: re-measure
-    "combined": {"dna": 0.905, "membrane": 1.76, "mitochondria": 1.67},  # as tta: not measured apart
+    "combined": {"dna": 0.905, "membrane": 1.76, "mitochondria": 1.67},  # no ERROR_CURVE for it  # as tta: not measured apart
 }
 U_HALF_DEFAULT = 1.0
 
