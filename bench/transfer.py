@@ -34,6 +34,10 @@ every test crop (mean and worst):
   ``fine-tuned from bundled (flattened)`` on 1, 2 or all training fields, as ``livestain
   train --init bundled`` does on one-plane truth (``--steps`` steps at the from-scratch
   rate).
+* ``bundled, then sim-pretrained`` (0 fields) and ``fine-tuned (bundled, then sim)``:
+  the flattened bundled network trained on the same simulated fields as the
+  ``sim-pretrained 2.5D`` arm below, then fine-tuned as that arm is: the bundled
+  model, adapted on the simulator to the data's plane geometry, then to the data.
 * ``scratch (2.5D)``: the 2.5D model `real_experiments` trains (depth 3, 16
   channels; sephace a 6-plane window, ndev a 1-plane one) on the first 1, 2 or all
   training fields, ``--steps`` steps; ``scratch (2.5D, the bundled's size)`` the same
@@ -90,9 +94,10 @@ SIM_SEED = 4242
 #: Stage z (um) of the simulated cells' middle (`devices.pairs.default_z_planes`).
 SIM_FOCUS_UM = 4.0
 ARMS = ("zero-shot (bundled 3D)", "bundled, flattened to 2.5D", "fine-tuned from bundled (flattened)",
-        "scratch (2.5D)", "scratch (2.5D, the bundled's size)", "sim-pretrained 2.5D", "fine-tuned (sim 2.5D)")
+        "scratch (2.5D)", "scratch (2.5D, the bundled's size)", "sim-pretrained 2.5D", "fine-tuned (sim 2.5D)",
+        "bundled, then sim-pretrained", "fine-tuned (bundled, then sim)")
 #: Arms that train on real fields, once per training seed.
-TRAINED = ARMS[2:5] + ARMS[6:]
+TRAINED = ARMS[2:5] + ARMS[6:7] + ARMS[8:]
 
 
 @dataclass(frozen=True)
@@ -360,6 +365,21 @@ def run_dataset(split: Split, plan: Plan, bundled: LoadedModel, log: Callable[[s
         return net
 
     trained(ARMS[6], cfg, plan.finetune_steps, plan.lr / 4, sim_pretrained)
+
+    log(f"[{name}] pretraining the flattened bundled model on the same simulated fields: {plan.pretrain_steps} steps")
+    pre_b, pre_b_sec = fit(sim, flat_cfg, plan.settings(plan.pretrain_steps, split.z_window), f"{name}-bundled-sim",
+                           init=flat_bundled(), log=log)
+    pre_b = _in_memory(pre_b.net, flat_cfg, split.train[0].voxel_size_um, f"{name}-bundled-sim")
+    report(_row(name, ARMS[7], "0", 0, score_2_5d(pre_b, split.test), pre_b_sec,
+                note="the flattened bundled model trained on the simulated fields above"))
+    pre_b_weights = {k: v.clone() for k, v in pre_b.net.state_dict().items()}
+
+    def bundled_sim_pretrained() -> UNet3D:
+        net = UNet3D(flat_cfg)
+        net.load_state_dict(pre_b_weights)
+        return net
+
+    trained(ARMS[8], flat_cfg, plan.finetune_steps, plan.lr / 4, bundled_sim_pretrained)
 
     return {"split": split.description, "train_fields": [f.name for f in split.train],
             "test_crops": [f.name for f in split.test], "baseline_best_plane": plane_baseline(split),
