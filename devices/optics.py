@@ -62,8 +62,22 @@ transfer: the blend between the two, ``1 - exp(-(k / k_ring)^2)`` with ``k_ring`
 ring's width in the pupil, makes phase contrast's halo around cells. Whole cells are
 not weak phase objects under a ring, so the linear term is mapped through the exact
 thin-object intensity (`_phase_ring_intensity`), which stays positive. One different
-transfer function on the same RI volume, so it costs what brightfield costs. (DIC is
-not modelled.)
+transfer function on the same RI volume, so it costs what brightfield costs.
+
+DIC and oblique illumination
+----------------------------
+Differential interference contrast interferes two copies of the wave sheared by
+``Delta`` with a phase bias ``beta``; its background-normalised intensity is
+``1 + [a(x - Delta/2) + a(x + Delta/2)] + B [phi(x + Delta/2) - phi(x - Delta/2)]`` to
+first order, ``B = sin(beta) / (1 - cos(beta))``: the relief look, one edge of each cell
+bright and the opposite edge dark, with contrast in focus. In Fourier space the
+amplitude part keeps brightfield's transfer times ``cos(pi k.Delta)`` and the phase part
+gains an odd, imaginary transfer ``2 i B sin(pi k.Delta) cos(chi)``. Oblique
+transmitted light and Hoffman modulation contrast give the same phase-gradient relief
+to first order, so this modality stands for them too (its shear and bias set the
+relief's resolution and strength; the direction is ``dic_angle_deg``). Large phase
+steps are mapped through the exact two-beam intensity
+``(1 - cos(delta + beta)) / (1 - cos(beta))`` (`_dic_intensity`), which stays positive.
 
 Both end in a camera model: photons -> Poisson shot noise -> Gaussian read noise +
 offset -> uint16.
@@ -80,6 +94,10 @@ from scipy import fft as sfft
 from scipy import ndimage
 
 from .sample import SampleField
+
+
+#: Transmitted-light contrast mechanisms the simulator renders.
+MODALITIES = ("brightfield", "phase", "dic")
 
 
 @dataclass(frozen=True)
@@ -108,16 +126,23 @@ class OpticsConfig:
         Objective magnification and camera pixel pitch; the pixel size in the sample is
         ``camera_pixel_um / magnification`` (0.325 um: 6.5 um sCMOS pixels, 20x).
     modality : str
-        ``"brightfield"`` or ``"phase"`` (Zernike phase contrast, see the module
-        docstring); the transmitted-light channel's contrast mechanism.
+        ``"brightfield"``, ``"phase"`` (Zernike phase contrast) or ``"dic"`` (DIC, which
+        stands for oblique illumination too; see the module docstring): the
+        transmitted-light channel's contrast mechanism.
     phase_ring_amplitude, phase_ring_width_na : float
         Phase contrast only: amplitude transmission of the phase ring (the background
         is ``amplitude**2`` of brightfield's) and its width in NA units (the halo's size).
+    dic_shear_um, dic_bias_rad, dic_angle_deg : float
+        DIC only: the shear between the two beams (sets how fine the relief is), the
+        bias phase (smaller = stronger relief on a darker background) and the shear's
+        direction in the image (0 = along x, 90 = along y).
     """
 
     def __post_init__(self) -> None:
-        if self.modality not in ("brightfield", "phase"):
-            raise ValueError(f"modality must be 'brightfield' or 'phase', got {self.modality!r}")
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {', '.join(MODALITIES)}; got {self.modality!r}")
+        if self.modality == "dic" and not 0.0 < self.dic_bias_rad < np.pi:
+            raise ValueError(f"dic_bias_rad must lie between 0 and pi, got {self.dic_bias_rad}")
 
     wavelength_um: float = 0.55
     emission_um: float = 0.52
@@ -134,6 +159,9 @@ class OpticsConfig:
     modality: str = "brightfield"
     phase_ring_amplitude: float = 0.5
     phase_ring_width_na: float = 0.05
+    dic_shear_um: float = 0.25
+    dic_bias_rad: float = 0.4
+    dic_angle_deg: float = 45.0
 
     @property
     def pixel_size_um(self) -> float:
@@ -205,7 +233,8 @@ class FieldRenderer:
 
     # -- brightfield ---------------------------------------------------------------
     def _transfer_of(self, d: float) -> np.ndarray:
-        """Defocus transfer function (inside the pupil) of a slice ``d`` um from focus."""
+        """Defocus transfer function (inside the pupil) of a slice ``d`` um from focus:
+        (K,) real, or for DIC (2, K) real and imaginary parts."""
         key = _key(d)
         t = self._transfer.get(key)
         if t is None:
@@ -222,6 +251,14 @@ class FieldRenderer:
                 shifted = np.float32(1.0) - np.exp(-self._k2 / (k_ring * k_ring))
                 pc = (-2.0 * np.cos(arg) - 2.0 * o.absorption * np.sin(arg)) / a
                 bf = shifted * pc + (1.0 - shifted) * bf
+            if o.modality == "dic":
+                theta = np.deg2rad(o.dic_angle_deg)
+                k_shear = np.float32(np.pi * o.dic_shear_um) * (
+                    np.float32(np.cos(theta)) * self._kx + np.float32(np.sin(theta)) * self._ky)
+                b = np.float32(np.sin(o.dic_bias_rad) / (1.0 - np.cos(o.dic_bias_rad)))
+                amplitude = bf * np.cos(k_shear)
+                phase = 2.0 * b * np.sin(k_shear) * (np.cos(arg) + o.absorption * np.sin(arg))
+                bf = np.stack([amplitude, phase])
             t = (bf * envelope).astype(np.float32)
             self._transfer[key] = t
             while len(self._transfer) * t.nbytes > self.transfer_cache_bytes:
@@ -247,7 +284,13 @@ class FieldRenderer:
         )
         out = np.empty((len(self._bf), 2, len(self._support)), np.float32)
         for row, (_, j0, spec) in enumerate(self._bf):
-            np.einsum("jk,jrk->rk", t[j0 - lo : j0 - lo + len(spec)], spec, out=out[row])
+            tj = t[j0 - lo : j0 - lo + len(spec)]
+            if tj.ndim == 2:
+                np.einsum("jk,jrk->rk", tj, spec, out=out[row])
+            else:  # complex transfer (DIC): (tr + i ti)(sr + i si)
+                tr, ti = tj[:, 0], tj[:, 1]
+                out[row, 0] = np.einsum("jk,jk->k", tr, spec[:, 0]) - np.einsum("jk,jk->k", ti, spec[:, 1])
+                out[row, 1] = np.einsum("jk,jk->k", tr, spec[:, 1]) + np.einsum("jk,jk->k", ti, spec[:, 0])
         self._planes[key] = out
         while len(self._planes) * out.nbytes > self.plane_cache_bytes and len(self._planes) > 1:
             self._planes.popitem(last=False)
@@ -273,6 +316,8 @@ class FieldRenderer:
         img = sfft.irfft2(full.reshape(self._shape2[0], self._nkx), s=self._shape2)
         if self.optics.modality == "phase":
             return _phase_ring_intensity(img, self.optics.phase_ring_amplitude)
+        if self.optics.modality == "dic":
+            return _dic_intensity(img, self.optics.dic_bias_rad)
         return (1.0 + img).astype(np.float32)
 
     # -- fluorescence --------------------------------------------------------------
@@ -358,6 +403,21 @@ def _phase_ring_intensity(linear: np.ndarray, a: float) -> np.ndarray:
     phi = -np.float32(a / 2.0) * linear
     out = (2.0 - 2.0 * np.cos(phi) - 2.0 * a * np.sin(phi) + a * a) / (a * a)
     return out.astype(np.float32)
+
+
+def _dic_intensity(linear: np.ndarray, bias_rad: float) -> np.ndarray:
+    """DIC intensity (1.0 = background) from its linear term.
+
+    Across a whole cell's edge the sheared beams differ by a phase ``delta`` where
+    ``1 + linear`` would go negative; the exact two-beam intensity
+    ``(1 - cos(delta + beta)) / (1 - cos(beta))``, with ``delta = linear / B`` the phase
+    difference the linear term ``B * delta`` stands for, stays positive and equals
+    ``1 + linear`` to first order.
+    """
+    c = 1.0 - np.cos(bias_rad)
+    b = np.sin(bias_rad) / c
+    delta = linear / np.float32(b)
+    return ((1.0 - np.cos(delta + np.float32(bias_rad))) / np.float32(c)).astype(np.float32)
 
 
 def _subpixel_shift(a: np.ndarray, shift: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ from livestain.stackio import write_stack
 import numpy as np
 
 from . import randomize
-from .optics import OpticsConfig
+from .optics import MODALITIES, OpticsConfig
 from .pairs import Pair, default_z_planes, simulate_pairs
 from .sample import STRUCTURES, SampleGeometry
 
@@ -60,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="fluorescence exposure in ms (default: %(default)s)")
     p.add_argument("--t", type=float, default=0.0, dest="t_s",
                    help="sample time in seconds: cells as moved by then (default: %(default)s)")
+    p.add_argument("--modality", choices=MODALITIES, default="brightfield",
+                   help="transmitted-light contrast: brightfield, phase (Zernike phase contrast) or dic "
+                        "(DIC; stands for oblique illumination too) (default: %(default)s)")
     p.add_argument("--randomize", action="store_true",
                    help="draw each field's focus, z range/step, pixel size, optics, camera and cells "
                         "from wide ranges (recorded per field); --z, --z-step, --z-center and the "
@@ -81,10 +84,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out: Path = args.out
     if out.exists() and any(out.glob("field*")):
         raise FileExistsError(f"{out} already holds fields; choose a new --out")
+    modality = getattr(args, "modality", "brightfield")
     if getattr(args, "randomize", False):
+        if modality != "brightfield":
+            raise ValueError("--randomize draws each field's modality; drop --modality")
         return _simulate_randomized(args)
     geo = SampleGeometry(shape=(SampleGeometry().shape[0], args.size, args.size))
-    optics = OpticsConfig()
+    optics = OpticsConfig(modality=modality)
     zs = default_z_planes(args.z_center, args.z, args.z_step)
     tiles = [(0, i) for i in range(args.fields)]
     fy, fx = geo.field_um
