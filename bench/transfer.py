@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/transfer.py [--quick] [--json OUT] [--only sephace|ndev]
         [--steps 400] [--finetune-steps 400] [--pretrain-steps 600] [--seeds 3] [--precision auto]
+        [--ndev-sim brightfield|dic]
 
 Datasets (each skipped, with a line saying so, when absent):
 
@@ -144,6 +145,8 @@ class Split:
     sim_focus_jitter_um: float
     sim_binning: int
     description: str
+    #: transmitted-light contrast of the simulated pretraining fields (`devices.optics.MODALITIES`)
+    sim_modality: str = "brightfield"
 
     def field_counts(self) -> list[tuple[str, int]]:
         n = len(self.train)
@@ -177,7 +180,7 @@ def sephace_split(quick: bool = False, root: Path = ex.SEPHACE_DIR) -> Split:
                      "q0-q3 (2x2 binned)"))
 
 
-def ndev_split(quick: bool = False) -> Split:
+def ndev_split(quick: bool = False, sim_modality: str = "brightfield") -> Split:
     fields = ex.load_ndev()
     if quick:  # the first 3 time points, top-left 64 x 128
         fields = [f.crop(0, 0, 64, 128) for f in fields[:3]]
@@ -187,7 +190,7 @@ def ndev_split(quick: bool = False) -> Split:
     ny, nx = test_fields[0].brightfield.shape[1:]
     return Split(
         "ndev", train_fields, test_fields, z_window=1, zero_shot_voxel_um=(1.0, 1.0, 1.0), in_focus=(0,),
-        sim_offsets_um=(0.0,), sim_focus_jitter_um=3.0, sim_binning=2,
+        sim_offsets_um=(0.0,), sim_focus_jitter_um=3.0, sim_binning=2, sim_modality=sim_modality,
         description=(f"fields = quadrants ({ny}x{nx} px) of each time point; test: q3 (bottom right) at "
                      f"t0-t{len(fields) - 1}; training: q0-q2 in time-then-raster order (t0.q0, t0.q1, ...)"))
 
@@ -199,18 +202,22 @@ def simulate_fields(split: Split, n: int, size: int, seed: int = SIM_SEED) -> li
     """``n`` simulated fields with ``split``'s plane geometry: brightfield planes at the
     dataset's defocus offsets around a focus drawn within +/- the split's jitter of the
     cells' middle, and the DNA fluorescence in focus there (what a widefield DAPI or
-    Hoechst image is)."""
+    Hoechst image is). ``split.sim_modality`` "dic" draws the relief's shear, bias and
+    direction per field (oblique light's relief varies with the condenser's setting)."""
     from livestain.devices.optics import FieldRenderer, OpticsConfig, to_camera_counts
     from livestain.devices.sample import CellPopulation, SampleGeometry, make_field
 
     geo = SampleGeometry(shape=(40, size, size))
-    opt = OpticsConfig()
     rng = np.random.default_rng(seed)
     grid = geo.plane_z_um()
     out = []
     for i in range(n):
         field = make_field(seed, (i, 7), geo, CellPopulation())
         focus = SIM_FOCUS_UM + float(rng.uniform(-split.sim_focus_jitter_um, split.sim_focus_jitter_um))
+        opt = OpticsConfig(modality=split.sim_modality)
+        if split.sim_modality == "dic":
+            opt = replace(opt, dic_shear_um=float(rng.uniform(0.15, 0.5)), dic_bias_rad=float(rng.uniform(0.3, 1.5)),
+                          dic_angle_deg=float(rng.uniform(0.0, 360.0)))
         zs = focus + np.asarray(split.sim_offsets_um)
         beyond = max(grid[0] - zs.min(), zs.max() - grid[-1], 0.0)
         r = FieldRenderer(field, opt, z_margin_um=beyond + 1.0 if beyond > 0 else 0.0)
@@ -426,6 +433,9 @@ def run(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -
                          "crop the worst of any")
     ap.add_argument("--pretrain-steps", type=int, default=None,
                     help="steps of the simulated-data pretraining (default 600)")
+    ap.add_argument("--ndev-sim", choices=("brightfield", "dic"), default="brightfield",
+                    help="contrast of ndev's simulated pretraining fields: brightfield (default) or dic, the "
+                         "simulator's relief contrast that stands for ndev's oblique light")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                     help="training precision (default auto: bf16 where the CPU has it natively)")
     a = ap.parse_args(argv)
@@ -448,7 +458,8 @@ def _run(a: argparse.Namespace, plan: Plan, log: Callable[[str], None]) -> dict[
     log(f"machine: {json.dumps(machine())}")
     t0 = time.perf_counter()
     bundled = load_checkpoint(None, "cpu")
-    results: dict[str, Any] = {"plan": dict(plan.__dict__), "machine": machine(), "datasets": {}, "skipped": {}}
+    results: dict[str, Any] = {"plan": dict(plan.__dict__), "machine": machine(), "datasets": {}, "skipped": {},
+                               "ndev_sim_modality": a.ndev_sim}
     if a.only in (None, "sephace"):
         if ex.sephace_available():
             results["datasets"]["sephace"] = run_dataset(sephace_split(plan.quick), plan, bundled, log)
@@ -457,7 +468,7 @@ def _run(a: argparse.Namespace, plan: Plan, log: Callable[[str], None]) -> dict[
             log(f"sephace: skipped ({ex.SEPHACE_DIR} is absent)")
     if a.only in (None, "ndev"):
         if ex.ndev_path() is not None:
-            results["datasets"]["ndev"] = run_dataset(ndev_split(plan.quick), plan, bundled, log)
+            results["datasets"]["ndev"] = run_dataset(ndev_split(plan.quick, a.ndev_sim), plan, bundled, log)
         else:
             results["skipped"]["ndev"] = "ndev-sampledata is not installed (pip install --no-deps ndev-sampledata)"
             log("ndev: skipped (pip install --no-deps ndev-sampledata)")
