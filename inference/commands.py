@@ -110,6 +110,38 @@ def tile_progress(label: str = "predicting: tile", stream: TextIO | None = None)
 # ---------------------------------------------------------------- train
 
 
+def _pretrain_on_simulated(args: argparse.Namespace, fields: list[Any], cfg: Any, settings: Any,
+                           init_net: Any, device: str, n_fields: int) -> tuple[Any, dict[str, Any]]:
+    """``--sim-pretrain``: train the network first on simulated fields shaped like the
+    user's (their window's planes, evenly spaced at the voxel z size and centred on the
+    truth's plane; their pixel size), at the from-scratch rate; (network, record)."""
+    import dataclasses
+    import time
+
+    from .normalize import PercentileNorm
+    from .train import TrainSettings, train
+
+    vz, vy = float(fields[0].voxel_size_um[0]), float(fields[0].voxel_size_um[1])
+    offsets = (np.arange(cfg.z_window) - (cfg.z_window - 1) / 2.0) * vz
+    jitter = 1.0 if cfg.z_window > 1 else 3.0  # one plane: how well it is focused is unknown
+    t0 = time.perf_counter()
+    render = Progress(n_fields, label="simulating: field")
+    pairs = args.simulate_like(offsets, vy, cfg.structures, n_fields, modality=args.sim_modality,
+                               focus_jitter_um=jitter, seed=args.seed + 4242, on_field=lambda done, _: render(done))
+    rendered = time.perf_counter() - t0
+    pre = dataclasses.replace(settings, steps=args.sim_steps, lr=TrainSettings.lr)
+    print(f"pretraining on {n_fields} simulated {args.sim_modality} fields ({rendered:.0f} s to render; planes "
+          f"{', '.join(f'{o:+.1f}' for o in offsets)} um from focus, {vy:g} um pixels): {pre.steps} steps at "
+          f"lr {pre.lr:g}, then fine-tuning on your fields")
+    bar = Progress(pre.steps, label="pretraining: step")
+    result = train(pairs, [], cfg, pre, PercentileNorm(), on_step=lambda step, loss: bar(step, loss),
+                   device=device, init=init_net)
+    record = {"fields": n_fields, "steps": pre.steps, "lr": pre.lr, "modality": args.sim_modality,
+              "offsets_um": [round(float(o), 4) for o in offsets], "pixel_um": vy, "focus_jitter_um": jitter,
+              "seconds": round(rendered + result.seconds, 1)}
+    return result.net, record
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a model on a paired dataset folder (from scratch, or fine-tuning ``--init``)
     and save it with its provenance: the weights of its best validation, not its last step's."""
@@ -165,6 +197,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"note: --init {init.name} is a 3D model and {why}: starting a 2.5D network of its depth and "
               f"width, {window}-plane window ({source}), from its 3D kernels summed over z, trained at the "
               "from-scratch rate and length (a starting point for features, not a model to stay close to)")
+    sim_fields = getattr(args, "sim_pretrain", 0) or 0
+    if sim_fields < 0 or getattr(args, "sim_steps", 1) < 1:
+        raise ValueError("--sim-pretrain must not be negative and --sim-steps must be at least 1")
+    if sim_fields and not all(f.planar for f in fields):
+        raise ValueError("--sim-pretrain renders single-plane truth beside a z-stack (a 2.5D model): "
+                         f"the structures in {args.data} are stacks; drop --sim-pretrain")
+    if sim_fields and getattr(args, "simulate_like", None) is None:
+        raise ValueError("--sim-pretrain needs the simulator: run it through the livestain command")
+    # a network that has learnt something before the user's fields (a model to fine-tune,
+    # or one trained on simulated fields first) gets a fine-tune's rate, length and patience
+    pretrained = init is not None and not flattened or sim_fields > 0
     if patience is None:
         # Early stopping by default only for a fine-tune: it starts near a good solution,
         # and on a few fields its validation r typically peaks early and then slides as it
@@ -172,7 +215,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         # still climbs (the bundled recipe's rose at every validation to the end), and a
         # plateau in the high-rate first half is no reason to stop; a flattened 3D model
         # starts far from any solution, as from scratch.
-        patience = 5 if init is not None and not flattened else 0
+        patience = 5 if pretrained else 0
     if init is not None:
         c0 = init_net.config  # a fine-tune keeps the architecture its weights belong to
         mode, depth, base_channels, z_window, target_2d = c0.mode, c0.depth, c0.base_channels, c0.z_window, c0.target_2d
@@ -214,14 +257,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         max_projection = mode == "2.5d" and target_2d == "max"
         voxels = sum(f.targets[0][0].size if max_projection and not f.planar else f.targets[0].size for f in trn)
-        steps, why = data_steps(voxels, args.batch, patch, mode, finetune=init is not None and not flattened)
+        steps, why = data_steps(voxels, args.batch, patch, mode, finetune=pretrained)
         print(f"steps {steps}: {why} (--steps to choose)")
     if lr is None:
         # A fine-tune's default is a quarter of the from-scratch rate: Adam's first steps
         # move every weight by about lr whatever the gradient, and at the full rate those
         # first steps on a few fields would undo much of what the initial model learnt.
-        lr = TrainSettings.lr / 4 if init is not None and not flattened else TrainSettings.lr
-        if init is not None and not flattened:
+        lr = TrainSettings.lr / 4 if pretrained else TrainSettings.lr
+        if pretrained:
             print(f"lr {lr:g}: a fine-tune, a quarter of the {TrainSettings.lr:g} used from scratch (--lr to choose)")
     cfg = UNetConfig(structures=tuple(args.structures), depth=depth, base_channels=base_channels,
                      mode=mode, z_window=z_window, target_2d=target_2d)
@@ -256,6 +299,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if patience and not val:
         print("note: no validation fields, so no early stopping (--patience) and the last step's weights are saved")
     torch.manual_seed(args.seed)
+    sim_record: dict[str, Any] = {}
+    if sim_fields and args.resume and state_path.exists():
+        print(f"note: resuming {state_path}: its weights already hold the simulated pretraining, skipped")
+    elif sim_fields:
+        init_net, sim_record = _pretrain_on_simulated(args, fields, cfg, settings, init_net, device, sim_fields)
     progress: Progress | None = None
 
     def on_step(step: int, loss: float) -> None:
@@ -289,6 +337,8 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"not improved on step {result.best_step}'s for {patience} validations (--patience)")
     val_pearson = result.best_val_pearson  # the saved weights' own scores
     extra: dict[str, Any] = {}
+    if sim_record:
+        extra["sim_pretrain"] = sim_record
     if init is not None:
         extra["init"] = {"model": init.name, "path": str(init.path.resolve()), "flattened_from_3d": flattened,
                          **(result.transfer.to_dict() if result.transfer else {})}
@@ -688,6 +738,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default: %(default)s; 0: only at the end)")
     p.add_argument("--resume", action="store_true",
                    help="continue from MODEL.state.safetensors (same data and options)")
+    p.add_argument("--sim-pretrain", type=int, default=0, metavar="N",
+                   help="first train on N simulated fields shaped like yours (your window's planes, evenly "
+                        "spaced at your z step and centred on the truth's plane; your pixel size), then "
+                        "fine-tune on your fields; single-plane truth only; 16 is what was measured "
+                        "(docs/transfer.md) (default: 0, off)")
+    p.add_argument("--sim-modality", choices=("brightfield", "phase", "dic"), default="brightfield",
+                   help="--sim-pretrain: the simulated transmitted-light contrast (dic stands for oblique "
+                        "light too) (default: %(default)s)")
+    p.add_argument("--sim-steps", type=int, default=600,
+                   help="--sim-pretrain: steps on the simulated fields (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     _voxel_size_arg(p, "voxel size in um of every field, needed when the files have no OME "
                        "metadata (default: from each brightfield file)")

@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (run_commands, commands, batch_cli, adapt, simulate_cli):
         group.register(sub)
+    # `train --sim-pretrain` renders with the simulator, which the inference package
+    # does not import (a worker host may lack it): the application hands it over
+    from livestain.simpretrain import simulated_like
+
+    sub.choices["train"].set_defaults(simulate_like=simulated_like)
     return parser
 
 

@@ -7,7 +7,8 @@
   kernel and itself, never another part (data flows devices -> acquisition -> wire ->
   inference -> ui through processes and files, not imports), and ``inference`` never
   imports pymmcore (a worker runs on hosts without it).
-* **application** (`livestain.cli`, `.run_commands`, `.launch`, `.runconfig`, `.bundled`): wires the
+* **application** (`livestain.cli`, `.run_commands`, `.launch`, `.runconfig`, `.bundled`,
+  `.simpretrain`): wires the
   parts together; nothing below imports it.
 
 Imports inside functions count: they are imports all the same.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("devices", "acquisition", "inference", "ui")
-APPLICATION = {"cli", "run_commands", "launch", "runconfig", "bundled"}
+APPLICATION = {"cli", "run_commands", "launch", "runconfig", "bundled", "simpretrain"}
 
 
 def _imports(path: Path, package: str) -> set[str]:
