@@ -200,11 +200,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     sim_fields = getattr(args, "sim_pretrain", 0) or 0
     if sim_fields < 0 or getattr(args, "sim_steps", 1) < 1:
         raise ValueError("--sim-pretrain must not be negative and --sim-steps must be at least 1")
-    if sim_fields and not all(f.planar for f in fields):
-        raise ValueError("--sim-pretrain renders single-plane truth beside a z-stack (a 2.5D model): "
-                         f"the structures in {args.data} are stacks; drop --sim-pretrain")
-    if sim_fields and getattr(args, "simulate_like", None) is None:
-        raise ValueError("--sim-pretrain needs the simulator: run it through the livestain command")
     # a network that has learnt something before the user's fields (a model to fine-tune,
     # or one trained on simulated fields first) gets a fine-tune's rate, length and patience
     pretrained = init is not None and not flattened or sim_fields > 0
@@ -231,6 +226,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         z_window = args.z_window if args.z_window is not None else (5 if mode == "2.5d" else 1)
         if mode == "3d" and z_window != 1:
             raise ValueError("--z-window is for --mode 2.5d; a 3D model takes the whole stack")
+    if sim_fields and not (mode == "2.5d" and all(f.planar or f.targets.shape[1] == 1 for f in fields)):
+        raise ValueError("--sim-pretrain renders single-plane truth for a 2.5D model: the structures in "
+                         f"{args.data} are stacks (or pass --mode 2.5d for one-plane fields); drop --sim-pretrain")
+    if sim_fields and getattr(args, "simulate_like", None) is None:
+        raise ValueError("--sim-pretrain needs the simulator: run it through the livestain command")
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     if mode == "3d" and any(f.planar for f in fields):

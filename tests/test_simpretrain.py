@@ -92,6 +92,6 @@ def test_train_sim_pretrain_from_scratch_and_its_refusals(tmp_path) -> None:
     with pytest.raises(ValueError, match="renders single-plane truth"):
         a.func(a)
     a.simulate_like = None  # the inference package alone, without the application's simulator
-    a.data = data
+    a.data, a.mode, a.z_window = data, "2.5d", 4
     with pytest.raises(ValueError, match="needs the simulator"):
         a.func(a)
