@@ -366,6 +366,8 @@ def _sample(
         xp = x[window_indices(nz, cfg.z_window, centre), y0 : y0 + py, x0 : x0 + px]
         yp = y[:, y0 : y0 + py, x0 : x0 + px] if planar else y[:, int(cz), y0 : y0 + py, x0 : x0 + px]
     k = int(rng.integers(4))
+    if xp.shape[-2] != xp.shape[-1]:  # a quarter turn would swap a non-square patch's sides
+        k = 2 * (k % 2)
     xp, yp = np.rot90(xp, k, axes=(-2, -1)), np.rot90(yp, k, axes=(-2, -1))
     if rng.random() < 0.5:
         xp, yp = xp[..., ::-1], yp[..., ::-1]

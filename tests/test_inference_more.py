@@ -622,3 +622,21 @@ def test_real_ndev_pipeline_runs_on_crops(tmp_path) -> None:
     assert exp.train_names == [f"t{i}" for i in range(7)] and exp.test_names == ["t7", "t8", "t9"]
     r = ex.run_experiment(exp, trn, tst, tmp_path, log=lambda s: None)
     assert set(r["test"]) == {"t7", "t8", "t9"} and np.isfinite(r["mean"]["dna"]["pearson"])
+
+
+def test_non_square_patches_keep_their_shape_and_stay_paired() -> None:
+    """A thin field gives a patch taller than wide: rotations are then half turns only
+    (a quarter turn would swap its sides and a batch would not stack), still paired."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 26, 32)).astype(np.float32)
+    y = (x[1] * 2.0)[None]  # planar truth: the middle plane, doubled
+    cfg = UNetConfig(structures=("dna",), mode="2.5d", z_window=3)
+    s = TrainSettings(patch=(3, 26, 32), foreground_fraction=0.0, intensity=0, gamma=0, noise=0)
+    gen = np.random.default_rng(1)
+    turned = 0
+    for _ in range(24):
+        xp, yp = _sample(gen, [(x, y)], [np.zeros((0, 2), int)], s, cfg)
+        assert xp.shape == (3, 26, 32) and yp.shape == (1, 26, 32)
+        np.testing.assert_allclose(yp[0], xp[1] * 2.0)
+        turned += not np.array_equal(xp[1], x[1])
+    assert turned > 0  # flips and half turns still augment
