@@ -3,11 +3,13 @@ defaults (steps and patch from the data, a validation strip of the training fiel
 the best checkpoint kept, early stopping), then `livestain evaluate`'s Pearson r.
 
     .venv/bin/python bench/train_recipes.py [--quick] [--json OUT] [--only sephace|ndev]
-        [--seeds 3] [--counts 1,all]
+        [--seeds 3] [--counts 1,all] [--recipes TEXT]
 
 Recipes (each once per training seed, ``--seed``):
 
-* ``scratch``: ``--mode 2.5d --z-window W`` (W = the stack's planes);
+* ``scratch``: ``--mode 2.5d --z-window W`` (W = the stack's planes), and with
+  ``--base-channels 16``, the bundled model's width (the command's default is 8): the
+  control that tells what the bundled weights add from what its size adds;
 * ``--init bundled``: the bundled 3D model flattened to a 2.5D network;
 * ``--init bundled --sim-pretrain 16``: that network trained first on 16 simulated
   fields shaped like the data (its planes and pixel size), then fine-tuned;
@@ -45,7 +47,8 @@ from livestain.inference.dataset import write_pairs  # noqa: E402
 
 def recipes(split: T.Split) -> list[tuple[str, list[str]]]:
     w = ["--mode", "2.5d", "--z-window", str(split.z_window)]
-    out = [("scratch", w), ("--init bundled", ["--init", "bundled", *w[:2]]),
+    out = [("scratch", w), ("scratch --base-channels 16 (the bundled's width)", [*w, "--base-channels", "16"]),
+           ("--init bundled", ["--init", "bundled", *w[:2]]),
            ("--init bundled --sim-pretrain 16", ["--init", "bundled", *w[:2], "--sim-pretrain", "16"]),
            ("--sim-pretrain 16 (scratch)", [*w, "--sim-pretrain", "16"])]
     if split.dataset == "ndev":
@@ -62,7 +65,7 @@ def _run(argv: list[str]) -> tuple[int, str]:
 
 
 def run_split(split: T.Split, counts: list[str], seeds: int, quick: bool, root: Path,
-              log=print) -> dict[str, Any]:
+              log=print, match: str = "") -> dict[str, Any]:
     test_dir = root / f"{split.dataset}-test"
     write_pairs(split.test, test_dir)
     rows = []
@@ -73,6 +76,8 @@ def run_split(split: T.Split, counts: list[str], seeds: int, quick: bool, root: 
         if not data.exists():
             write_pairs(split.train[:n], data)
         for name, extra in recipes(split):
+            if match and not any(m in name for m in match.split("|")):
+                continue
             means, worst, secs = [], (1.0, ""), []
             for seed in range(seeds):
                 out = root / f"{split.dataset}-{n}-{abs(hash(name)) % 10**8}-{seed}"
@@ -122,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--only", choices=("sephace", "ndev"), default=None)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--counts", default="1,all", help="training field counts: any of 1, 2, all (default: 1,all)")
+    ap.add_argument("--recipes", default="", metavar="TEXT", help="only the recipes whose name contains TEXT (alternatives: A|B)")
     a = ap.parse_args(argv)
     counts = [c.strip() for c in a.counts.split(",")]
     t0 = time.perf_counter()
@@ -129,12 +135,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         if a.only in (None, "sephace"):
             if ex.sephace_available():
-                results["rows"] += run_split(T.sephace_split(a.quick), counts, a.seeds, a.quick, Path(tmp))["rows"]
+                results["rows"] += run_split(T.sephace_split(a.quick), counts, a.seeds, a.quick, Path(tmp),
+                                             match=a.recipes)["rows"]
             else:
                 results["skipped"]["sephace"] = f"{ex.SEPHACE_DIR} is absent"
         if a.only in (None, "ndev"):
             if ex.ndev_path() is not None:
-                results["rows"] += run_split(T.ndev_split(a.quick), counts, a.seeds, a.quick, Path(tmp))["rows"]
+                results["rows"] += run_split(T.ndev_split(a.quick), counts, a.seeds, a.quick, Path(tmp),
+                                             match=a.recipes)["rows"]
             else:
                 results["skipped"]["ndev"] = "pip install --no-deps ndev-sampledata"
     results["seconds"] = round(time.perf_counter() - t0, 1)
