@@ -120,7 +120,7 @@ def test_phase_contrast_differs_from_brightfield_and_stays_physical():
     assert pc.min() >= 0.0
     assert pc.std() > 3 * bf.std()  # phase contrast is strongest in focus, brightfield weakest
     with pytest.raises(ValueError, match="modality"):
-        OpticsConfig(modality="dic")
+        OpticsConfig(modality="darkfield")  # not simulated
 
 
 def test_populations_dense_rounded_empty():
