@@ -75,18 +75,18 @@ def run_split(split: T.Split, counts: list[str], seeds: int, quick: bool, root: 
         data = root / f"{split.dataset}-train-{n}"
         if not data.exists():
             write_pairs(split.train[:n], data)
-        for name, extra in recipes(split):
+        for index, (name, extra) in enumerate(recipes(split)):
             if match and not any(m in name for m in match.split("|")):
                 continue
+            if quick:  # tiny networks, a few steps, 2 simulated fields
+                extra = [*(("2" if prev == "--sim-pretrain" else e) for prev, e in zip(["", *extra], extra)),
+                         "--steps", "3", "--sim-steps", "3", "--depth", "1", "--base-channels", "4"]
             means, worst, secs = [], (1.0, ""), []
             for seed in range(seeds):
-                out = root / f"{split.dataset}-{n}-{abs(hash(name)) % 10**8}-{seed}"
-                quick_args = ["--steps", "3", "--sim-steps", "3", "--depth", "1", "--base-channels", "4"] if quick else []
-                if quick and "--sim-pretrain" in extra:
-                    extra = [e if e != "16" else "2" for e in extra]
+                out = root / f"{split.dataset}-{n}-recipe{index}-seed{seed}"
                 t0 = time.perf_counter()
                 rc, text = _run(["train", str(data), "--structures", "dna", "--out", str(out), "--seed", str(seed),
-                                 *extra, *quick_args])
+                                 *extra])
                 secs.append(time.perf_counter() - t0)
                 if rc != 0:
                     raise RuntimeError(f"{name} failed:\n{text[-2000:]}")

@@ -359,34 +359,29 @@ def run_dataset(split: Split, plan: Plan, bundled: LoadedModel, log: Callable[[s
     t0 = time.perf_counter()
     sim = simulate_fields(split, plan.sim_fields, plan.sim_size)
     sim_seconds = time.perf_counter() - t0
+    def pretrain_then_finetune(pre_arm: str, tuned_arm: str, config: UNetConfig, tag: str,
+                               init: UNet3D | None, extra_seconds: float, note: str) -> None:
+        """Train on the simulated fields (scored as ``pre_arm``), then fine-tune a copy of
+        those weights on the real fields per seed (``tuned_arm``) at a quarter rate."""
+        pre, sec = fit(sim, config, plan.settings(plan.pretrain_steps, split.z_window), f"{name}-{tag}",
+                       init=init, log=log)
+        pre = _in_memory(pre.net, config, split.train[0].voxel_size_um, f"{name}-{tag}")  # at the data's voxel
+        report(_row(name, pre_arm, "0", 0, score_2_5d(pre, split.test), sec + extra_seconds, note=note))
+        weights = {k: v.clone() for k, v in pre.net.state_dict().items()}
+
+        def pretrained() -> UNet3D:
+            net = UNet3D(config)
+            net.load_state_dict(weights)
+            return net
+
+        trained(tuned_arm, config, plan.finetune_steps, plan.lr / 4, pretrained)
+
     log(f"[{name}] pretraining on the simulated fields: {plan.pretrain_steps} steps")
-    pre, pre_sec = fit(sim, cfg, plan.settings(plan.pretrain_steps, split.z_window), f"{name}-sim", log=log)
-    pre = _in_memory(pre.net, cfg, split.train[0].voxel_size_um, f"{name}-sim")  # applied at the data's voxel
-    report(_row(name, ARMS[5], "0", 0, score_2_5d(pre, split.test), pre_sec + sim_seconds,
-                note=f"{plan.sim_fields} simulated fields, {sim_seconds:.0f} s to simulate"))
-    pre_weights = {k: v.clone() for k, v in pre.net.state_dict().items()}
-
-    def sim_pretrained() -> UNet3D:
-        net = UNet3D(cfg)
-        net.load_state_dict(pre_weights)
-        return net
-
-    trained(ARMS[6], cfg, plan.finetune_steps, plan.lr / 4, sim_pretrained)
-
+    pretrain_then_finetune(ARMS[5], ARMS[6], cfg, "sim", None, sim_seconds,
+                           f"{plan.sim_fields} simulated fields, {sim_seconds:.0f} s to simulate")
     log(f"[{name}] pretraining the flattened bundled model on the same simulated fields: {plan.pretrain_steps} steps")
-    pre_b, pre_b_sec = fit(sim, flat_cfg, plan.settings(plan.pretrain_steps, split.z_window), f"{name}-bundled-sim",
-                           init=flat_bundled(), log=log)
-    pre_b = _in_memory(pre_b.net, flat_cfg, split.train[0].voxel_size_um, f"{name}-bundled-sim")
-    report(_row(name, ARMS[7], "0", 0, score_2_5d(pre_b, split.test), pre_b_sec,
-                note="the flattened bundled model trained on the simulated fields above"))
-    pre_b_weights = {k: v.clone() for k, v in pre_b.net.state_dict().items()}
-
-    def bundled_sim_pretrained() -> UNet3D:
-        net = UNet3D(flat_cfg)
-        net.load_state_dict(pre_b_weights)
-        return net
-
-    trained(ARMS[8], flat_cfg, plan.finetune_steps, plan.lr / 4, bundled_sim_pretrained)
+    pretrain_then_finetune(ARMS[7], ARMS[8], flat_cfg, "bundled-sim", flat_bundled(), 0.0,
+                           "the flattened bundled model trained on the simulated fields above")
 
     return {"split": split.description, "train_fields": [f.name for f in split.train],
             "test_crops": [f.name for f in split.test], "baseline_best_plane": plane_baseline(split),

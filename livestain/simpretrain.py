@@ -1,12 +1,13 @@
 """Simulated training fields shaped like a user's own, to pretrain on before fine-tuning.
 
 Why: the bundled model reads simulated 16-plane stacks 1 um apart; a user's data are
-rarely that (a sparse defocus series, a few planes, another pixel size). Measured in
-``bench/transfer.py`` (docs/transfer.md), a 2.5D network first trained on simulated
-fields rendered at the data's *own* plane offsets and pixel size, then fine-tuned on the
-real fields, is a better start than the bundled weights as they are and than a fresh
-network on a brightfield defocus series. `livestain train --sim-pretrain N` does that
-step: it renders ``N`` fields here and trains on them before the user's fields.
+rarely that (a sparse defocus series, a few planes, another pixel size). On a real
+brightfield defocus series with one training field, a network first trained on
+simulated fields rendered at the data's *own* plane offsets and pixel size, then
+fine-tuned, has a better worst crop and steadier seeds than one from scratch; with more
+fields, and on cells unlike the simulator's, it does not help (docs/transfer.md).
+`livestain train --sim-pretrain N` does that step: it renders ``N`` fields here and
+trains on them before the user's fields.
 
 What is assumed of the user's stack: its planes are evenly spaced at the voxel z size
 and centred on the plane of the single-plane truth (the stain imaged in focus on the
@@ -86,6 +87,7 @@ def simulated_like(
     offsets = np.asarray(offsets_um, float)
     rng = np.random.default_rng(seed)
     grid = geo.plane_z_um()
+
     def binned(a: np.ndarray) -> np.ndarray:  # the mean of k x k blocks: the user's pixel
         return bin_pixels(a, k) / np.float32(k * k)
 
@@ -111,7 +113,3 @@ def simulated_like(
             on_field(i + 1, n_fields)
     return out
 
-
-def centred_offsets(n_planes: int, z_step_um: float) -> np.ndarray:
-    """Defocus of each of ``n_planes`` evenly spaced planes from the stack's centre."""
-    return (np.arange(n_planes) - (n_planes - 1) / 2.0) * z_step_um

@@ -1,8 +1,11 @@
-"""Pieces several test files share: the CLI as a subprocess, waiting on a daemon's
-status, and a stand-in model for tests about who holds which stack (not about pixels)."""
+"""Pieces several test files share: the CLI as a subprocess or in process, waiting on a
+daemon's status, a stand-in model for tests about who holds which stack (not about
+pixels), and a field of noise for training-command plumbing tests."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -134,3 +137,30 @@ def real_status() -> dict:
                 daemon.journal.close()
                 daemon.folder.release_lock()
     return dict(_REAL_STATUS)
+
+
+def run_cli_in_process(argv: list[str]) -> str:
+    """``livestain ARGV`` in this process; its stdout. Fails the test on a non-zero exit."""
+    from livestain.cli import build_parser
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        a = build_parser().parse_args(argv)
+        assert a.func(a) == 0
+    return buf.getvalue()
+
+
+class NoiseField:
+    """A paired field of noise for `write_pairs`: brightfield (z, 40, 40) ~ N(100, 10) and
+    |N(0, 1)| DNA truth, one plane (1, 40, 40) or a stack (1, z, 40, 40). For tests of what
+    the training command does with its options, not of what it learns."""
+
+    structures = ("dna",)
+
+    def __init__(self, seed: int, planes: int = 6, voxel_size_um: tuple[float, float, float] = (1.0, 0.5, 0.5),
+                 planar: bool = True) -> None:
+        rng = np.random.default_rng(seed)
+        self.voxel_size_um = voxel_size_um
+        self.brightfield = rng.normal(100, 10, (planes, 40, 40)).astype(np.float32)
+        shape = (1, 40, 40) if planar else (1, planes, 40, 40)
+        self.targets = np.abs(rng.normal(0, 1, shape)).astype(np.float32)

@@ -3,19 +3,17 @@ where it should be, and ``livestain train --init`` uses it for single-plane trut
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import numpy as np
 import pytest
 import torch
 
-from livestain.cli import build_parser
 from livestain.inference.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
 from livestain.inference.dataset import write_pairs
 from livestain.inference.flatten import flatten_to_2_5d
 from livestain.inference.model import UNet3D, UNetConfig
 from livestain.inference.normalize import PercentileNorm
+
+from _helpers import NoiseField, run_cli_in_process
 
 
 def _random_3d_net(seed: int = 0) -> UNet3D:
@@ -58,32 +56,14 @@ def test_flattening_refuses_a_network_that_is_not_3d() -> None:
         flatten_to_2_5d(flat, 3)
 
 
-class _Field:
-    structures = ("dna",)
-    voxel_size_um = (1.0, 0.5, 0.5)
-
-    def __init__(self, seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        self.brightfield = rng.normal(100, 10, (6, 40, 40)).astype(np.float32)
-        self.targets = np.abs(rng.normal(0, 1, (1, 40, 40))).astype(np.float32)  # one plane: (s, y, x)
-
-
-def _run(argv: list[str]) -> str:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        a = build_parser().parse_args(argv)
-        assert a.func(a) == 0
-    return buf.getvalue()
-
-
 def test_train_init_3d_on_single_plane_truth_trains_a_2_5d_model_from_its_flattened_weights(tmp_path) -> None:
     data = tmp_path / "data"
-    write_pairs([_Field(s) for s in range(3)], data)
+    write_pairs([NoiseField(s) for s in range(3)], data)
     model3d = tmp_path / "m3d.safetensors"
     save_checkpoint(model3d, _random_3d_net(1), ModelMeta(UNetConfig(depth=2, base_channels=4), PercentileNorm(),
                                                           (1.0, 0.5, 0.5)))
     out = tmp_path / "flat"
-    printed = _run(["train", str(data), "--structures", "dapi", "--out", str(out), "--init", str(model3d),
+    printed = run_cli_in_process(["train", str(data), "--structures", "dapi", "--out", str(out), "--init", str(model3d),
                     "--steps", "2", "--batch", "2", "--patch", "6,32,32", "--precision", "fp32",
                     "--val-fraction", "0.34"])
     assert "is a 3D model and this truth is single planes" in printed and "6-plane window" in printed

@@ -3,20 +3,21 @@ before the user's own."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import numpy as np
 import pytest
 
 from livestain.cli import build_parser
 from livestain.inference.checkpoint import load_checkpoint
 from livestain.inference.dataset import write_pairs
-from livestain.simpretrain import centred_offsets, simulated_like
+from livestain.simpretrain import simulated_like
+
+from _helpers import NoiseField, run_cli_in_process
+
+VOXEL = (2.0, 0.5, 0.5)  # 4 planes 2 um apart: offsets -3, -1, +1, +3 um
 
 
 def test_simulated_fields_have_the_users_planes_pixels_and_structures() -> None:
-    pairs = simulated_like(centred_offsets(3, 4.0), 0.65, ["DAPI", "membrane"], n_fields=2, size=64)
+    pairs = simulated_like((-4.0, 0.0, 4.0), 0.65, ["DAPI", "membrane"], n_fields=2, size=64)
     assert len(pairs) == 2
     bf, truth = pairs[0]
     assert bf.shape == (3, 64, 64) and truth.shape == (2, 64, 64)
@@ -35,34 +36,15 @@ def test_unknown_structures_and_impossible_pixels_are_refused_in_words() -> None
         simulated_like([0.0], 50.0, ["dna"], n_fields=1, size=32)
 
 
-class _Field:
-    structures = ("dna",)
-    voxel_size_um = (2.0, 0.5, 0.5)
-
-    def __init__(self, seed: int, planar: bool = True) -> None:
-        rng = np.random.default_rng(seed)
-        self.brightfield = rng.normal(100, 10, (4, 40, 40)).astype(np.float32)
-        shape = (1, 40, 40) if planar else (1, 4, 40, 40)
-        self.targets = np.abs(rng.normal(0, 1, shape)).astype(np.float32)
-
-
-def _run(argv: list[str]) -> str:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        a = build_parser().parse_args(argv)
-        assert a.func(a) == 0
-    return buf.getvalue()
-
-
 TINY = ["--steps", "2", "--batch", "2", "--patch", "4,32,32", "--precision", "fp32", "--val-fraction", "0.34",
         "--sim-steps", "2"]
 
 
 def test_train_sim_pretrain_from_bundled_records_the_simulated_step_and_fine_tunes(tmp_path) -> None:
     data = tmp_path / "data"
-    write_pairs([_Field(s) for s in range(3)], data)
+    write_pairs([NoiseField(s, planes=4, voxel_size_um=VOXEL) for s in range(3)], data)
     out = tmp_path / "m"
-    printed = _run(["train", str(data), "--structures", "hoechst", "--out", str(out), "--init", "bundled",
+    printed = run_cli_in_process(["train", str(data), "--structures", "hoechst", "--out", str(out), "--init", "bundled",
                     "--sim-pretrain", "2", "--sim-modality", "dic", *TINY])
     assert "pretraining on 2 simulated dic fields" in printed
     assert "-3.0, -1.0, +1.0, +3.0 um from focus" in printed  # 4 planes 2 um apart, centred
@@ -78,15 +60,15 @@ def test_train_sim_pretrain_from_bundled_records_the_simulated_step_and_fine_tun
 
 def test_train_sim_pretrain_from_scratch_and_its_refusals(tmp_path) -> None:
     data = tmp_path / "data"
-    write_pairs([_Field(s) for s in range(3)], data)
+    write_pairs([NoiseField(s, planes=4, voxel_size_um=VOXEL) for s in range(3)], data)
     out = tmp_path / "scratch"
-    _run(["train", str(data), "--structures", "dna", "--out", str(out), "--mode", "2.5d", "--z-window", "4",
+    run_cli_in_process(["train", str(data), "--structures", "dna", "--out", str(out), "--mode", "2.5d", "--z-window", "4",
           "--depth", "1", "--base-channels", "4", "--sim-pretrain", "1", *TINY])
     model = load_checkpoint(out.with_suffix(".safetensors"))
     assert model.meta.extra["sim_pretrain"]["modality"] == "brightfield" and "init" not in model.meta.extra
 
     stacks = tmp_path / "stacks"
-    write_pairs([_Field(s, planar=False) for s in range(2)], stacks)
+    write_pairs([NoiseField(s, planes=4, voxel_size_um=VOXEL, planar=False) for s in range(2)], stacks)
     a = build_parser().parse_args(["train", str(stacks), "--structures", "dna", "--out", str(tmp_path / "x"),
                                    "--sim-pretrain", "1", *TINY])
     with pytest.raises(ValueError, match="renders single-plane truth"):
