@@ -78,6 +78,9 @@ def conditions() -> list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]]
     out += [("rounded cells", _with(population={
         "kind": "rounded", "density_per_1e4um2": 3.0, "body_xy_um": [5.0, 8.0], "body_z_um": [4.5, 7.5],
         "nucleus_frac": [0.45, 0.55], "ri_scale": 0.85, "empty_fraction": 0.0}))]
+    # DIC / oblique light (`devices.optics`: shear 0.25 um, bias 0.4 rad, 45 degrees):
+    # no shipped model was trained on it; this row says how far off it is
+    out += [("DIC (no model trained on it)", _with(modality="dic"))]
     return out
 
 
@@ -122,7 +125,7 @@ def run(model: str | None, seeds: Sequence[int], size: int,
             "models": models, "seeds": list(seeds), "size": size, "focus_window": focus_window,
             "rows": rows, "worst": _worst(rows),
             "worst_issue_grid": _worst({n: r for n, r in rows.items() if n in issue_grid}),
-            "seconds": seconds, "not_simulated": ["DIC"], "targets": TARGETS}
+            "seconds": seconds, "targets": TARGETS}
 
 
 def _worst(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
@@ -143,7 +146,6 @@ def table(result: dict[str, Any]) -> str:
              "|---|" + "---:|" * len(STRUCTURES)]
     for name, r in result["rows"].items():
         lines.append(f"| {name} | " + " | ".join(f"{r.get(s, float('nan')):.3f}" for s in STRUCTURES) + " |")
-    lines.append("| DIC | " + " | ".join("not simulated" for _ in STRUCTURES) + " |")
     lines.append("")
     for title, key in (("the issue's grid", "worst_issue_grid"), ("every condition", "worst")):
         lines.append(f"{title}:")

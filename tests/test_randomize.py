@@ -203,17 +203,18 @@ def test_robustness_runs_on_a_tiny_grid(tmp_path):
         bench.run(None, [101], 48, only=["default"], device="cpu")
     json_out = tmp_path / "r.json"
     assert bench.main(["--seeds", "7331", "--size", "48", "--only", "default", "focus +4 um",
-                       "dust (2 shadows)", "--device", "cpu", "--json", str(json_out)]) == 0
+                       "dust (2 shadows)", "DIC (no model trained on it)", "--device", "cpu",
+                       "--json", str(json_out)]) == 0
     result = json.loads(json_out.read_text())
-    assert set(result["rows"]) == {"default", "focus +4 um", "dust (2 shadows)"}
+    assert set(result["rows"]) == {"default", "focus +4 um", "dust (2 shadows)", "DIC (no model trained on it)"}
     assert set(result["worst"]) == {"dna", "membrane", "mitochondria"}
-    for s, w in result["worst_issue_grid"].items():  # the dust row is not the issue's
+    for s, w in result["worst_issue_grid"].items():  # the dust and DIC rows are not the issue's
         assert w["condition"] in {"default", "focus +4 um"}
         assert w["pearson"] == min(result["rows"][n][s] for n in ("default", "focus +4 um"))
     for w in result["worst"].values():
         assert w["meets"] == (w["pearson"] >= w["target"])
     text = bench.table(result)
-    assert "| default |" in text and "DIC | not simulated" in text and "worst dna" in text
+    assert "| default |" in text and "| DIC (no model trained on it) |" in text and "worst dna" in text
 
 
 def test_ranges_dataclass_is_frozen():
