@@ -501,7 +501,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     channels = list(predictor.structures)
     extra: dict[str, Any] = {}
     if args.uncertainty:
-        from .ood import check_stack, stack_confidence
+        from .ood import check_stack, model_expectations, stack_confidence
         from .uncertainty import DEFAULT_METHOD, DEFAULT_PASSES
 
         if args.tta:
@@ -509,7 +509,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         mean, unc = predictor.predict_with_uncertainty(stack, voxel, **kw)
         pred = np.concatenate([mean, unc])
         channels += [f"{s}_uncertainty" for s in predictor.structures]
-        checks = check_stack(stack, voxel, predictor.model.meta.voxel_size_um)
+        checks = check_stack(stack, voxel, **model_expectations(predictor.model.meta))
         conf = stack_confidence(unc, predictor.structures, checks)
         extra = {"uncertainty": {"method": DEFAULT_METHOD, "passes": DEFAULT_PASSES,
                                  "units": "expected absolute error, z-score units"},

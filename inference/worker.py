@@ -33,7 +33,7 @@ from livestain import wire
 from livestain.security import TOKEN_ENV, WorkerToken, apply_client
 from livestain.shm import ShmReader
 
-from .ood import check_stack, stack_confidence
+from .ood import check_stack, model_expectations, stack_confidence
 from .predict import Predictor
 
 log = logging.getLogger(__name__)
@@ -188,15 +188,15 @@ class Worker:
 
     def _start_checks(self, header: wire.StackHeader, stack: np.ndarray) -> Future | None:
         """The input checks (`ood.check_stack`: blank, saturated, fluorescence, empty, out of
-        focus, voxel size) on a thread beside the network: numpy releases the GIL, so on
-        the live path they cost the prediction's latency next to nothing."""
+        focus, too thin for a 3D model, voxel size) on a thread beside the network: numpy
+        releases the GIL, so on the live path they cost the prediction's latency next to
+        nothing."""
         if not self.input_checks:
             return None
-        meta = getattr(self.predictor.model, "meta", None)
-        model_voxel = getattr(meta, "voxel_size_um", None)
+        expect = model_expectations(getattr(self.predictor.model, "meta", None))
         if self._checker is None:
             self._checker = ThreadPoolExecutor(1, thread_name_prefix="livestain-checks")
-        return self._checker.submit(check_stack, stack, header.voxel_size_um, model_voxel)
+        return self._checker.submit(check_stack, stack, header.voxel_size_um, **expect)
 
     def _confidence(self, checks: Future | None, uncertainty: np.ndarray | None = None) -> dict:
         """The per-stack confidence and flags for the prediction header (empty if the

@@ -12,6 +12,9 @@ from livestain.acquisition.daemon import Daemon
 from livestain.acquisition.policies import Policies
 from livestain.acquisition.trust import TrustLedger
 from livestain.devices.simulated import SimulatedScope, build_simulated_core
+from livestain.inference.checkpoint import ModelMeta
+from livestain.inference.model import UNetConfig
+from livestain.inference.normalize import PercentileNorm
 from livestain.inference.worker import Worker
 from livestain.launch import demo_sequence
 
@@ -19,13 +22,17 @@ from livestain.run_reader import RunReader
 from _helpers import QuickPredictor
 
 
-def _run(tmp_path, port: int, stage_z: float) -> tuple[Daemon, dict]:
+def _run(tmp_path, port: int, stage_z: float, z_range_um: float | None = None,
+         predictor: object | None = None) -> tuple[Daemon, dict]:
     eps = wire.endpoints(base_port=port)
-    plan = demo_sequence(2, 0.0).model_copy(update={"stage_positions": (useq.Position(x=0, y=0, z=stage_z),)})
+    update: dict = {"stage_positions": (useq.Position(x=0, y=0, z=stage_z),)}
+    if z_range_um is not None:
+        update["z_plan"] = useq.ZRangeAround(range=z_range_um, step=1.0)
+    plan = demo_sequence(2, 0.0).model_copy(update=update)
     daemon = Daemon(build_simulated_core(SimulatedScope()), plan, tmp_path / "run", eps,
                     Policies(drain_timeout_s=20.0), report=lambda line: None)
     statuses: list[dict] = []
-    worker = Worker(eps["stacks"], eps["results"], QuickPredictor())
+    worker = Worker(eps["stacks"], eps["results"], predictor or QuickPredictor())
     thread = threading.Thread(target=worker.serve, daemon=True)
     thread.start()
     real_drain = daemon._drain_predictions
@@ -64,6 +71,29 @@ def test_a_stack_on_the_cells_is_trusted(tmp_path, base_port) -> None:
     _, status = _run(tmp_path, base_port, stage_z=4.0)
     assert status["last_confidence"]["flags"] == [] and status["last_confidence"]["confidence"] > 0.9
     assert status["low_confidence_stacks"] == 0
+
+
+class Quick3DModel(QuickPredictor):
+    """`QuickPredictor` with a 3D model's checkpoint metadata: trained on 16 um stacks."""
+
+    model = type("M", (), {"name": "quick3d@test", "meta": ModelMeta(
+        UNetConfig(structures=("dna",)), PercentileNorm(), (1.0, 0.325, 0.325), {"train_extent_um": 16.0})})()
+
+
+def test_a_stack_too_thin_for_the_model_is_flagged_from_worker_to_status(tmp_path, base_port) -> None:
+    """3 planes on the cells, predicted by a 3D model of 16 um stacks: flagged, with the fix."""
+    daemon, status = _run(tmp_path, base_port, stage_z=4.0, z_range_um=2.0, predictor=Quick3DModel())
+    assert daemon.summary.predicted == 2
+    last = status["last_confidence"]
+    assert last["flags"] == ["thin_stack"] and last["confidence"] < 0.2
+    assert any("3 planes (needs 5)" in r and "--z-window 3" in r for r in last["reasons"]), last["reasons"]
+    _, info = RunReader(tmp_path / "run").prediction(0)
+    assert "thin_stack" in info["flags"]
+
+
+def test_a_full_stack_passes_the_same_3d_model(tmp_path, base_port) -> None:
+    _, status = _run(tmp_path, base_port, stage_z=4.0, predictor=Quick3DModel())
+    assert status["last_confidence"]["flags"] == []
 
 
 def test_the_window_shows_the_confidence_and_why_it_is_low(qapp) -> None:

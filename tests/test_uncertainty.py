@@ -171,6 +171,68 @@ def test_a_voxel_size_far_from_the_models_is_flagged(field: dict) -> None:
     assert ood.check_stack(bf, None, MODEL_VOXEL).flags == []  # nothing declared: nothing to check
 
 
+#: The bundled models' training stacks: 16 planes, 1 um apart (checkpoint ``train_extent_um``).
+BUNDLED_EXTENT_UM = 16.0
+
+
+@pytest.mark.parametrize("planes, step_um", [(1, 1.0), (3, 1.0), (4, 1.5), (5, 0.3), (8, 0.3)])
+def test_a_stack_too_thin_for_a_3d_model_is_flagged(planes: int, step_um: float) -> None:
+    """Stacks on which the bundled model's DNA r collapses (-0.05 to 0.74, module
+    docstring of inference/ood.py) are flagged, with the reason and the fix."""
+    f = render_field(8443, SIZE, n_planes=planes, step_um=step_um)
+    report = ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL, BUNDLED_EXTENT_UM)
+    assert "thin_stack" in report.codes, report.stats
+    reason = next(fl.reason for fl in report.flags if fl.code == "thin_stack")
+    assert "too thin for this 3D model" in reason and reason.endswith(f"--z-window {planes}") and len(reason) <= 300
+    said = reason.split(":")[1].split("; it reads")[0]  # what it found short: planes, z extent or both
+    assert (f"{planes} plane" in said) == (planes < ood.MIN_MODEL_PLANES)
+    assert ("um of z" in said) == (planes * step_um < 0.2 * BUNDLED_EXTENT_UM)
+    assert report.factor <= ood.FLAG_FACTORS["thin_stack"]
+
+
+@pytest.mark.parametrize("planes, step_um", [(5, 1.0), (11, 0.3), (16, 1.0)])
+def test_a_stack_deep_enough_is_not_flagged_thin(planes: int, step_um: float) -> None:
+    """5 planes at 1 um and 11 at 0.3 um (3.3 um): the bundled model's DNA r 0.95 and 0.90."""
+    f = render_field(8443, SIZE, n_planes=planes, step_um=step_um)
+    report = ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL, BUNDLED_EXTENT_UM)
+    assert "thin_stack" not in report.codes, report.stats
+    assert report.stats["planes"] == planes and report.stats["z_extent_um"] == pytest.approx(planes * step_um)
+
+
+def test_thinness_is_checked_against_3d_models_only(predictor: Predictor) -> None:
+    """The bundled (3D) model's checkpoint says what to expect; a 2.5D model takes its own
+    window of planes, and a model that trained on thin stacks accepts thin stacks."""
+    from dataclasses import replace
+
+    expect = ood.model_expectations(predictor.model.meta)
+    assert expect == {"model_voxel_size_um": MODEL_VOXEL, "model_extent_um": BUNDLED_EXTENT_UM}
+    flat = replace(predictor.model.meta, config=replace(predictor.model.meta.config, mode="2.5d", z_window=3))
+    assert ood.model_expectations(flat)["model_extent_um"] is None
+    assert ood.model_expectations(None) == {}
+    f = render_field(8443, SIZE, n_planes=3)
+    assert "thin_stack" not in ood.check_stack(f["brightfield"], f["voxel"], **ood.model_expectations(flat)).codes
+    # a 3D model trained on 3-plane stacks, 1 um apart: 3 planes are what it knows
+    assert ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL, 3.0).codes == []
+    # no voxel size declared: the planes are counted, the extent cannot be
+    assert ood.check_stack(f["brightfield"], None, MODEL_VOXEL, BUNDLED_EXTENT_UM).codes == ["thin_stack"]
+
+
+def test_a_single_plane_no_longer_gets_the_highest_confidence(predictor: Predictor) -> None:
+    """The trust gap the check mends: on one plane the bundled model predicts next to
+    nothing, its copies agree, and the uncertainty alone rated it above a good stack."""
+    names = predictor.structures
+    one = render_field(8443, SIZE, n_planes=1)
+    full = render_field(8443, SIZE)
+    _, u_one = predictor.predict_with_uncertainty(one["brightfield"], one["voxel"])
+    _, u_full = predictor.predict_with_uncertainty(full["brightfield"], full["voxel"])
+    expect = ood.model_expectations(predictor.model.meta)
+    unchecked = ood.stack_confidence(u_one, names).overall
+    checked = ood.stack_confidence(u_one, names, ood.check_stack(one["brightfield"], one["voxel"], **expect))
+    good = ood.stack_confidence(u_full, names, ood.check_stack(full["brightfield"], full["voxel"], **expect))
+    assert unchecked > good.overall  # the gap, as it was
+    assert checked.overall < 0.15 < 0.6 < good.overall and checked.to_dict()["flags"] == ["thin_stack"]
+
+
 def test_confidence_is_high_for_good_stacks_low_for_flagged_ones(predictor: Predictor, field: dict) -> None:
     names = predictor.structures
     _, unc = predictor.predict_with_uncertainty(field["brightfield"], field["voxel"])

@@ -1,0 +1,154 @@
+"""Does the confidence say when not to trust a prediction? Pearson r beside the per-stack
+confidence, condition by condition, on held-out simulated fields.
+
+A prediction a microscopist should not trust must carry a low confidence; one that is
+right should not be buried under false alarms. For each condition of
+`bench/robustness.py` (one acquisition factor changed at a time), plus stacks too thin
+for a 3D model (a single plane, a few planes, finely stepped short stacks) and one far
+out of focus, this predicts the held-out fields with the bundled models (routed by
+modality) and their per-voxel uncertainty, runs the input checks (`inference.ood`) and
+prints, per condition: r per structure (the mean of the uncertainty's 8 copies against
+the truth), the worst field's DNA r, the mean confidence, and the flags raised. The
+confidence is computed twice in the same run: with every check, and without the
+thickness check (``thin_stack``), so its effect is measured side by side.
+
+"Trusted but wrong" counts the conditions whose mean confidence is at least
+`TRUSTED` (the daemon's low-confidence line: `status` counts stacks below it) while their
+worst DNA r is under `WRONG` (a nucleus map one would not act on).
+
+    .venv/bin/python bench/trust.py [--quick] [--size 128] [--json docs/trust.json]
+
+About 5 min on 2 CPU cores (28 conditions x 3 fields of 128 px, 8 passes each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import robustness as R  # noqa: E402
+
+from livestain.devices.sample import STRUCTURES  # noqa: E402
+from livestain.metrics import pearson  # noqa: E402
+
+#: The daemon's line for a low-confidence stack (`status`'s ``low_confidence_stacks``).
+TRUSTED = 0.5
+#: DNA r below which a nucleus map is wrong enough not to act on.
+WRONG = 0.7
+
+
+def conditions() -> list[tuple[str, Any]]:
+    """`bench/robustness.py`'s conditions, then what its grid keeps out: thin stacks and
+    a stack far from the cells."""
+    out = list(R.conditions())
+    out += [("1 plane", R._with(n_planes=1)), ("3 planes (1 um)", R._with(n_planes=3)),
+            ("4 planes 1.5 um apart", R._with(n_planes=4, z_step_um=1.5)),
+            ("5 planes 0.3 um apart", R._with(n_planes=5, z_step_um=0.3)),
+            ("8 planes 0.3 um apart", R._with(n_planes=8, z_step_um=0.3)),
+            ("focus +12 um", R._with(focus_offset_um=12.0))]
+    return out
+
+
+def run(seeds: Sequence[int], size: int, only: Sequence[str] | None = None) -> dict[str, Any]:
+    from livestain.inference import ood
+    from livestain.inference.predict import Predictor
+
+    predictor = Predictor(None, "cpu")
+    rows: dict[str, dict[str, Any]] = {}
+    for name, edit in conditions():
+        if only and name not in only:
+            continue
+        t0 = time.perf_counter()
+        r_fields, conf, conf_unchecked, flags = [], [], [], set()
+        for pair in R.render_condition(edit, seeds, size):
+            mean, unc = predictor.predict_with_uncertainty(pair.brightfield, pair.voxel_size_um)
+            names = predictor.structures
+            r_fields.append({s: float(pearson(mean[i], pair.targets[STRUCTURES.index(s)]))
+                             for i, s in enumerate(names) if s in STRUCTURES})
+            expect = ood.model_expectations(predictor.model.meta)  # the model routed to
+            report = ood.check_stack(pair.brightfield, pair.voxel_size_um, **expect)
+            conf.append(ood.stack_confidence(unc, names, report).overall)
+            without = ood.check_stack(pair.brightfield, pair.voxel_size_um, **{**expect, "model_extent_um": None})
+            conf_unchecked.append(ood.stack_confidence(unc, names, without).overall)
+            flags |= set(report.codes)
+        rows[name] = {
+            "pearson": {s: round(float(np.mean([r[s] for r in r_fields])), 4) for s in r_fields[0]},
+            "dna_worst": round(min(r["dna"] for r in r_fields), 4),
+            "confidence": round(float(np.mean(conf)), 3),
+            "confidence_without_thickness_check": round(float(np.mean(conf_unchecked)), 3),
+            "flags": sorted(flags), "model": predictor.model.name,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        row = rows[name]
+        print(f"  {name}: r {row['pearson']}, DNA worst {row['dna_worst']:.3f}, confidence {row['confidence']:.2f} "
+              f"(without the thickness check {row['confidence_without_thickness_check']:.2f}), "
+              f"flags {row['flags'] or '-'} ({row['seconds']} s)", flush=True)
+    return {"seeds": list(seeds), "size": size, "rows": rows, "summary": summarise(rows)}
+
+
+def summarise(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Trusted-but-wrong conditions and the rank correlation of confidence with DNA r,
+    with and without the thickness check."""
+    out: dict[str, Any] = {"trusted": TRUSTED, "wrong": WRONG}
+    dna = [r["dna_worst"] for r in rows.values()]
+    for key in ("confidence", "confidence_without_thickness_check"):
+        out[key] = {
+            "trusted_but_wrong": [n for n, r in rows.items() if r[key] >= TRUSTED and r["dna_worst"] < WRONG],
+            "flagged_but_right": [n for n, r in rows.items() if r[key] < TRUSTED and r["dna_worst"] >= WRONG],
+            "spearman_with_dna_r": round(float(spearmanr([r[key] for r in rows.values()], dna)[0]), 3)
+            if len(rows) > 2 else None,
+        }
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = ["| condition | DNA r | membrane r | mito r | DNA r worst field | confidence | "
+             "without thickness check | flags |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in result["rows"].items():
+        p = r["pearson"]
+        lines.append(f"| {name} | " + " | ".join(f"{p.get(s, float('nan')):.3f}" for s in STRUCTURES)
+                     + f" | {r['dna_worst']:.3f} | {r['confidence']:.2f} | "
+                     f"{r['confidence_without_thickness_check']:.2f} | {', '.join(r['flags']) or '-'} |")
+    s = result["summary"]
+    lines.append("")
+    for key, label in (("confidence", "with every check"),
+                       ("confidence_without_thickness_check", "without the thickness check")):
+        v = s[key]
+        lines.append(f"{label}: trusted (confidence >= {TRUSTED}) but wrong (worst DNA r < {WRONG}): "
+                     f"{len(v['trusted_but_wrong'])} {v['trusted_but_wrong']}; flagged but right: "
+                     f"{len(v['flagged_but_right'])} {v['flagged_but_right']}; Spearman(confidence, DNA r) "
+                     f"{v['spearman_with_dna_r']}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 seed, 64 px, a few conditions")
+    p.add_argument("--size", type=int, default=128, help="field width in pixels")
+    p.add_argument("--only", nargs="+", default=None, help="conditions to run (by name)")
+    p.add_argument("--json", type=Path, default=None, help="write the result here")
+    a = p.parse_args(argv)
+    seeds = R.HELD_OUT_SEEDS[:1] if a.quick else R.HELD_OUT_SEEDS
+    size = 64 if a.quick else a.size
+    only = a.only or (["default", "1 plane", "focus +12 um"] if a.quick else None)
+    t0 = time.perf_counter()
+    result = run(seeds, size, only)
+    result["total_seconds"] = round(time.perf_counter() - t0, 1)
+    print(table(result))
+    print(f"{len(result['rows'])} conditions x {len(seeds)} field(s) of {size} px in {result['total_seconds']} s")
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
