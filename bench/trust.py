@@ -9,8 +9,11 @@ out of focus, this predicts the held-out fields with the bundled models (routed 
 modality) and their per-voxel uncertainty, runs the input checks (`inference.ood`) and
 prints, per condition: r per structure (the mean of the uncertainty's 8 copies against
 the truth), the worst field's DNA r, the mean confidence, and the flags raised. The
-confidence is computed twice in the same run: with every check, and without the
-thickness check (``thin_stack``), so its effect is measured side by side.
+confidence is computed twice in the same run: with the checks as the worker runs them
+(`ood.model_expectations`: the model's voxel size, its training z extent, its centred z
+window) and as they ran before those expectations (the voxel size alone: no
+``thin_stack``, a fine z step counted against the voxel size, no milder
+``out_of_focus`` for cells just beyond the stack), so the change is measured side by side.
 
 "Trusted but wrong" counts the conditions whose mean confidence is at least
 `TRUSTED` (the daemon's low-confidence line: `status` counts stacks below it) while their
@@ -68,39 +71,39 @@ def run(seeds: Sequence[int], size: int, only: Sequence[str] | None = None) -> d
         if only and name not in only:
             continue
         t0 = time.perf_counter()
-        r_fields, conf, conf_unchecked, flags = [], [], [], set()
+        r_fields, conf, conf_before, flags = [], [], [], set()
         for pair in R.render_condition(edit, seeds, size):
             mean, unc = predictor.predict_with_uncertainty(pair.brightfield, pair.voxel_size_um)
             names = predictor.structures
             r_fields.append({s: float(pearson(mean[i], pair.targets[STRUCTURES.index(s)]))
                              for i, s in enumerate(names) if s in STRUCTURES})
-            expect = ood.model_expectations(predictor.model.meta)  # the model routed to
+            expect = ood.model_expectations(predictor.model.meta, predictor.focus_window)  # the model routed to
             report = ood.check_stack(pair.brightfield, pair.voxel_size_um, **expect)
             conf.append(ood.stack_confidence(unc, names, report).overall)
-            without = ood.check_stack(pair.brightfield, pair.voxel_size_um, **{**expect, "model_extent_um": None})
-            conf_unchecked.append(ood.stack_confidence(unc, names, without).overall)
+            before = ood.check_stack(pair.brightfield, pair.voxel_size_um, expect["model_voxel_size_um"])
+            conf_before.append(ood.stack_confidence(unc, names, before).overall)
             flags |= set(report.codes)
         rows[name] = {
             "pearson": {s: round(float(np.mean([r[s] for r in r_fields])), 4) for s in r_fields[0]},
             "dna_worst": round(min(r["dna"] for r in r_fields), 4),
             "confidence": round(float(np.mean(conf)), 3),
-            "confidence_without_thickness_check": round(float(np.mean(conf_unchecked)), 3),
+            "confidence_before": round(float(np.mean(conf_before)), 3),
             "flags": sorted(flags), "model": predictor.model.name,
             "seconds": round(time.perf_counter() - t0, 1),
         }
         row = rows[name]
         print(f"  {name}: r {row['pearson']}, DNA worst {row['dna_worst']:.3f}, confidence {row['confidence']:.2f} "
-              f"(without the thickness check {row['confidence_without_thickness_check']:.2f}), "
+              f"(checks as before {row['confidence_before']:.2f}), "
               f"flags {row['flags'] or '-'} ({row['seconds']} s)", flush=True)
     return {"seeds": list(seeds), "size": size, "rows": rows, "summary": summarise(rows)}
 
 
 def summarise(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Trusted-but-wrong conditions and the rank correlation of confidence with DNA r,
-    with and without the thickness check."""
+    """Trusted-but-wrong and flagged-but-right conditions and the rank correlation of
+    confidence with DNA r, with the checks as they are and as they were."""
     out: dict[str, Any] = {"trusted": TRUSTED, "wrong": WRONG}
     dna = [r["dna_worst"] for r in rows.values()]
-    for key in ("confidence", "confidence_without_thickness_check"):
+    for key in ("confidence", "confidence_before"):
         out[key] = {
             "trusted_but_wrong": [n for n, r in rows.items() if r[key] >= TRUSTED and r["dna_worst"] < WRONG],
             "flagged_but_right": [n for n, r in rows.items() if r[key] < TRUSTED and r["dna_worst"] >= WRONG],
@@ -112,16 +115,15 @@ def summarise(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     lines = ["| condition | DNA r | membrane r | mito r | DNA r worst field | confidence | "
-             "without thickness check | flags |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "checks as before | flags |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in result["rows"].items():
         p = r["pearson"]
         lines.append(f"| {name} | " + " | ".join(f"{p.get(s, float('nan')):.3f}" for s in STRUCTURES)
                      + f" | {r['dna_worst']:.3f} | {r['confidence']:.2f} | "
-                     f"{r['confidence_without_thickness_check']:.2f} | {', '.join(r['flags']) or '-'} |")
+                     f"{r['confidence_before']:.2f} | {', '.join(r['flags']) or '-'} |")
     s = result["summary"]
     lines.append("")
-    for key, label in (("confidence", "with every check"),
-                       ("confidence_without_thickness_check", "without the thickness check")):
+    for key, label in (("confidence", "checks now"), ("confidence_before", "checks as before")):
         v = s[key]
         lines.append(f"{label}: trusted (confidence >= {TRUSTED}) but wrong (worst DNA r < {WRONG}): "
                      f"{len(v['trusted_but_wrong'])} {v['trusted_but_wrong']}; flagged but right: "

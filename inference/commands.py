@@ -509,7 +509,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         mean, unc = predictor.predict_with_uncertainty(stack, voxel, **kw)
         pred = np.concatenate([mean, unc])
         channels += [f"{s}_uncertainty" for s in predictor.structures]
-        checks = check_stack(stack, voxel, **model_expectations(predictor.model.meta))
+        checks = check_stack(stack, voxel, **model_expectations(predictor.model.meta, predictor.focus_window))
         conf = stack_confidence(unc, predictor.structures, checks)
         extra = {"uncertainty": {"method": DEFAULT_METHOD, "passes": DEFAULT_PASSES,
                                  "units": "expected absolute error, z-score units"},

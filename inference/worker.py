@@ -193,7 +193,8 @@ class Worker:
         nothing."""
         if not self.input_checks:
             return None
-        expect = model_expectations(getattr(self.predictor.model, "meta", None))
+        expect = model_expectations(getattr(self.predictor.model, "meta", None),
+                                    bool(getattr(self.predictor, "focus_window", False)))
         if self._checker is None:
             self._checker = ThreadPoolExecutor(1, thread_name_prefix="livestain-checks")
         return self._checker.submit(check_stack, stack, header.voxel_size_um, **expect)

@@ -205,7 +205,8 @@ def test_thinness_is_checked_against_3d_models_only(predictor: Predictor) -> Non
     from dataclasses import replace
 
     expect = ood.model_expectations(predictor.model.meta)
-    assert expect == {"model_voxel_size_um": MODEL_VOXEL, "model_extent_um": BUNDLED_EXTENT_UM}
+    assert expect == {"model_voxel_size_um": MODEL_VOXEL, "model_extent_um": BUNDLED_EXTENT_UM, "windowed": True}
+    assert ood.model_expectations(predictor.model.meta, focus_window=False)["windowed"] is False
     flat = replace(predictor.model.meta, config=replace(predictor.model.meta.config, mode="2.5d", z_window=3))
     assert ood.model_expectations(flat)["model_extent_um"] is None
     assert ood.model_expectations(None) == {}
@@ -215,6 +216,38 @@ def test_thinness_is_checked_against_3d_models_only(predictor: Predictor) -> Non
     assert ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL, 3.0).codes == []
     # no voxel size declared: the planes are counted, the extent cannot be
     assert ood.check_stack(f["brightfield"], None, MODEL_VOXEL, BUNDLED_EXTENT_UM).codes == ["thin_stack"]
+
+
+def test_fine_z_steps_are_judged_by_extent_for_a_3d_model() -> None:
+    """16 planes 0.25 um apart (4 um): the bundled model's DNA r 0.93-0.98, not flagged for
+    a 3D model of known extent; without it the 4x finer step still counts against the
+    voxel size, and a 4x coarser one is flagged either way."""
+    f = render_field(8443, SIZE, step_um=0.25)
+    assert ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL, BUNDLED_EXTENT_UM).codes == []
+    assert ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL).codes == ["voxel_size"]
+    coarse = ood.check_stack(f["brightfield"], (4.0, 0.325, 0.325), MODEL_VOXEL, BUNDLED_EXTENT_UM)
+    assert "voxel_size" in coarse.codes
+
+
+@pytest.mark.parametrize("offset_um", [-8.0, 8.0])
+def test_cells_just_beyond_the_stack_keep_a_windowed_prediction(offset_um: float) -> None:
+    """A stack 8 um off its cells: the halos place them ~0.5 um beyond its end and the
+    predictor's z window centred on them gives DNA r 0.97 (bench/trust.py), so the flag
+    keeps its advice but not its 0.2: confidence x0.7. Without the window: 0.2."""
+    f = render_field(8443, SIZE, offset_um=offset_um)
+    windowed = ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL, BUNDLED_EXTENT_UM, windowed=True)
+    assert windowed.codes == ["out_of_focus"] and windowed.factor == ood.RESCUED_FOCUS_FACTOR
+    assert "this prediction holds" in windowed.flags[0].reason and "shift the z range by" in windowed.flags[0].reason
+    assert windowed.stats["cells_beyond_stack_um"] <= ood.WINDOW_RESCUE_UM
+    plain = ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL, BUNDLED_EXTENT_UM)
+    assert plain.codes == ["out_of_focus"] and plain.factor == ood.FLAG_FACTORS["out_of_focus"]
+
+
+@pytest.mark.parametrize("offset_um", [-16.0, 12.0])
+def test_cells_far_beyond_the_stack_are_not_rescued(offset_um: float) -> None:
+    f = render_field(8443, SIZE, offset_um=offset_um)
+    report = ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL, BUNDLED_EXTENT_UM, windowed=True)
+    assert report.codes == ["out_of_focus"] and report.factor == ood.FLAG_FACTORS["out_of_focus"]
 
 
 def test_a_single_plane_no_longer_gets_the_highest_confidence(predictor: Predictor) -> None:
