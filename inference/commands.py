@@ -500,8 +500,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     kw = dict(tile=args.tile, slide=args.slide, z_centre=args.z_centre, on_tile=tile_progress())
     channels = list(predictor.structures)
     extra: dict[str, Any] = {}
+    unc = None
     if args.uncertainty:
-        from .ood import check_stack, model_expectations, stack_confidence
         from .uncertainty import DEFAULT_METHOD, DEFAULT_PASSES
 
         if args.tta:
@@ -509,14 +509,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
         mean, unc = predictor.predict_with_uncertainty(stack, voxel, **kw)
         pred = np.concatenate([mean, unc])
         channels += [f"{s}_uncertainty" for s in predictor.structures]
-        checks = check_stack(stack, voxel, **model_expectations(predictor.model.meta, predictor.focus_window))
-        conf = stack_confidence(unc, predictor.structures, checks)
         extra = {"uncertainty": {"method": DEFAULT_METHOD, "passes": DEFAULT_PASSES,
-                                 "units": "expected absolute error, z-score units"},
-                 **conf.to_dict(), "checks": checks.stats}
+                                 "units": "expected absolute error, z-score units"}}
     else:
         pred = predictor.predict(stack, voxel, tta=args.tta, **kw)
     seconds = time.perf_counter() - t0
+    # the input checks always run (numpy, well under a second): a stack the model cannot
+    # read (one plane for a 3D model, far out of focus...) is said, not silently predicted;
+    # after the prediction, so they compare with the bundled model it was routed to
+    from .ood import check_stack, model_expectations, stack_confidence
+
+    checks = check_stack(stack, voxel, **model_expectations(predictor.model.meta, predictor.focus_window))
+    extra.update(stack_confidence(unc, predictor.structures, checks).to_dict(), checks=checks.stats)
     write_stack(
         out,
         pred.astype(np.float32, copy=False),
@@ -544,11 +548,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out}: {', '.join(channels)} x {pred.shape[1:]} in {seconds:.2f} s "
           f"on {predictor.device} with {predictor.model.name}")
-    if extra:
-        per = ", ".join(f"{s} {c:.2f}" for s, c in extra["confidence_per_structure"].items())
-        print(f"confidence {extra['confidence']:.2f} ({per})")
-        for reason in extra["flag_reasons"]:
-            print(f"flag: {reason}")
+    per = ", ".join(f"{s} {c:.2f}" for s, c in extra["confidence_per_structure"].items())
+    source = "uncertainty and input checks" if unc is not None else "input checks only; --uncertainty for more"
+    print(f"confidence {extra['confidence']:.2f} ({per}; {source})")
+    for reason in extra["flag_reasons"]:
+        print(f"flag: {reason}")
     return 0
 
 

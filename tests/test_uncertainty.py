@@ -323,6 +323,21 @@ def test_cli_predict_writes_named_uncertainty_channels(tmp_path: Path, field: di
     assert array[3:].min() >= 0
 
 
+def test_cli_predict_always_runs_the_input_checks_and_says_a_single_plane_is_too_thin(tmp_path: Path) -> None:
+    """Without --uncertainty too: one brightfield plane given to the bundled 3D model is
+    predicted (nothing refused) and flagged on the console and in the file."""
+    from _helpers import run_cli_in_process
+
+    one = render_field(8443, 64, n_planes=1)
+    src, out = tmp_path / "plane.ome.tif", tmp_path / "pred.ome.tif"
+    write_stack(src, one["brightfield"], voxel_size_um=one["voxel"], info={"kind": "stack"})
+    text = run_cli_in_process(["predict", str(bundled_model_path()), str(src), "--out", str(out), "--device", "cpu"])
+    assert "flag: too thin for this 3D model: 1 plane (needs 5)" in text and "input checks only" in text
+    _, info = read_stack(out)
+    assert info["flags"] == ["thin_stack"] and info["confidence"] == pytest.approx(ood.FLAG_FACTORS["thin_stack"])
+    assert info["checks"]["planes"] == 1
+
+
 def test_the_signal_places_the_uncertainty_and_keeps_the_stacks_level() -> None:
     """Per voxel the copies' spread misses what they all miss (mitochondria's tubules:
     Spearman 0.12-0.16); the predicted signal says where the errors are. The stack's mean
