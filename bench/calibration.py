@@ -140,7 +140,8 @@ def measure(model: str | None, methods: Sequence[str], seeds: Sequence[int], siz
         for cname, offset, exposure in CONDITIONS:
             f = render_field(seed, size, offset, exposure_ms=exposure)
             truth = np.stack([zscore(t) for t in f["truth"]])
-            report = ood.check_stack(f["brightfield"], f["voxel"], **ood.model_expectations(predictor.model.meta, predictor.focus_window))
+            expect = ood.model_expectations(predictor.model.meta, predictor.focus_window)
+            report = ood.check_stack(f["brightfield"], f["voxel"], **expect)
             idx = rng.choice(truth[0].size, min(VOXELS_PER_STACK, truth[0].size), replace=False)
             t0 = time.perf_counter()
             plain = predictor.predict(f["brightfield"], f["voxel"])

@@ -21,7 +21,7 @@ worst DNA r is under `WRONG` (a nucleus map one would not act on).
 
     .venv/bin/python bench/trust.py [--quick] [--size 128] [--json docs/trust.json]
 
-About 5 min on 2 CPU cores (28 conditions x 3 fields of 128 px, 8 passes each).
+About 5 min on 2 CPU cores (29 conditions x 3 fields of 128 px, 8 passes each).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ which the flag multiplies the stack's confidence. The checks and their threshold
     `MIN_EXTENT_FRACTION` of the model's training stacks'. Measured with the bundled
     model (trained on 16 planes, 1 um apart) on 3 held-out simulated fields, worst DNA r:
     1 plane -0.05, 3 planes 0.03, 4 planes 1.5 um apart 0.13, 5 planes 0.3 um apart
-    (1.5 um) 0.09, 8 at 0.3 um (2.4 um) 0.74; 5 planes at 1 um 0.95, 11 at 0.3 um
+    (1.5 um) 0.08, 8 at 0.3 um (2.4 um) 0.76 (`bench/trust.py`); 5 planes at 1 um 0.95, 11 at 0.3 um
     (3.3 um) 0.90. Worse, the per-voxel uncertainty does not see it: its copies agree on
     a near-empty prediction, and the confidence of a single plane was 0.95, above that
     of a good 16-plane stack (0.83-0.88). Checked only when the model's training extent
@@ -201,8 +201,8 @@ def check_stack(
     thickness is not checked, and fine z steps count against the voxel size (with it, the
     z extent judges them). ``windowed``: the predictor centres a 3D model's z window on
     the cells, so a stack whose cells lie just beyond its end (`WINDOW_RESCUE_UM`) is still
-    flagged ``out_of_focus`` but at `RESCUED_FOCUS_FACTOR`. Content checks stop at the first that makes the rest
-    meaningless (a blank stack is not also "out of focus").
+    flagged ``out_of_focus`` but at `RESCUED_FOCUS_FACTOR`. Content checks stop at the
+    first that makes the rest meaningless (a blank stack is not also "out of focus").
     """
     stack = np.asarray(stack)
     if stack.ndim != 3:
@@ -250,24 +250,26 @@ def check_stack(
         dip = focus_dip(contrast)
         report.stats["focus_dip"] = min(dip, 1e9)
         if not dip < FOCUS_DIP_RATIO:
-            _check_focus_without_dip(report, stack, contrast, dip, voxel_size_um, windowed)
+            _check_focus_without_dip(report, stack, contrast, dip, voxel_size_um, windowed, model_voxel_size_um)
     return report
 
 
 def _check_focus_without_dip(report: StackReport, stack: np.ndarray, contrast: np.ndarray, dip: float,
-                             voxel_size_um: Sequence[float] | None, windowed: bool = False) -> None:
+                             voxel_size_um: Sequence[float] | None, windowed: bool = False,
+                             model_voxel_size_um: Sequence[float] | None = None) -> None:
     """No brightfield contrast minimum: out of focus, unless the stack is phase contrast
     (`livestain.modality`), whose contrast peaks at focus instead; it is out of focus
     when that peak is at its first or last plane. A brightfield stack whose halos place
     the cells just beyond its end keeps its prediction when ``windowed`` (see
-    `check_stack`): flagged, so the acquisition moves, at a milder factor."""
+    `check_stack`): flagged, so the acquisition moves, at a milder factor. Without a
+    declared voxel size the z step is the model's, as the `Predictor` assumes (else 1 um)."""
     from livestain.focus import focus_from_halos
     from livestain.modality import PHASE, detect_modality
 
     modality = detect_modality(stack, float(voxel_size_um[0]) if voxel_size_um is not None else None)
     report.stats["modality"] = modality.modality
     if modality.modality != PHASE:
-        z_step = float(voxel_size_um[0]) if voxel_size_um is not None else 1.0
+        z_step = float((voxel_size_um or model_voxel_size_um or (1.0,))[0])
         where = focus_from_halos(stack, z_step)
         beyond = None if where.offset_um is None else abs(where.offset_um) - (stack.shape[0] - 1) * z_step / 2
         if beyond is not None:

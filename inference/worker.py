@@ -33,7 +33,7 @@ from livestain import wire
 from livestain.security import TOKEN_ENV, WorkerToken, apply_client
 from livestain.shm import ShmReader
 
-from .ood import check_stack, model_expectations, stack_confidence
+from .ood import StackReport, check_stack, model_expectations, stack_confidence
 from .predict import Predictor
 
 log = logging.getLogger(__name__)
@@ -190,14 +190,24 @@ class Worker:
         """The input checks (`ood.check_stack`: blank, saturated, fluorescence, empty, out of
         focus, too thin for a 3D model, voxel size) on a thread beside the network: numpy
         releases the GIL, so on the live path they cost the prediction's latency next to
-        nothing."""
+        nothing.
+
+        They compare the stack with the current model (`ood.model_expectations`), read
+        before the prediction routes it: the bundled brightfield and phase models expect
+        the same (tests/test_uncertainty.py says so), so the routing cannot change them.
+        Everything runs inside the submitted call, so a failing check lands in the future
+        (`_confidence` logs it) and never costs the prediction."""
         if not self.input_checks:
             return None
-        expect = model_expectations(getattr(self.predictor.model, "meta", None),
-                                    bool(getattr(self.predictor, "focus_window", False)))
+        model, windowed = self.predictor.model, bool(getattr(self.predictor, "focus_window", False))
+
+        def run_checks() -> StackReport:
+            return check_stack(stack, header.voxel_size_um,
+                               **model_expectations(getattr(model, "meta", None), windowed))
+
         if self._checker is None:
             self._checker = ThreadPoolExecutor(1, thread_name_prefix="livestain-checks")
-        return self._checker.submit(check_stack, stack, header.voxel_size_um, **expect)
+        return self._checker.submit(run_checks)
 
     def _confidence(self, checks: Future | None, uncertainty: np.ndarray | None = None) -> dict:
         """The per-stack confidence and flags for the prediction header (empty if the

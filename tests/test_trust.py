@@ -96,6 +96,18 @@ def test_a_full_stack_passes_the_same_3d_model(tmp_path, base_port) -> None:
     assert status["last_confidence"]["flags"] == []
 
 
+class BrokenMetaModel(QuickPredictor):
+    """A model whose metadata the checks cannot read (no voxel size)."""
+
+    model = type("M", (), {"name": "broken@test", "meta": type("Meta", (), {"voxel_size_um": None})()})()
+
+
+def test_a_check_that_fails_costs_no_prediction(tmp_path, base_port) -> None:
+    daemon, status = _run(tmp_path, base_port, stage_z=4.0, predictor=BrokenMetaModel())
+    assert daemon.summary.predicted == 2
+    assert not (status.get("last_confidence") or {}).get("flags")
+
+
 def test_the_window_shows_the_confidence_and_why_it_is_low(qapp) -> None:
     from livestain.ui.status_panel import StatusPanel
 

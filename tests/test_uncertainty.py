@@ -177,7 +177,7 @@ BUNDLED_EXTENT_UM = 16.0
 
 @pytest.mark.parametrize("planes, step_um", [(1, 1.0), (3, 1.0), (4, 1.5), (5, 0.3), (8, 0.3)])
 def test_a_stack_too_thin_for_a_3d_model_is_flagged(planes: int, step_um: float) -> None:
-    """Stacks on which the bundled model's DNA r collapses (-0.05 to 0.74, module
+    """Stacks on which the bundled model's DNA r collapses (-0.05 to 0.76, module
     docstring of inference/ood.py) are flagged, with the reason and the fix."""
     f = render_field(8443, SIZE, n_planes=planes, step_um=step_um)
     report = ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL, BUNDLED_EXTENT_UM)
@@ -207,6 +207,10 @@ def test_thinness_is_checked_against_3d_models_only(predictor: Predictor) -> Non
     expect = ood.model_expectations(predictor.model.meta)
     assert expect == {"model_voxel_size_um": MODEL_VOXEL, "model_extent_um": BUNDLED_EXTENT_UM, "windowed": True}
     assert ood.model_expectations(predictor.model.meta, focus_window=False)["windowed"] is False
+    # the worker reads them before the prediction picks a bundled model by modality:
+    # the phase model must expect what the brightfield one does
+    phase = Predictor(bundled_model_path("phase"), "cpu").model.meta
+    assert ood.model_expectations(phase) == expect
     flat = replace(predictor.model.meta, config=replace(predictor.model.meta.config, mode="2.5d", z_window=3))
     assert ood.model_expectations(flat)["model_extent_um"] is None
     assert ood.model_expectations(None) == {}
