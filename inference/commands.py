@@ -382,6 +382,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             "history": result.history,
         },
     )
+    if val:
+        _calibrate_uncertainty(result.net, meta, out_path, val, device)
     path = save_checkpoint(out_path, result.net.cpu(), meta)
     curve = save_curve(path.with_suffix(".curve.png"), result.losses, result.history, cfg.structures)
     if val_pearson:
@@ -394,6 +396,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {curve}; "
           f"{result.seconds:.0f} s; best validation Pearson r: {summary}")
     return 0
+
+
+def _calibrate_uncertainty(net: Any, meta: Any, out_path: Path, val: list, device: str) -> None:
+    """Fit the model's own uncertainty scale on its validation fields
+    (`inference.calibrate`) into ``meta``, and say what it is beside the bundled model's."""
+    from .calibrate import calibrate
+    from .checkpoint import LoadedModel
+    from .predict import Predictor
+    from .uncertainty import CALIBRATION_KEY, ERROR_PER_STD
+
+    t0 = time.perf_counter()
+    predictor = Predictor(LoadedModel(net, meta, out_path, "unsaved"), device)
+    try:
+        cal = calibrate(predictor, val)
+    except ValueError as e:
+        print(f"note: uncertainty not calibrated ({e}); --uncertainty will use the bundled model's scale")
+        return
+    finally:
+        net.train(False)
+    meta.extra[CALIBRATION_KEY] = cal
+    bundled = ERROR_PER_STD.get(cal["method"], {})
+    scales = ", ".join(f"{s} {k:.3g}" + (f" (bundled {bundled[s]:.3g})" if s in bundled else "")
+                       for s, k in cal["error_per_std"].items())
+    print(f"uncertainty calibrated on {cal['fields']} validation field(s) in {time.perf_counter() - t0:.0f} s: "
+          f"expected |error| per unit of spread {scales}; confidence halves at mean uncertainty "
+          + ", ".join(f"{s} {u:.3g}" for s, u in cal["u_half"].items()))
 
 
 def load_init(text: str) -> Any:
@@ -518,9 +546,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # read (one plane for a 3D model, far out of focus...) is said, not silently predicted;
     # after the prediction, so they compare with the bundled model it was routed to
     from .ood import check_stack, model_expectations, stack_confidence
+    from .uncertainty import own_calibration
 
     checks = check_stack(stack, voxel, **model_expectations(predictor.model.meta, predictor.focus_window))
-    extra.update(stack_confidence(unc, predictor.structures, checks).to_dict(), checks=checks.stats)
+    own = own_calibration(predictor.model.meta)  # a trained model's own scale (inference.calibrate)
+    extra.update(stack_confidence(unc, predictor.structures, checks, u_half=own.get("u_half") if own else None)
+                 .to_dict(), checks=checks.stats)
     write_stack(
         out,
         pred.astype(np.float32, copy=False),

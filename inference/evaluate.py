@@ -32,6 +32,21 @@ def _predictor(model: LoadedModel | Predictor | str | Path | None, device: str |
     return Predictor(model if isinstance(model, LoadedModel) else (str(model) if model else None), device)
 
 
+def slides(cfg: Any, truth: np.ndarray) -> bool:
+    """Whether a model of config ``cfg`` is scored on ``truth`` (s, [z,] y, x) by its
+    sliding-window prediction of every plane: a per-plane 2.5D model on stack truth."""
+    return cfg.mode == "2.5d" and truth.ndim == 4 and cfg.target_2d == "plane"
+
+
+def truth_like_prediction(cfg: Any, truth: np.ndarray) -> np.ndarray:
+    """``truth`` shaped like the prediction it is scored against (see `evaluate_model`):
+    as it is for 3D models and sliding 2.5D ones, else ``(s, 1, y, x)``: the single
+    plane, or the stack's maximum projection."""
+    if cfg.mode == "2.5d" and not slides(cfg, truth):
+        return (truth if truth.ndim == 3 else truth.max(axis=1))[:, None]
+    return truth
+
+
 def evaluate_model(
     model: LoadedModel | Predictor | str | Path | None,
     fields: Iterable[Any],
@@ -79,11 +94,9 @@ def evaluate_model(
                 f"{name} has single-plane truth but {predictor.model.name} is a 3D model; score a "
                 "2.5D model on it, or give stacks as truth"
             )
-        slide = cfg.mode == "2.5d" and not planar_truth and cfg.target_2d == "plane"
+        slide = slides(cfg, truth)
         pred = predictor.predict(np.asarray(field.brightfield), field.voxel_size_um, tile=tile, tta=tta, slide=slide)
-        if cfg.mode == "2.5d" and not slide:
-            truth = truth if planar_truth else truth.max(axis=1)
-            truth = truth[:, None]  # (s, 1, y, x), like the prediction
+        truth = truth_like_prediction(cfg, truth)
         per_field[name] = {
             s: structure_metrics(pred[model_structures.index(s)], truth[field_structures.index(on_field[s])])
             for s in common

@@ -118,7 +118,8 @@ FLAG_FACTORS: dict[str, float] = {
 #: Mean per-voxel uncertainty at which a structure's confidence halves, per uncertainty
 #: method (`inference.uncertainty.METHODS`): twice the mean over held-out in-focus stacks
 #: of the bundled model (bench/calibration.py), so a typical good stack scores ~0.84. A
-#: retrained model's typical uncertainty differs: re-measure and pass ``u_half``.
+#: retrained model's typical uncertainty differs: ``livestain train`` measures its own on
+#: its validation fields (`inference.calibrate`), and callers pass it as ``u_half``.
 U_HALF: dict[str, dict[str, float]] = {
     # bundled model of 2026-12-02 evening (widened to 16 base channels): 2.35x its mean
     # in-focus uncertainty, as the earlier models' were of their own

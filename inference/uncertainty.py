@@ -99,6 +99,19 @@ ERROR_CURVE: dict[str, dict[str, tuple[float, float, float]]] = {
     "tta": {"dna": (0.0122, 0.376, 0.72), "membrane": (0.0036, 0.306, 0.82),
             "mitochondria": (0.0108, 0.217, 0.74)},
 }
+#: Where a checkpoint keeps its own scale (`inference.calibrate`, written by ``livestain
+#: train``): ``{"method", "error_per_std": {structure: k}, "u_half": {structure: u}, ...}``.
+#: When present it replaces `ERROR_PER_STD` and `ERROR_CURVE` (measured on the bundled
+#: models) for that model, and ``u_half`` replaces `ood.U_HALF`.
+CALIBRATION_KEY = "uncertainty_calibration"
+
+
+def own_calibration(meta: object | None, method: str = DEFAULT_METHOD) -> dict | None:
+    """The calibration a checkpoint's ``meta`` carries for ``method`` (None: none)."""
+    cal = (getattr(meta, "extra", None) or {}).get(CALIBRATION_KEY)
+    return cal if isinstance(cal, dict) and cal.get("method") == method else None
+
+
 #: Gaussian smoothing (sigma in voxels) of the spread, per structure: errors are spatially
 #: correlated, so a voxel's neighbours' spread predicts its error better than its own
 #: (held-out in-focus fields, Spearman: dna 0.50 -> 0.54-0.59, membrane 0.56 -> 0.58-0.66
@@ -220,6 +233,7 @@ def predict_with_uncertainty(
     method: str = DEFAULT_METHOD,
     passes: int = DEFAULT_PASSES,
     seed: int = 0,
+    calibration: dict[str, float] | None = None,
     **predict_kw: object,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mean, uncertainty), both float32 ``(s, z, y, x)`` like ``predictor.predict``'s
@@ -227,7 +241,9 @@ def predict_with_uncertainty(
     (mapped back), and their standard deviation, smoothed per `SMOOTH_SIGMA`, placed by
     the predicted signal (`place_by_signal`, `SIGNAL_WEIGHT`), times
     ``ERROR_PER_STD[method]`` and through ``ERROR_CURVE[method]``: an expected absolute
-    error in z-score units.
+    error in z-score units. A model whose checkpoint carries its own scale
+    (`own_calibration`) is scaled by it instead, and ``calibration`` (structure -> scale;
+    ``{}``: the raw placed spread, what `inference.calibrate` fits) overrides both.
 
     The mean and spread are accumulated with Welford's update, so memory stays at two
     prediction-sized arrays whatever ``passes`` is. ``predict_kw`` go to
@@ -260,14 +276,19 @@ def predict_with_uncertainty(
         m2 += d * (y - mean)
     assert mean is not None and m2 is not None
     std = np.sqrt(m2 / max(n - 1, 1), dtype=np.float32)
-    scale = ERROR_PER_STD.get(method, {})
+    scale, curve = ERROR_PER_STD.get(method, {}), ERROR_CURVE.get(method, {})
+    if calibration is None:
+        own = own_calibration(getattr(getattr(predictor, "model", None), "meta", None), method)
+        calibration = own.get("error_per_std") if own else None
+    if calibration is not None:
+        scale, curve = calibration, {}
     for i, s in enumerate(tuple(getattr(predictor, "structures", ()))[: std.shape[0]]):
         if SMOOTH_SIGMA.get(s):
             std[i] = ndi.gaussian_filter(std[i], SMOOTH_SIGMA[s])
         if SIGNAL_WEIGHT.get(s):
             std[i] = place_by_signal(mean[i], std[i], SIGNAL_WEIGHT[s], whole=s in SIGNAL_WHOLE)
         std[i] *= np.float32(scale.get(s, 1.0))
-        if s in ERROR_CURVE.get(method, {}):
-            floor, k, power = ERROR_CURVE[method][s]
+        if s in curve:
+            floor, k, power = curve[s]
             std[i] = np.float32(floor) + np.float32(k) * np.power(std[i], np.float32(power))
     return mean, std
