@@ -12,13 +12,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_inference_more import defocus_field  # noqa: E402
+from test_inference_more import write_planar_dataset  # noqa: E402
 
 from _helpers import run_cli_in_process  # noqa: E402
 from livestain.inference import ood, uncertainty  # noqa: E402
 from livestain.inference.calibrate import U_HALF_PER_MEAN, calibrate  # noqa: E402
 from livestain.inference.checkpoint import load_checkpoint  # noqa: E402
-from livestain.inference.dataset import load_fields, write_pairs  # noqa: E402
+from livestain.inference.dataset import load_fields  # noqa: E402
 from livestain.inference.normalize import zscore  # noqa: E402
 from livestain.inference.predict import Predictor  # noqa: E402
 
@@ -26,18 +26,8 @@ from livestain.inference.predict import Predictor  # noqa: E402
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """A small 2.5D DNA model trained with field002 as its validation field."""
-
-    class P:
-        structures = ("dna",)
-        voxel_size_um = (1.0, 0.5, 0.5)
-
-    pairs = []
-    for seed in range(3):
-        p = P()
-        p.brightfield, p.targets = defocus_field(seed, size=64)
-        pairs.append(p)
     root = tmp_path_factory.mktemp("cal")
-    write_pairs(pairs, root / "data")
+    write_planar_dataset(root / "data", size=64)
     out = root / "m"
     printed = run_cli_in_process([
         "train", str(root / "data"), "--structures", "dna", "--out", str(out), "--mode", "2.5d", "--z-window", "5",

@@ -367,20 +367,25 @@ def _run(argv: list[str]) -> tuple[int, str]:
     return code, buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def planar_dataset(tmp_path_factory) -> Path:
+def write_planar_dataset(out: Path, size: int = 48, fields: int = 3) -> Path:
+    """A dataset folder of `defocus_field` s (5-plane stacks, single-plane DNA truth)."""
+
     class P:
         structures = ("dna",)
         voxel_size_um = (1.0, 0.5, 0.5)
 
     pairs = []
-    for seed in range(3):
+    for seed in range(fields):
         p = P()
-        p.brightfield, p.targets = defocus_field(seed, size=48)
+        p.brightfield, p.targets = defocus_field(seed, size=size)
         pairs.append(p)
-    out = tmp_path_factory.mktemp("planar") / "data"
     write_pairs(pairs, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def planar_dataset(tmp_path_factory) -> Path:
+    return write_planar_dataset(tmp_path_factory.mktemp("planar") / "data")
 
 
 def test_train_options_parse_with_their_defaults() -> None:
