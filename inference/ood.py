@@ -311,25 +311,33 @@ def _check_thickness(report: StackReport, planes: int, voxel: Sequence[float] | 
     of the model's training extent."""
     if model_extent_um is None:
         return
+    report.stats["planes"] = planes
+    if voxel is not None:
+        report.stats["z_extent_um"] = planes * float(voxel[0])
+    short = thickness_shortfall(planes, float(voxel[0]) if voxel is not None else None, model_voxel, model_extent_um)
+    if short:
+        report.flags.append(_flag("thin_stack", f"too thin for this 3D model: {short}"))
+
+
+def thickness_shortfall(planes: int, z_step_um: float | None, model_voxel: Sequence[float] | None,
+                        model_extent_um: float) -> str:
+    """What a stack of ``planes`` planes ``z_step_um`` apart lacks for a 3D model trained
+    on ``model_extent_um`` stacks, and the fix, in one line ("" when nothing): the
+    ``thin_stack`` reason, and what the run's start says of a plan's z-stacks."""
     need_planes = MIN_MODEL_PLANES
     if model_voxel is not None and float(model_voxel[0]) > 0:
         need_planes = max(1, min(need_planes, round(float(model_extent_um) / float(model_voxel[0]))))
     need_extent = MIN_EXTENT_FRACTION * float(model_extent_um)
-    extent = planes * float(voxel[0]) if voxel is not None else None
-    report.stats["planes"] = planes
     short = []
     if planes < need_planes:
         short.append(f"{planes} plane{'' if planes == 1 else 's'} (needs {need_planes})")
-    if extent is not None:
-        report.stats["z_extent_um"] = extent
-        if extent < need_extent:
-            short.append(f"{extent:.3g} um of z (needs {need_extent:.3g})")
-    if short:
-        report.flags.append(_flag("thin_stack", (
-            f"too thin for this 3D model: {' and '.join(short)}; it reads the cells through focus and "
-            f"learnt on {float(model_extent_um):g} um stacks, so this prediction is near noise. Take "
-            f"{need_planes}+ planes over {need_extent:.3g}+ um (best {float(model_extent_um):g} um), or train "
-            f"a 2.5D model: livestain train --mode 2.5d --z-window {planes}")))
+    if z_step_um is not None and planes * z_step_um < need_extent:
+        short.append(f"{planes * z_step_um:.3g} um of z (needs {need_extent:.3g})")
+    if not short:
+        return ""
+    return (f"{' and '.join(short)}; it reads the cells through focus and learnt on {float(model_extent_um):g} um "
+            f"stacks, so its prediction is near noise. Take {need_planes}+ planes over {need_extent:.3g}+ um (best "
+            f"{float(model_extent_um):g} um), or train a 2.5D model: livestain train --mode 2.5d --z-window {planes}")
 
 
 def _check_voxel_size(report: StackReport, voxel: Sequence[float] | None, model: Sequence[float] | None,

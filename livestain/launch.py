@@ -12,6 +12,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,11 +136,33 @@ def choose_model(opts: SessionOptions, report) -> dict:  # noqa: ANN001
         return {"path": model, "name": Path(model).stem if model else "bundled", "structures": None}
     checked = check_worker_model(model, opts.device)
     info = {"path": model, "name": checked["name"], "structures": checked["structures"]}
+    if checked.get("expectations"):
+        info["expectations"] = checked["expectations"]
     if recorded is not None and recorded.get("name") != info["name"]:
         why = "you passed --model" if opts.model else "the model file changed since the run started"
         report(f"this run changes model from {recorded.get('name')} to {info['name']} ({why}); "
                f"every prediction file names the model that made it")
     return info
+
+
+def plan_thickness_warning(sequence: useq.MDASequence, model: dict) -> str | None:
+    """A warning, before the first frame, when the plan's z-stacks are too thin for the
+    model (`inference.ood.thickness_shortfall`: what would flag every stack ``thin_stack``
+    for days); None when they are not, or the model is not 3D. A warning, not a refusal:
+    the plan may be meant for another model, or a test."""
+    from livestain.inference.ood import thickness_shortfall
+
+    expect = model.get("expectations") or {}
+    if sequence.z_plan is None or expect.get("model_extent_um") is None:
+        return None
+    z = sorted(float(v) for v in sequence.z_plan)
+    step = statistics.median(b - a for a, b in zip(z, z[1:])) if len(z) > 1 else None
+    short = thickness_shortfall(len(z), step, expect.get("model_voxel_size_um"), float(expect["model_extent_um"]))
+    if not short:
+        return None
+    return (f"warning: the plan's z-stacks are too thin for {model.get('name', 'the model')}: {short}. Every "
+            "prediction would be flagged thin_stack; stop the run (Ctrl-C or `livestain stop`) and change "
+            "plan.z_plan unless that is meant")
 
 
 def _quiet_runner_cancel() -> None:
@@ -181,6 +204,8 @@ def run_session(core, sequence: useq.MDASequence, opts: SessionOptions, report=p
     if opts.keys:
         conn += ["--keys", str(opts.keys)]
     model = choose_model(opts, report_and_log)
+    if (warning := plan_thickness_warning(sequence, model)) is not None:
+        report_and_log(warning)
     worker_args = ["worker", *conn]
     if model["path"]:
         worker_args += ["--model", model["path"]]

@@ -308,9 +308,14 @@ def _check_model(model: str | None, device: str | None) -> int:
         raise
     except Exception as e:  # e.g. a CUDA device asked for on a machine without one
         raise ValueError(f"cannot load the model on device {device!r}: {e}") from None
+    from livestain.inference.ood import model_expectations
+
     meta = predictor.model.meta
+    # what the input checks will hold each stack to: the run's start compares its plan with it
+    expect = model_expectations(meta, predictor.focus_window)
     print(json.dumps({"name": predictor.model.name, "structures": list(meta.config.structures),
-                      "voxel_size_um": list(meta.voxel_size_um), "device": predictor.device}))
+                      "voxel_size_um": list(meta.voxel_size_um), "device": predictor.device,
+                      "expectations": {k: list(v) if isinstance(v, tuple) else v for k, v in expect.items()}}))
     return 0
 
 

@@ -108,6 +108,30 @@ def test_a_check_that_fails_costs_no_prediction(tmp_path, base_port) -> None:
     assert not (status.get("last_confidence") or {}).get("flags")
 
 
+def test_the_run_warns_at_its_start_when_the_plans_stacks_are_too_thin_for_the_model() -> None:
+    """The worker's model check reports what the input checks expect (bundled: 16 um
+    stacks, 3D, windowed), and the run's start compares the plan's z-stacks with it."""
+    import json
+
+    from _helpers import run_cli_in_process
+    from livestain.launch import plan_thickness_warning
+
+    checked = json.loads(run_cli_in_process(["worker", "--check-model", "--device", "cpu"]).strip().splitlines()[-1])
+    expect = checked["expectations"]
+    assert expect == {"model_voxel_size_um": [1.0, 0.325, 0.325], "model_extent_um": 16.0, "windowed": True}
+    model = {"name": checked["name"], "expectations": expect}
+    thin = demo_sequence(1, 0.0).model_copy(update={"z_plan": useq.ZRangeAround(range=2.0, step=1.0)})
+    warning = plan_thickness_warning(thin, model)
+    assert warning is not None and "3 planes (needs 5)" in warning and checked["name"] in warning
+    short = demo_sequence(1, 0.0).model_copy(update={"z_plan": useq.ZRangeAround(range=2.1, step=0.3)})
+    warning = plan_thickness_warning(short, model)  # 8 planes 0.3 um apart: 2.4 um
+    assert "2.4 um of z (needs 3.2)" in warning and "plane (needs" not in warning
+    enough = demo_sequence(1, 0.0).model_copy(update={"z_plan": useq.ZRangeAround(range=3.0, step=0.3)})
+    assert plan_thickness_warning(enough, model) is None  # 11 planes 0.3 um apart: 3.3 um
+    assert plan_thickness_warning(demo_sequence(1, 0.0), model) is None  # 16 planes, 1 um apart
+    assert plan_thickness_warning(thin, {"name": "mine", "expectations": {**expect, "model_extent_um": None}}) is None
+
+
 def test_the_window_shows_the_confidence_and_why_it_is_low(qapp) -> None:
     from livestain.ui.status_panel import StatusPanel
 
