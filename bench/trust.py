@@ -15,13 +15,19 @@ window) and as they ran before those expectations (the voxel size alone: no
 ``thin_stack``, a fine z step counted against the voxel size, no milder
 ``out_of_focus`` for cells just beyond the stack), so the change is measured side by side.
 
+With the real paired datasets beside the project (``../shared/data``'s sephace,
+``ndev-sampledata``; skipped when absent, and with ``--quick``), two more rows: the
+bundled model applied zero-shot to their held-out crops as a user would (their declared
+voxel sizes, `bench/transfer.py`'s split), DNA r at the in-focus plane(s) against the
+stain beside the confidence the worker would show.
+
 "Trusted but wrong" counts the conditions whose mean confidence is at least
 `TRUSTED` (the daemon's low-confidence line: `status` counts stacks below it) while their
 worst DNA r is under `WRONG` (a nucleus map one would not act on).
 
     .venv/bin/python bench/trust.py [--quick] [--size 128] [--json docs/trust.json]
 
-About 5 min on 2 CPU cores (29 conditions x 3 fields of 128 px, 8 passes each).
+About 9 min on 2 CPU cores (29 simulated conditions x 3 fields of 128 px, 8 passes each, 5 min; the real crops 4 min).
 """
 
 from __future__ import annotations
@@ -61,7 +67,49 @@ def conditions() -> list[tuple[str, Any]]:
     return out
 
 
-def run(seeds: Sequence[int], size: int, only: Sequence[str] | None = None) -> dict[str, Any]:
+def real_rows(predictor: Any) -> dict[str, dict[str, Any]]:
+    """The bundled models zero-shot on the real paired datasets' test crops: DNA r of the
+    mean prediction at the in-focus plane(s) against the stain, and the confidence."""
+    import real_experiments as ex
+    import transfer as T
+
+    from livestain.inference import ood
+    from livestain.inference.normalize import zscore
+
+    rows: dict[str, dict[str, Any]] = {}
+    for name, available, make in (("sephace", ex.sephace_available(), T.sephace_split),
+                                  ("ndev", ex.ndev_path() is not None, T.ndev_split)):
+        if not available:
+            print(f"  real {name}: skipped (data absent)")
+            continue
+        t0 = time.perf_counter()
+        split = make()
+        voxel = split.zero_shot_voxel_um
+        r, conf, conf_before, flags = [], [], [], set()
+        for f in split.test:
+            stack = np.asarray(f.brightfield, np.float32)
+            mean, unc = predictor.predict_with_uncertainty(stack, voxel)
+            dna = mean[predictor.structures.index("dna")]
+            r.append(float(pearson(dna[list(split.in_focus)].mean(axis=0), zscore(f.targets[0]))))
+            expect = ood.model_expectations(predictor.model.meta, predictor.focus_window)
+            report = ood.check_stack(stack, voxel, **expect)
+            conf.append(ood.stack_confidence(unc, predictor.structures, report).overall)
+            before = ood.check_stack(stack, voxel, expect["model_voxel_size_um"])
+            conf_before.append(ood.stack_confidence(unc, predictor.structures, before).overall)
+            flags |= set(report.codes)
+        label = f"real {name}, zero-shot ({len(split.test)} crops)"
+        rows[label] = {"pearson": {"dna": round(float(np.mean(r)), 4)}, "dna_worst": round(min(r), 4),
+                       "confidence": round(float(np.mean(conf)), 3),
+                       "confidence_before": round(float(np.mean(conf_before)), 3),
+                       "flags": sorted(flags), "model": predictor.model.name,
+                       "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"  {label}: DNA r {np.mean(r):.3f} (worst {min(r):.3f}), confidence {np.mean(conf):.2f} "
+              f"(checks as before {np.mean(conf_before):.2f}), flags {sorted(flags) or '-'}", flush=True)
+    return rows
+
+
+def run(seeds: Sequence[int], size: int, only: Sequence[str] | None = None,
+        real: bool = True) -> dict[str, Any]:
     from livestain.inference import ood
     from livestain.inference.predict import Predictor
 
@@ -95,6 +143,8 @@ def run(seeds: Sequence[int], size: int, only: Sequence[str] | None = None) -> d
         print(f"  {name}: r {row['pearson']}, DNA worst {row['dna_worst']:.3f}, confidence {row['confidence']:.2f} "
               f"(checks as before {row['confidence_before']:.2f}), "
               f"flags {row['flags'] or '-'} ({row['seconds']} s)", flush=True)
+    if real:
+        rows.update(real_rows(predictor))
     return {"seeds": list(seeds), "size": size, "rows": rows, "summary": summarise(rows)}
 
 
@@ -137,13 +187,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="1 seed, 64 px, a few conditions")
     p.add_argument("--size", type=int, default=128, help="field width in pixels")
     p.add_argument("--only", nargs="+", default=None, help="conditions to run (by name)")
+    p.add_argument("--real", action=argparse.BooleanOptionalAction, default=None,
+                   help="the real datasets' rows (default: on, off with --quick or --only)")
     p.add_argument("--json", type=Path, default=None, help="write the result here")
     a = p.parse_args(argv)
     seeds = R.HELD_OUT_SEEDS[:1] if a.quick else R.HELD_OUT_SEEDS
     size = 64 if a.quick else a.size
     only = a.only or (["default", "1 plane", "focus +12 um"] if a.quick else None)
+    real = a.real if a.real is not None else not (a.quick or a.only)
     t0 = time.perf_counter()
-    result = run(seeds, size, only)
+    result = run(seeds, size, only, real)
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
     print(table(result))
     print(f"{len(result['rows'])} conditions x {len(seeds)} field(s) of {size} px in {result['total_seconds']} s")

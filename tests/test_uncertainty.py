@@ -247,6 +247,22 @@ def test_cells_just_beyond_the_stack_keep_a_windowed_prediction(offset_um: float
     assert plain.codes == ["out_of_focus"] and plain.factor == ood.FLAG_FACTORS["out_of_focus"]
 
 
+def test_a_stack_too_coarse_in_z_for_the_window_is_not_rescued(monkeypatch) -> None:
+    """Halos that place the cells inside the stack rescue it only where its planes can be
+    resampled to the model's: declared 3 um apart (3x, flagged voxel_size), out_of_focus
+    keeps its 0.2 (real sephace, 10 um steps, DNA r 0.35, was rescued before this)."""
+    from livestain import focus
+    from livestain.focus import FocusEstimate
+
+    monkeypatch.setattr(focus, "focus_from_halos", lambda stack, z_step: FocusEstimate(7.5, 0.0, 1.0))
+    f = render_field(8443, SIZE, offset_um=8.0)
+    fine = ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL, BUNDLED_EXTENT_UM, windowed=True)
+    assert fine.codes == ["out_of_focus"] and fine.factor == ood.RESCUED_FOCUS_FACTOR
+    coarse = ood.check_stack(f["brightfield"], (3.0, 0.325, 0.325), MODEL_VOXEL, BUNDLED_EXTENT_UM, windowed=True)
+    assert set(coarse.codes) == {"voxel_size", "out_of_focus"}
+    assert next(fl for fl in coarse.flags if fl.code == "out_of_focus").factor == ood.FLAG_FACTORS["out_of_focus"]
+
+
 @pytest.mark.parametrize("offset_um", [-16.0, 12.0])
 def test_cells_far_beyond_the_stack_are_not_rescued(offset_um: float) -> None:
     f = render_field(8443, SIZE, offset_um=offset_um)
