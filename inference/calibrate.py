@@ -81,7 +81,9 @@ def calibrate(predictor: Any, fields: Iterable[Any], method: str = DEFAULT_METHO
         median_u = float(np.median(u))
         k = float(np.median(err)) / median_u if median_u > 0 else 1.0
         scale[s] = round(k, 4)
-        u_half[s] = round(U_HALF_PER_MEAN * k * float(np.mean(stack_means[s])), 5) or None
         median_error[s] = round(float(np.median(err)), 4)
+        half = U_HALF_PER_MEAN * k * float(np.mean(stack_means[s]))
+        if half > 0:  # a model whose copies never disagree keeps the bundled level
+            u_half[s] = round(half, 5)
     return {"method": method, "passes": passes, "fields": count, "error_per_std": scale,
-            "u_half": {s: v for s, v in u_half.items() if v}, "median_error": median_error}
+            "u_half": u_half, "median_error": median_error}

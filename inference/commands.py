@@ -413,8 +413,6 @@ def _calibrate_uncertainty(net: Any, meta: Any, out_path: Path, val: list, devic
     except ValueError as e:
         print(f"note: uncertainty not calibrated ({e}); --uncertainty will use the bundled model's scale")
         return
-    finally:
-        net.train(False)
     meta.extra[CALIBRATION_KEY] = cal
     bundled = ERROR_PER_STD.get(cal["method"], {})
     scales = ", ".join(f"{s} {k:.3g}" + (f" (bundled {bundled[s]:.3g})" if s in bundled else "")
@@ -546,12 +544,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # read (one plane for a 3D model, far out of focus...) is said, not silently predicted;
     # after the prediction, so they compare with the bundled model it was routed to
     from .ood import check_stack, model_expectations, stack_confidence
-    from .uncertainty import own_calibration
+    from .uncertainty import own_u_half
 
     checks = check_stack(stack, voxel, **model_expectations(predictor.model.meta, predictor.focus_window))
-    own = own_calibration(predictor.model.meta)  # a trained model's own scale (inference.calibrate)
-    extra.update(stack_confidence(unc, predictor.structures, checks, u_half=own.get("u_half") if own else None)
-                 .to_dict(), checks=checks.stats)
+    confidence = stack_confidence(unc, predictor.structures, checks, u_half=own_u_half(predictor.model.meta))
+    extra.update(confidence.to_dict(), checks=checks.stats)
     write_stack(
         out,
         pred.astype(np.float32, copy=False),

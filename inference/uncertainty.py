@@ -112,6 +112,13 @@ def own_calibration(meta: object | None, method: str = DEFAULT_METHOD) -> dict |
     return cal if isinstance(cal, dict) and cal.get("method") == method else None
 
 
+def own_u_half(meta: object | None) -> dict[str, float] | None:
+    """The confidence halving levels a checkpoint carries (`ood.stack_confidence`'s
+    ``u_half``); None: the bundled models' `ood.U_HALF` apply."""
+    own = own_calibration(meta)
+    return own.get("u_half") if own else None
+
+
 #: Gaussian smoothing (sigma in voxels) of the spread, per structure: errors are spatially
 #: correlated, so a voxel's neighbours' spread predicts its error better than its own
 #: (held-out in-focus fields, Spearman: dna 0.50 -> 0.54-0.59, membrane 0.56 -> 0.58-0.66

@@ -35,7 +35,7 @@ from livestain.shm import ShmReader
 
 from .ood import StackReport, check_stack, model_expectations, stack_confidence
 from .predict import Predictor
-from .uncertainty import own_calibration
+from .uncertainty import own_u_half
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +218,8 @@ class Worker:
             return {}
         try:
             report = checks.result() if checks is not None else None
-            own = own_calibration(getattr(self.predictor.model, "meta", None))  # a trained model's own scale
             return stack_confidence(uncertainty, tuple(self.predictor.structures), report,
-                                    u_half=own.get("u_half") if own else None).to_dict()
+                                    u_half=own_u_half(getattr(self.predictor.model, "meta", None))).to_dict()
         except Exception as e:  # noqa: BLE001 - any failure of a check is logged, not fatal
             log.warning("input checks failed: %s", e)
             return {}
