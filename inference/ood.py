@@ -99,6 +99,12 @@ WINDOW_RESCUE_UM = 2.0
 #: The confidence factor of such an ``out_of_focus`` flag: the acquisition should still
 #: move (the reason says how far), but the prediction holds.
 RESCUED_FOCUS_FACTOR = 0.7
+#: A model's training stacks showed a clear brightfield contrast minimum at focus when
+#: their median `focus_dip` is below this (simulated stacks centred on the cells:
+#: 0.28-0.44). Real sephace's sparse defocus series (6 planes 10-25 um apart) has a
+#: shallow wobble at best (0.71-0.79 2x2-binned, 0.96-1.07 native), and a model trained
+#: on it should not flag its own kind of stack for lacking a dip (`check_stack`).
+CLEAR_DIP_RATIO = 0.5
 SAMPLE_VOXELS = 1_000_000
 
 #: Confidence multiplier per flag: how much of the prediction survives the condition.
@@ -172,9 +178,11 @@ def _flag(code: str, reason: str, factor: float | None = None) -> Flag:
 def model_expectations(meta: object | None, focus_window: bool = True) -> dict[str, object]:
     """What `check_stack` compares a stack with, from a model's checkpoint ``meta``
     (`~livestain.inference.checkpoint.ModelMeta`; None, or a stand-in without one:
-    nothing): its training voxel size and, for a 3D model, its training stacks' z extent
-    and whether the predictor centres its z window on the cells (``focus_window``, the
-    `~livestain.inference.predict.Predictor`'s setting, on by default)."""
+    nothing): its training voxel size, its training stacks' focus dip when the checkpoint
+    records it (`~livestain.inference.zwindow.training_geometry`) and, for a 3D model, its
+    training stacks' z extent and whether the predictor centres its z window on the cells
+    (``focus_window``, the `~livestain.inference.predict.Predictor`'s setting, on by
+    default)."""
     from .zwindow import training_extent_um
 
     if meta is None or not hasattr(meta, "voxel_size_um"):
@@ -182,8 +190,11 @@ def model_expectations(meta: object | None, focus_window: bool = True) -> dict[s
     voxel = tuple(float(v) for v in meta.voxel_size_um)
     config = getattr(meta, "config", None)
     is_3d = config is not None and getattr(config, "mode", "3d") == "3d"
-    extent = training_extent_um(getattr(meta, "extra", None) or {}, voxel[0]) if is_3d else None
-    return {"model_voxel_size_um": voxel, "model_extent_um": extent, "windowed": bool(is_3d and focus_window)}
+    extra = getattr(meta, "extra", None) or {}
+    extent = training_extent_um(extra, voxel[0]) if is_3d else None
+    dip = extra.get("train_focus_dip")
+    return {"model_voxel_size_um": voxel, "model_extent_um": extent, "windowed": bool(is_3d and focus_window),
+            "model_focus_dip": None if dip is None else float(dip)}
 
 
 def check_stack(
@@ -192,6 +203,7 @@ def check_stack(
     model_voxel_size_um: Sequence[float] | None = None,
     model_extent_um: float | None = None,
     windowed: bool = False,
+    model_focus_dip: float | None = None,
 ) -> StackReport:
     """Input checks of a (z, y, x) brightfield stack (see the module docstring).
 
@@ -204,6 +216,10 @@ def check_stack(
     the cells, so a stack whose cells lie just beyond its end (`WINDOW_RESCUE_UM`) is still
     flagged ``out_of_focus`` but at `RESCUED_FOCUS_FACTOR`. Content checks stop at the
     first that makes the rest meaningless (a blank stack is not also "out of focus").
+    ``model_focus_dip``: the median focus dip of the model's training stacks; when it is
+    not below `CLEAR_DIP_RATIO` the model learnt from stacks without a clear brightfield
+    contrast minimum (a sparse real defocus series), so a stack without one is what it
+    expects and is not flagged for that (the phase-contrast check stays).
     """
     stack = np.asarray(stack)
     if stack.ndim != 3:
@@ -255,26 +271,34 @@ def check_stack(
             # stack's planes to the model's (a far coarser z step: not; real sephace, 10 um
             # steps, halos inside the stack, DNA r 0.35, would otherwise have been rescued)
             resamplable = report.stats.get("voxel_ratio_z", 1.0) < VOXEL_RATIO_LIMIT
+            no_dip_expected = model_focus_dip is not None and not model_focus_dip < CLEAR_DIP_RATIO
+            if no_dip_expected:
+                report.stats["model_focus_dip"] = model_focus_dip
             _check_focus_without_dip(report, stack, contrast, dip, voxel_size_um, windowed and resamplable,
-                                     model_voxel_size_um)
+                                     model_voxel_size_um, no_dip_expected)
     return report
 
 
 def _check_focus_without_dip(report: StackReport, stack: np.ndarray, contrast: np.ndarray, dip: float,
                              voxel_size_um: Sequence[float] | None, windowed: bool = False,
-                             model_voxel_size_um: Sequence[float] | None = None) -> None:
+                             model_voxel_size_um: Sequence[float] | None = None,
+                             no_dip_expected: bool = False) -> None:
     """No brightfield contrast minimum: out of focus, unless the stack is phase contrast
     (`livestain.modality`), whose contrast peaks at focus instead; it is out of focus
     when that peak is at its first or last plane. A brightfield stack whose halos place
     the cells just beyond its end keeps its prediction when ``windowed`` (see
     `check_stack`): flagged, so the acquisition moves, at a milder factor. Without a
-    declared voxel size the z step is the model's, as the `Predictor` assumes (else 1 um)."""
+    declared voxel size the z step is the model's, as the `Predictor` assumes (else 1 um).
+    ``no_dip_expected``: the model learnt from brightfield stacks without a dip (see
+    `check_stack`), so only the phase-contrast check applies."""
     from livestain.focus import focus_from_halos
     from livestain.modality import PHASE, detect_modality
 
     modality = detect_modality(stack, float(voxel_size_um[0]) if voxel_size_um is not None else None)
     report.stats["modality"] = modality.modality
     if modality.modality != PHASE:
+        if no_dip_expected:  # the model's own training stacks had no dip: nothing unusual
+            return
         z_step = float((voxel_size_um or model_voxel_size_um or (1.0,))[0])
         where = focus_from_halos(stack, z_step)
         beyond = None if where.offset_um is None else abs(where.offset_um) - (stack.shape[0] - 1) * z_step / 2

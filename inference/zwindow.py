@@ -24,21 +24,33 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from livestain.focus import FocusEstimate, estimate_focus
+from livestain.focus import MIN_FOCUS_PLANES, FocusEstimate, estimate_focus, focus_dip, plane_contrast
 
 #: z extent (um) assumed for a model whose checkpoint does not record its training
 #: stacks' (the bundled recipe's: 16 planes, 1 um apart).
 DEFAULT_EXTENT_UM = 16.0
 
 
-def training_geometry(stacks: Sequence[np.ndarray], z_step_um: float) -> dict[str, float]:
+def training_geometry(stacks: Sequence[np.ndarray], z_step_um: float) -> dict[str, float | None]:
     """What a checkpoint records of its training stacks' z geometry: their extent
-    (``train_extent_um``, the median) and where the cells' focal plane sat in them
+    (``train_extent_um``, the median), where the cells' focal plane sat in them
     (``train_focus_offset_um`` from the stack's centre, the median over stacks where it
-    was found; 0 when none)."""
+    was found; 0 when none), and their brightfield contrast dip at focus
+    (``train_focus_dip``, `livestain.focus.focus_dip`, the median over stacks of
+    `MIN_FOCUS_PLANES` planes or more; None when none has that many: the median, so a
+    randomised recipe whose stacks mostly hold the focus counts as having a dip).
+
+    Why the dip: the input checks flag a stack without one as out of focus, which is
+    right for stacks like the simulator's (a dip of 0.28-0.44 at focus) and wrong for a
+    model trained on stacks that never had a clear one (a real 6-plane defocus series
+    10-25 um apart: 0.71-0.79 binned, 0.96-1.07 native; its held-out field, DNA r 0.81,
+    was flagged at confidence 0.17-0.19). The checks read this record to tell the two
+    apart (`inference.ood.check_stack`'s ``model_focus_dip``, `inference.ood.CLEAR_DIP_RATIO`)."""
     offsets = [f.offset_um for f in (estimate_focus(s, z_step_um) for s in stacks) if f.offset_um is not None]
+    dips = [focus_dip(plane_contrast(s)[0]) for s in stacks if s.shape[0] >= MIN_FOCUS_PLANES]
     return {"train_extent_um": float(np.median([s.shape[0] * z_step_um for s in stacks])),
-            "train_focus_offset_um": round(float(np.median(offsets)), 3) if offsets else 0.0}
+            "train_focus_offset_um": round(float(np.median(offsets)), 3) if offsets else 0.0,
+            "train_focus_dip": round(float(min(np.median(dips), 1e9)), 3) if dips else None}
 
 
 def training_extent_um(meta_extra: dict, voxel_z_um: float) -> float:

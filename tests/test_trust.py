@@ -118,7 +118,8 @@ def test_the_run_warns_at_its_start_when_the_plans_stacks_are_too_thin_for_the_m
 
     checked = json.loads(run_cli_in_process(["worker", "--check-model", "--device", "cpu"]).strip().splitlines()[-1])
     expect = checked["expectations"]
-    assert expect == {"model_voxel_size_um": [1.0, 0.325, 0.325], "model_extent_um": 16.0, "windowed": True}
+    assert expect == {"model_voxel_size_um": [1.0, 0.325, 0.325], "model_extent_um": 16.0, "windowed": True,
+                      "model_focus_dip": None}
     model = {"name": checked["name"], "expectations": expect}
     thin = demo_sequence(1, 0.0).model_copy(update={"z_plan": useq.ZRangeAround(range=2.0, step=1.0)})
     warning = plan_thickness_warning(thin, model)

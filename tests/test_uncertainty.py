@@ -205,7 +205,8 @@ def test_thinness_is_checked_against_3d_models_only(predictor: Predictor) -> Non
     from dataclasses import replace
 
     expect = ood.model_expectations(predictor.model.meta)
-    assert expect == {"model_voxel_size_um": MODEL_VOXEL, "model_extent_um": BUNDLED_EXTENT_UM, "windowed": True}
+    assert expect == {"model_voxel_size_um": MODEL_VOXEL, "model_extent_um": BUNDLED_EXTENT_UM, "windowed": True,
+                      "model_focus_dip": None}  # the bundled checkpoints predate the record: no dip check change
     assert ood.model_expectations(predictor.model.meta, focus_window=False)["windowed"] is False
     # the worker reads them before the prediction picks a bundled model by modality:
     # the phase model must expect what the brightfield one does
@@ -403,3 +404,37 @@ def test_the_uncertainty_reads_as_the_error_of_voxels_like_it(predictor: Predict
         top = np.argsort(u)[-len(u) // 10:]
         ratio = u[top].mean() / err[top].mean()
         assert 0.5 < ratio < 2.0, (s, ratio)
+
+
+@pytest.mark.parametrize("offset_um", [-10.0, 10.0])
+def test_no_focus_dip_is_not_flagged_for_a_model_that_learnt_from_stacks_without_one(offset_um: float) -> None:
+    """A model whose training stacks had no brightfield contrast minimum (a real sparse
+    defocus series) expects none: its stacks are not flagged out of focus for lacking
+    it. A model trained with a dip (or one whose checkpoint does not say) still flags."""
+    f = render_field(8443, SIZE, offset_um=offset_um)
+    for dip in (None, 0.4):  # no record; a clear dip (simulated stacks centred on the cells: 0.28-0.44)
+        report = ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL, model_focus_dip=dip)
+        assert report.codes == ["out_of_focus"], (dip, report.stats)
+    report = ood.check_stack(f["brightfield"], f["voxel"], MODEL_VOXEL, model_focus_dip=0.76)  # sephace's
+    assert report.flags == [] and report.stats["model_focus_dip"] == 0.76
+    assert report.stats["focus_dip"] >= ood.FOCUS_DIP_RATIO  # the stack itself has no dip
+
+
+def test_a_checkpoint_records_its_training_stacks_focus_dip() -> None:
+    """`training_geometry`'s median dip: below the flag's ratio for stacks centred on the
+    cells, above it for stacks far off them, None for stacks too thin to show one; and
+    `model_expectations` hands it to the checks."""
+    from types import SimpleNamespace
+
+    from livestain.inference.model import UNetConfig
+    from livestain.inference.zwindow import training_geometry
+
+    centred = [render_field(s, SIZE)["brightfield"] for s in (8443, 8444, 8445)]
+    far = [render_field(s, SIZE, offset_um=12.0)["brightfield"] for s in (8443, 8444, 8445)]
+    assert training_geometry(centred, 1.0)["train_focus_dip"] < ood.CLEAR_DIP_RATIO
+    assert training_geometry(far, 1.0)["train_focus_dip"] >= ood.FOCUS_DIP_RATIO
+    assert training_geometry([c[:3] for c in centred], 1.0)["train_focus_dip"] is None
+    meta = SimpleNamespace(voxel_size_um=MODEL_VOXEL, config=UNetConfig(mode="2.5d", z_window=6),
+                           extra=training_geometry(far, 1.0))
+    assert ood.model_expectations(meta)["model_focus_dip"] >= ood.CLEAR_DIP_RATIO
+    assert ood.model_expectations(SimpleNamespace(voxel_size_um=MODEL_VOXEL, extra={}))["model_focus_dip"] is None
