@@ -384,6 +384,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if val:
         _calibrate_uncertainty(result.net, meta, out_path, val, device)
+    if cfg.mode == "2.5d":
+        _record_signature(result.net, meta, trn)
     path = save_checkpoint(out_path, result.net.cpu(), meta)
     curve = save_curve(path.with_suffix(".curve.png"), result.losses, result.history, cfg.structures)
     if val_pearson:
@@ -396,6 +398,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and {curve}; "
           f"{result.seconds:.0f} s; best validation Pearson r: {summary}")
     return 0
+
+
+def _record_signature(net: Any, meta: Any, fields: list) -> None:
+    """Record what the training fields look like to the model (`inference.signature`),
+    so the input checks can say when a stack does not."""
+    from .signature import KEY, fit_signature, model_window
+
+    windows = [model_window(f.brightfield, meta.config, meta.norm, meta.voxel_size_um) for f in fields]
+    meta.extra[KEY] = signature = fit_signature(net, windows)
+    print(f"input signature recorded from {signature['tiles']} tiles of the training fields: stacks unlike them "
+          "will be flagged unlike_training")
 
 
 def _calibrate_uncertainty(net: Any, meta: Any, out_path: Path, val: list, device: str) -> None:
@@ -546,7 +559,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .ood import check_stack, model_expectations, stack_confidence
     from .uncertainty import own_u_half
 
+    from .signature import Likeness, check_likeness
+
     checks = check_stack(stack, voxel, **model_expectations(predictor.model.meta, predictor.focus_window))
+    check_likeness(checks, Likeness.of(predictor.model), stack, voxel)
     confidence = stack_confidence(unc, predictor.structures, checks, u_half=own_u_half(predictor.model.meta))
     extra.update(confidence.to_dict(), checks=checks.stats)
     write_stack(

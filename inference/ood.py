@@ -119,6 +119,9 @@ FLAG_FACTORS: dict[str, float] = {
     "empty": 0.3,
     "thin_stack": 0.1,
     "voxel_size": 0.4,
+    # a user's 2.5D model given a stack unlike its training fields (`inference.signature`):
+    # measured r 0.23-0.33 on such stacks where its home stacks scored 0.57
+    "unlike_training": 0.3,
 }
 
 #: Mean per-voxel uncertainty at which a structure's confidence halves, per uncertainty

@@ -24,6 +24,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from livestain.shm import ShmReader
 
 from .ood import StackReport, check_stack, model_expectations, stack_confidence
 from .predict import Predictor
+from .signature import Likeness, check_likeness
 from .uncertainty import own_u_half
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,7 @@ class Worker:
         self.push.connect(results_endpoint)
         self.counts = WorkerCounts()
         self._checker: ThreadPoolExecutor | None = None
+        self._likeness: tuple[Any, Likeness | None] | None = None
         self._running = True
         self._waiting_logged = False
 
@@ -189,7 +192,8 @@ class Worker:
 
     def _start_checks(self, header: wire.StackHeader, stack: np.ndarray) -> Future | None:
         """The input checks (`ood.check_stack`: blank, saturated, fluorescence, empty, out of
-        focus, too thin for a 3D model, voxel size) on a thread beside the network: numpy
+        focus, too thin for a 3D model, voxel size; `signature.check_likeness`: unlike a
+        user model's training fields) on a thread beside the network: numpy
         releases the GIL, so on the live path they cost the prediction's latency next to
         nothing.
 
@@ -203,12 +207,21 @@ class Worker:
         model, windowed = self.predictor.model, bool(getattr(self.predictor, "focus_window", False))
 
         def run_checks() -> StackReport:
-            return check_stack(stack, header.voxel_size_um,
-                               **model_expectations(getattr(model, "meta", None), windowed))
+            report = check_stack(stack, header.voxel_size_um,
+                                 **model_expectations(getattr(model, "meta", None), windowed))
+            check_likeness(report, self._likeness_of(model), stack, header.voxel_size_um)
+            return report
 
         if self._checker is None:
             self._checker = ThreadPoolExecutor(1, thread_name_prefix="livestain-checks")
         return self._checker.submit(run_checks)
+
+    def _likeness_of(self, model: Any) -> Likeness | None:
+        """`signature.Likeness` of the current model, made once per model (a CPU copy of its
+        first block: the check never shares the predicting network across threads)."""
+        if self._likeness is None or self._likeness[0] is not model:
+            self._likeness = (model, Likeness.of(model))
+        return self._likeness[1]
 
     def _confidence(self, checks: Future | None, uncertainty: np.ndarray | None = None) -> dict:
         """The per-stack confidence and flags for the prediction header (empty if the
