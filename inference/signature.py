@@ -20,9 +20,13 @@ reproduced by bench/likeness.py): their own held-out crops 1.06-1.22
 stacks 1.38-2.37 (ndev's model on simulated brightfield planes, DNA r 0.23) and
 1.88-2.80 (on sephace planes, r 0.33-0.61). `RATIO_LIMIT` sits between, with a thin
 margin either side: two real datasets are all there is to set it on. Not caught:
-sephace's model on simulated 6-plane series (0.66-0.98; r 0.63, confidence 0.95). Only 2.5D models record a signature (the real-data
-case; 3D models read simulated stacks, which the other checks cover); a checkpoint
-without one is not checked. The features run on a CPU copy of the first block, so the
+sephace's model on simulated 6-plane series (0.66-0.98; r 0.63, confidence 0.95).
+
+Only 2.5D models record a signature (the real-data case; 3D models read simulated
+stacks, which the other checks cover); a checkpoint without one is not checked. The
+window checked is the stack's middle planes, where the `Predictor` centres a window
+shorter than the stack on the cells' focus: the same planes for a window as tall as the
+stack (both real models here). The features run on a CPU copy of the first block, so the
 check can run in the worker's checking thread beside the prediction.
 """
 
@@ -116,9 +120,8 @@ def _summary(stats: np.ndarray) -> dict[str, Any]:
 
 def _held_out_ratios(per_window: Sequence[np.ndarray]) -> list[float]:
     """Each part's median tile distance from the signature of the others, over theirs:
-    what a new field like the training ones scores. One window is cut into its left and
-    right halves' tiles (raster order keeps rows: halves of each row's tiles would need
-    the grid; the first and second half of the tiles are the top and bottom halves)."""
+    what a new field like the training ones scores. A single window's tiles are cut into
+    their first and second half (raster order: the field's top and bottom halves)."""
     parts = list(per_window)
     if len(parts) == 1:
         half = len(parts[0]) // 2
