@@ -329,6 +329,8 @@ class Daemon:
             "stacks_done_before": len(self._done),  # on disk before a --resume
             "disk_free_bytes": self.hooks.free_space(self.out_dir),
             "uptime_s": round(time.time() - self.started_at, 1),
+            "model_name": (self.provenance.get("model") or {}).get("name"),
+            "model_validation_r": (self.provenance.get("model") or {}).get("validation_pearson"),
         } | self.summary.status() | self.sockets.status() | self.predictions.counts() | self.trust.status() \
           | self.loop.status() | self.dose.status(self.assembler.n_z, self.predictions.n_structures) \
           | self._snap_counts() | self.hooks.extra_status()

@@ -313,9 +313,12 @@ def _check_model(model: str | None, device: str | None) -> int:
     meta = predictor.model.meta
     # what the input checks will hold each stack to: the run's start compares its plan with it
     expect = model_expectations(meta, predictor.focus_window)
+    # how good the model was on its own validation fields: the confidence is relative to that
+    validation = meta.extra.get("val_pearson") or None
     print(json.dumps({"name": predictor.model.name, "structures": list(meta.config.structures),
                       "voxel_size_um": list(meta.voxel_size_um), "device": predictor.device,
-                      "expectations": {k: list(v) if isinstance(v, tuple) else v for k, v in expect.items()}}))
+                      "expectations": {k: list(v) if isinstance(v, tuple) else v for k, v in expect.items()},
+                      "validation_pearson": validation}))
     return 0
 
 

@@ -130,6 +130,10 @@ class RunStatus(_Strict):
                                              description="position -> why a check frame is asked for next")
     # adaptation (policies.adapt)
     model_version: str | None = Field(None, description="the model predicting now (policies.adapt)")
+    model_name: str | None = Field(None, description="the model the run started with (name@hash)")
+    model_validation_r: dict[str, float] | None = Field(
+        None, description="that model's Pearson r per structure on its own validation fields (from its checkpoint): "
+                          "the confidence is relative to it")
     adaptation: AdaptationState | None = Field(None, description="fine-tuning rounds, rollbacks, versions")
     # light
     fluorescence_dose_ms: float | None = Field(None, description="fluorescence exposure so far (check frames)")

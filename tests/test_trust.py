@@ -157,3 +157,38 @@ def test_the_ledger_is_bounded_and_says_a_new_flag_once_per_position() -> None:
     assert len(ledger.per_position) == 8 and len(ledger.seen_flags) == 8
     assert ledger.stacks == 10_002 and ledger.low == 2
     assert ledger.add(0, 0, {}).confidence is None  # a worker that sends none: nothing made up
+
+
+def test_the_models_own_validation_r_is_said_at_the_start_in_status_and_in_the_window(qapp, tmp_path,
+                                                                                     base_port) -> None:
+    """The confidence is relative to the model's validation fields (a user model at r 0.57
+    reads ~0.9 on stacks like them), so its validation r travels beside it: from the
+    worker's model check, in a start-of-run line, in the status, and in the window's
+    model row (not for an adapted version, whose scores differ)."""
+    import json
+
+    from _helpers import run_cli_in_process
+    from livestain.launch import validation_note
+    from livestain.ui.status_panel import StatusPanel
+
+    checked = json.loads(run_cli_in_process(["worker", "--check-model", "--device", "cpu"]).strip().splitlines()[-1])
+    validation = checked["validation_pearson"]
+    assert set(validation) == {"dna", "membrane", "mitochondria"} and validation["dna"] > 0.9
+    note = validation_note(checked["name"], {"dna": 0.569})
+    assert note.startswith(f"model {checked['name']}: validation Pearson r dna 0.57") and "not how good" in note
+    eps = wire.endpoints(base_port=base_port)
+    daemon = Daemon(build_simulated_core(SimulatedScope()), demo_sequence(1, 0.0), tmp_path / "run", eps,
+                    Policies(), report=lambda line: None,
+                    provenance={"model": {"name": "mine@abc", "validation_pearson": {"dna": 0.569}}})
+    try:
+        status = daemon.status()
+    finally:
+        daemon.journal.close()
+        daemon.folder.release_lock()
+    assert status["model_name"] == "mine@abc" and status["model_validation_r"] == {"dna": 0.569}
+    panel = StatusPanel()
+    panel.show_status({"run_id": "r", "model_name": "mine@abc", "model_validation_r": {"dna": 0.569}})
+    assert panel.text("model") == "mine@abc — validation r dna 0.57"
+    panel.show_status({"run_id": "r", "model_name": "mine@abc", "model_validation_r": {"dna": 0.569},
+                       "model_version": "mine@abc-adapted1"})
+    assert panel.text("model") == "mine@abc-adapted1"

@@ -64,8 +64,10 @@ TOOLTIPS: dict[str, str] = {
     "checks": "real fluorescence taken every few time points (policies.checks) and scored "
               "against the prediction of the same stack: the last Pearson r per structure and how "
               "many were scored; red: the last r is below 0.7",
-    "model": "the model the workers use now (name@hash; every prediction file names its own) and, "
-             "with policies.adapt, the fine-tuning rounds, swaps and roll-backs so far",
+    "model": "the model the workers use now (name@hash; every prediction file names its own), its "
+             "Pearson r on its own validation fields (how good it is where it was trained: the "
+             "confidence is relative to that) and, with policies.adapt, the fine-tuning rounds, "
+             "swaps and roll-backs so far",
     "dose": "with a 'dose' field from the daemon: its figures. Otherwise an honest count: "
             "every predicted stack x structure is one fluorescence stack not exposed",
 }
@@ -286,12 +288,16 @@ class StatusPanel(QtWidgets.QGroupBox):
         self._set("checks", "; ".join(parts), alarm=alarm)
 
     def _show_model(self, s: dict[str, Any]) -> None:
-        name = s.get("model_version")
+        name = s.get("model_version") or s.get("model_name")
         adaptation = s.get("adaptation")
         if not name:
             self._set("model", "—")
             return
         text = str(name)
+        validation = s.get("model_validation_r")
+        if isinstance(validation, dict) and validation and name == s.get("model_name"):
+            # the starting model's own figure (an adapted version has other scores)
+            text += " — validation r " + ", ".join(f"{k} {float(v):.2f}" for k, v in validation.items())
         if isinstance(adaptation, dict):
             swaps = sum(1 for v in adaptation.get("versions", []) if str(v.get("why", "")).startswith("adapted"))
             text += (f" — adapting: {adaptation.get('rounds', 0)} round(s)"
