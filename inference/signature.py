@@ -51,6 +51,10 @@ TILE = 32
 #: fields scored against the others, if that is farther (`fit_signature`).
 RATIO_LIMIT = 1.3
 KEY = "input_signature"
+#: Largest y/x side (px at the model's voxel size) the features are computed over: the
+#: centre of a larger window. A 2048 x 2048 camera frame would otherwise cost ~1 GB of
+#: features on the checking thread, for statistics 1024 x 1024 px (1,024 tiles) already give.
+CHECK_SIDE = 1024
 
 
 class Likeness:
@@ -96,7 +100,11 @@ def model_window(stack: np.ndarray, config: Any, norm: Any, model_voxel_um: Sequ
 
 def tile_statistics(block: torch.nn.Module, window: np.ndarray) -> np.ndarray:
     """Per `TILE` x `TILE` tile of the window: the mean and standard deviation of each of
-    the block's feature channels, ``(tiles, 2 * channels)``."""
+    the block's feature channels, ``(tiles, 2 * channels)``; over the centre `CHECK_SIDE`
+    square of a larger window."""
+    h, w = window.shape[-2:]
+    y0, x0 = max(0, (h - CHECK_SIDE) // 2), max(0, (w - CHECK_SIDE) // 2)
+    window = window[..., y0 : y0 + CHECK_SIDE, x0 : x0 + CHECK_SIDE]
     with torch.inference_mode():
         f = block(torch.from_numpy(np.ascontiguousarray(window, dtype=np.float32))[None])[0].numpy()
     c, h, w = f.shape

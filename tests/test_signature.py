@@ -53,6 +53,8 @@ def test_the_window_is_the_models_planes_at_its_voxel_size() -> None:
     assert np.allclose(w, PercentileNorm()(stack)[2:5])  # the middle 3 planes, normalised like training
     assert _window(stack, (1.0, 0.65, 0.65)).shape == (3, 128, 192)  # coarser pixels: upsampled, as predicted
     assert _window(stack[:1]).shape == (3, 64, 96)  # one plane fills the window (repeated)
+    big = np.zeros((3, 1500, 1100), np.float32)  # a camera-sized window: its centre 1024 x 1024 only
+    assert len(signature.tile_statistics(_net().enc[0], big)) == (1024 // 32) * (1024 // 32)
 
 
 def test_fields_like_the_training_ones_pass_and_unlike_ones_are_flagged(fitted) -> None:
