@@ -78,16 +78,9 @@ class BundledFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, size = self.net, x.shape[2:]
-        h, skips = pad_to_multiple(x, n.multiple), []
-        for enc, down in zip(n.enc, n.down):
-            h = enc(h)
-            skips.append(h)
-            h = down(h)
-        h = n.bottom(h)
-        for up, dec, skip in zip(n.up, n.dec, reversed(skips)):
-            h = dec(torch.cat([up(h), skip], dim=1))
-        h = torch.cat([h, n.head(h)], dim=1)
+        size = x.shape[2:]
+        h = self.net.decoder_features(pad_to_multiple(x, self.net.multiple))
+        h = torch.cat([h, self.net.head(h)], dim=1)
         return h[(Ellipsis, *(slice(0, s) for s in size))]
 
 

@@ -557,9 +557,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # read (one plane for a 3D model, far out of focus...) is said, not silently predicted;
     # after the prediction, so they compare with the bundled model it was routed to
     from .ood import check_stack, model_expectations, stack_confidence
-    from .uncertainty import own_u_half
-
     from .signature import Likeness, check_likeness
+    from .uncertainty import own_u_half
 
     checks = check_stack(stack, voxel, **model_expectations(predictor.model.meta, predictor.focus_window))
     check_likeness(checks, Likeness.of(predictor.model), stack, voxel)

@@ -191,6 +191,12 @@ class UNet3D(nn.Module):
 
     def core(self, x: torch.Tensor) -> torch.Tensor:
         """The network on an input whose spatial sizes are multiples of `multiple` (no padding)."""
+        return self.head(self.decoder_features(x))
+
+    def decoder_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last decoder layer's features, what `head` reads (`core` without it), on an
+        input whose spatial sizes are multiples of `multiple`: other networks can read them
+        as input (bench/transfer_side.py)."""
         skips = []
         for enc, down in zip(self.enc, self.down):
             x = enc(x)
@@ -199,7 +205,7 @@ class UNet3D(nn.Module):
         x = self.bottom(x)
         for up, dec, skip in zip(self.up, self.dec, reversed(skips)):
             x = dec(torch.cat([up(x), skip], dim=1))
-        return self.head(x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = self.config.spatial_dims

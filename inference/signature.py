@@ -57,11 +57,17 @@ KEY = "input_signature"
 CHECK_SIDE = 1024
 
 
+def _first_block(net: Any) -> torch.nn.Module:
+    """A CPU copy of the network's first encoder block, in evaluation mode: what the
+    features are read from, never shared with the predicting network's thread."""
+    return copy.deepcopy(net.enc[0]).cpu().eval()
+
+
 class Likeness:
     """A model's first block (a CPU copy) and its recorded signature: `ratio` of a stack."""
 
     def __init__(self, net: Any, signature: dict, norm: Any, voxel_size_um: Sequence[float]) -> None:
-        self.block = copy.deepcopy(net.enc[0]).cpu().eval()
+        self.block = _first_block(net)
         self.config = net.config
         self.signature = signature
         self.norm = norm
@@ -153,7 +159,7 @@ def fit_signature(net: Any, windows: Sequence[np.ndarray]) -> dict[str, Any]:
     scored 0.90-1.62, held-out 0.71-1.83; 8 fields: 0.68-1.20 and 0.61-1.29). On the real
     models of the module docstring the limits are 1.30 (sephace) and 1.33 (ndev); 15%
     more would have let half of the simulated planes through to ndev's model."""
-    block = copy.deepcopy(net.enc[0]).cpu().eval()
+    block = _first_block(net)
     per_window = [tile_statistics(block, w) for w in windows]
     signature = _summary(np.concatenate(per_window))
     held_out = _held_out_ratios(per_window)

@@ -46,8 +46,11 @@ def training_geometry(stacks: Sequence[np.ndarray], z_step_um: float) -> dict[st
     10-25 um apart: 0.71-0.79 binned, 0.96-1.07 native; its held-out field, DNA r 0.81,
     was flagged at confidence 0.17-0.19). The checks read this record to tell the two
     apart (`inference.ood.check_stack`'s ``model_focus_dip``, `inference.ood.CLEAR_DIP_RATIO`)."""
-    offsets = [f.offset_um for f in (estimate_focus(s, z_step_um) for s in stacks) if f.offset_um is not None]
-    dips = [focus_dip(plane_contrast(s)[0]) for s in stacks if s.shape[0] >= MIN_FOCUS_PLANES]
+    # each stack's contrast once, for the focus and the dip (too thin a stack shows neither)
+    contrasts = [plane_contrast(s)[0] if s.shape[0] >= MIN_FOCUS_PLANES else None for s in stacks]
+    offsets = [f.offset_um for f in (estimate_focus(s, z_step_um, c) for s, c in zip(stacks, contrasts))
+               if f.offset_um is not None]
+    dips = [focus_dip(c) for c in contrasts if c is not None]
     return {"train_extent_um": float(np.median([s.shape[0] * z_step_um for s in stacks])),
             "train_focus_offset_um": round(float(np.median(offsets)), 3) if offsets else 0.0,
             "train_focus_dip": round(float(min(np.median(dips), 1e9)), 3) if dips else None}

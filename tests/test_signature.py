@@ -15,6 +15,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from calibration import render_field  # noqa: E402
 
+from _helpers import QuickPredictor  # noqa: E402
+
 from livestain.inference import ood, signature  # noqa: E402
 from livestain.inference.checkpoint import LoadedModel, ModelMeta  # noqa: E402
 from livestain.inference.model import UNet3D, UNetConfig  # noqa: E402
@@ -102,25 +104,15 @@ def test_check_likeness_adds_the_flag_with_its_fix_and_defers_to_content_flags(f
     assert report.codes == ["blank"] and "unlike_training_ratio" not in report.stats
 
 
-class UnlikeModel:
+class UnlikeModel(QuickPredictor):
     """Stands in for a user's 2.5D model whose signature came from speckle noise: the
     simulated scope's stacks are unlike its training fields."""
-
-    structures = ("dna",)
-    device = "cpu"
 
     def __init__(self) -> None:
         net = _net()
         rng = np.random.default_rng(2)
         windows = [_window(rng.normal(1000.0, 300.0, (3, 128, 128))) for _ in range(3)]
         self.model = _model(net, signature.fit_signature(net, windows))
-
-    def predict(self, stack: np.ndarray, voxel_size_um=None, out: np.ndarray | None = None) -> np.ndarray:  # noqa: ANN001
-        pred = np.zeros((1, *stack.shape), np.float32)
-        if out is not None:
-            out[...] = pred
-            return out
-        return pred
 
 
 def test_the_worker_flags_stacks_unlike_the_models_training_fields(tmp_path, base_port) -> None:
